@@ -1,0 +1,220 @@
+"""timm backbones: creation (hub or local weights) and the BackboneSpec every method counts against."""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import timm
+import torch
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models.swin_transformer import SwinTransformer
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+from autopeft.errors import AutopeftError
+
+FAMILIES = ("vit", "swin")
+
+# Parameters whose names start with one of these belong to the classifier, which is always trained and reported
+# apart from the PEFT parameters (as the benchmark tables count them).
+HEAD_PREFIXES = ("head",)
+
+
+# timm's register_model reads the pretrained configs of a module from its `default_cfgs`.
+default_cfgs = generate_default_cfgs(
+    {"autopeft_test_swin": dict(input_size=(3, 56, 56), num_classes=1000, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))}
+)
+
+
+@register_model
+def autopeft_test_swin(pretrained: bool = False, **kwargs) -> SwinTransformer:
+    """A two-stage Swin small enough for CPU tests (56 px, window 7, dims 16/32); random weights only."""
+    args = dict(img_size=56, patch_size=4, window_size=7, embed_dim=16, depths=(2, 2), num_heads=(1, 2))
+    return build_model_with_cfg(SwinTransformer, "autopeft_test_swin", pretrained, **dict(args, **kwargs))
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """What a method needs to know about a backbone to count and insert parameters, without weights.
+
+    Per-block lists are indexed by the global block index (Swin stages are flattened in order).
+    """
+
+    name: str
+    family: str
+    num_blocks: int
+    dims: tuple[int, ...]
+    heads: tuple[int, ...]
+    mlp_hidden: tuple[int, ...]
+    qkv_bias: tuple[bool, ...]
+    block_params: tuple[int, ...]
+    bias_params: tuple[int, ...]
+    norm_params: tuple[int, ...]
+    num_patches: int
+    num_prefix_tokens: int
+    grid: tuple[int, int]
+    embed_params: int
+    final_norm_params: int
+    backbone_params: int
+    head_in_features: int
+    input_size: tuple[int, int, int]
+
+    def head_params(self, num_classes: int) -> int:
+        """Parameters of a linear classifier for `num_classes` classes on this backbone."""
+        return self.head_in_features * num_classes + num_classes if num_classes > 0 else 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def is_head_param(name: str) -> bool:
+    return name.split(".", 1)[0].startswith(HEAD_PREFIXES)
+
+
+def family_of(model: nn.Module) -> str:
+    if isinstance(model, VisionTransformer):
+        return "vit"
+    if isinstance(model, SwinTransformer):
+        return "swin"
+    raise AutopeftError(
+        f"backbone {type(model).__name__} is not supported; use a timm VisionTransformer (vit_*, deit_*) or "
+        "SwinTransformer (swin_*) model"
+    )
+
+
+def get_blocks(model: nn.Module) -> list[nn.Module]:
+    """The transformer blocks of a supported timm model, in forward order."""
+    if family_of(model) == "vit":
+        return list(model.blocks)
+    return [block for stage in model.layers for block in stage.blocks]
+
+
+def block_path(model: nn.Module, index: int) -> str:
+    """The module path of block `index` (e.g. `blocks.3` or `layers.1.blocks.0`)."""
+    if family_of(model) == "vit":
+        return f"blocks.{index}"
+    i = index
+    for s, stage in enumerate(model.layers):
+        if i < len(stage.blocks):
+            return f"layers.{s}.blocks.{i}"
+        i -= len(stage.blocks)
+    raise IndexError(index)
+
+
+def final_norm_modules(model: nn.Module) -> list[nn.Module]:
+    """Norms between the last block and the classifier (trained by `partial`)."""
+    mods = [getattr(model, "norm", None), getattr(model, "fc_norm", None)]
+    return [m for m in mods if isinstance(m, nn.Module) and any(True for _ in m.parameters())]
+
+
+def _numel(module: nn.Module, predicate=lambda name, p: True) -> int:
+    return sum(p.numel() for n, p in module.named_parameters() if predicate(n, p))
+
+
+def is_norm(module: nn.Module) -> bool:
+    return isinstance(module, (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm2d)) or "Norm" in type(module).__name__
+
+
+def _check_name(name: str) -> None:
+    if not timm.is_model(name):
+        close = timm.list_models(f"*{name.split('_')[0]}*")[:8] if name else []
+        hint = f" (similar: {', '.join(close)})" if close else ""
+        raise AutopeftError(f"unknown backbone '{name}'{hint}; any timm vit_*, deit_* or swin_* name works")
+
+
+@functools.lru_cache(maxsize=64)
+def backbone_spec(name: str) -> BackboneSpec:
+    """Build (and cache) the spec of a timm backbone from its architecture alone, on the meta device."""
+    _check_name(name)
+    with torch.device("meta"):
+        model = timm.create_model(name, pretrained=False)
+    return spec_of_model(model, name)
+
+
+def spec_of_model(model: nn.Module, name: str) -> BackboneSpec:
+    family = family_of(model)
+    blocks = get_blocks(model)
+    dims, heads, hidden, qkv_bias = [], [], [], []
+    for b in blocks:
+        dims.append(b.attn.qkv.in_features)
+        heads.append(b.attn.num_heads)
+        hidden.append(b.mlp.fc1.out_features)
+        qkv_bias.append(b.attn.qkv.bias is not None)
+    block_ids = {id(p) for b in blocks for p in b.parameters()}
+    final_norm_ids = {id(p) for m in final_norm_modules(model) for p in m.parameters()}
+    body = [(n, p) for n, p in model.named_parameters() if not is_head_param(n)]
+    embed = sum(p.numel() for _, p in body if id(p) not in block_ids and id(p) not in final_norm_ids)
+    if family == "vit":
+        grid = tuple(model.patch_embed.grid_size)
+        prefix = int(model.num_prefix_tokens)
+    else:
+        grid = tuple(model.patch_embed.grid_size)
+        prefix = 0
+    head = model.get_classifier()
+    in_features = head.in_features if isinstance(head, nn.Linear) else int(model.num_features)
+    input_size = tuple(model.pretrained_cfg.get("input_size", (3, 224, 224)))
+    return BackboneSpec(
+        name=name,
+        family=family,
+        num_blocks=len(blocks),
+        dims=tuple(dims),
+        heads=tuple(heads),
+        mlp_hidden=tuple(hidden),
+        qkv_bias=tuple(qkv_bias),
+        block_params=tuple(_numel(b) for b in blocks),
+        bias_params=tuple(_numel(b, lambda n, p: n.endswith("bias")) for b in blocks),
+        norm_params=tuple(sum(_numel(m) for m in b.modules() if is_norm(m)) for b in blocks),
+        num_patches=int(grid[0] * grid[1]),
+        num_prefix_tokens=prefix,
+        grid=(int(grid[0]), int(grid[1])),
+        embed_params=int(embed),
+        final_norm_params=sum(p.numel() for m in final_norm_modules(model) for p in m.parameters()),
+        backbone_params=sum(p.numel() for _, p in body),
+        head_in_features=int(in_features),
+        input_size=(int(input_size[0]), int(input_size[1]), int(input_size[2])),
+    )
+
+
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+
+
+def create_backbone(
+    name: str,
+    num_classes: int = 1000,
+    pretrained: bool = False,
+    weights: str | Path | None = None,
+    **kwargs,
+) -> nn.Module:
+    """Create a supported timm backbone, optionally with hub weights or a local weights file.
+
+    Args:
+        name: timm model name.
+        num_classes: classes of the freshly initialised head.
+        pretrained: load the pretrained weights timm knows for `name` (hub download unless cached).
+        weights: a local weights file (safetensors, timm .npz, .pth/.bin read with weights_only); implies pretrained.
+        kwargs: passed to `timm.create_model`.
+    """
+    _check_name(name)
+    if weights is not None:
+        path = Path(weights).expanduser()
+        if not path.is_file():
+            raise AutopeftError(f"weights file '{path}' does not exist; pass an existing file with --weights")
+        kwargs["pretrained_cfg_overlay"] = dict(file=str(path))
+        pretrained = True
+    try:
+        model = timm.create_model(name, pretrained=pretrained, num_classes=num_classes, **kwargs)
+    except (RuntimeError, OSError, ValueError) as exc:  # hub misses and mismatched files surface as these
+        if weights is not None:
+            raise AutopeftError(f"could not load weights '{weights}' into {name}: {str(exc).splitlines()[0]}") from exc
+        if pretrained:
+            raise AutopeftError(
+                f"pretrained weights for {name} could not be loaded ({str(exc).splitlines()[0][:160]}); "
+                "download them where the hub is reachable or pass a local file with --weights"
+            ) from exc
+        raise
+    family_of(model)
+    return model

@@ -1,0 +1,56 @@
+"""Adapter (Houlsby / Pfeiffer): a sequential bottleneck after the attention and/or MLP output, inside the residual."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from autopeft.backbones import BackboneSpec, block_path
+from autopeft.methods._layers import Bottleneck, bottleneck_params
+from autopeft.methods.base import MethodSpec, Wrapper, register, require, wrap
+
+POSITIONS = {"mlp": ("mlp",), "attn": ("attn",), "both": ("attn", "mlp")}
+
+
+class SequentialAdapter(Wrapper):
+    """out = base(x); out + up(act(down(out)))."""
+
+    method = "adapter"
+
+    def __init__(self, base: nn.Module, d_model: int, dim: int):
+        super().__init__(base)
+        ref = next(base.parameters())
+        self.adapter = Bottleneck(d_model, dim).to(device=ref.device, dtype=ref.dtype)
+
+    def forward(self, *args, **kwargs) -> torch.Tensor:
+        out = self.base(*args, **kwargs)
+        return out + self.adapter(out)
+
+
+@register
+@dataclass(frozen=True)
+class Adapter(MethodSpec):
+    """Bottleneck adapter of width `dim` after the MLP (Pfeiffer), the attention, or both (Houlsby)."""
+
+    name = "adapter"
+    category = "addition"
+    identity_at_init = True
+    order = 40
+
+    dim: int = 8
+    position: str = "mlp"
+
+    def __post_init__(self):
+        require(self.dim >= 1, self.name, f"dim must be a positive integer, got {self.dim}")
+        require(self.position in POSITIONS, self.name, f"position must be one of {', '.join(POSITIONS)}")
+
+    def count(self, spec: BackboneSpec, blocks: Sequence[int]) -> int:
+        return sum(bottleneck_params(spec.dims[i], self.dim) * len(POSITIONS[self.position]) for i in blocks)
+
+    def apply(self, model: nn.Module, spec: BackboneSpec, blocks: Sequence[int]) -> None:
+        for i in blocks:
+            for site in POSITIONS[self.position]:
+                wrap(model, f"{block_path(model, i)}.{site}", lambda m, d=spec.dims[i]: SequentialAdapter(m, d, self.dim))

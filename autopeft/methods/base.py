@@ -1,0 +1,199 @@
+"""The method interface, the registry and the module-wrapping helpers every method builds on.
+
+A method is one frozen dataclass (its MethodSpec) that registers itself under its name and owns everything about
+the method: option validation, closed-form parameter count, insertion into a timm model, initialisation and merge.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+from torch import nn
+
+from autopeft.backbones import BackboneSpec
+from autopeft.errors import AutopeftError
+
+_REGISTRY: dict[str, type[MethodSpec]] = {}
+
+TARGET_LAYERS = ("q", "k", "v", "proj", "fc1", "fc2")
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodSpec:
+    """Base of every method's options. Subclasses are frozen dataclasses registered with `@register`.
+
+    Class attributes describe the method; instance fields are its options.
+    """
+
+    name: ClassVar[str] = ""
+    category: ClassVar[str] = ""  # "partial" or "addition", as the survey sorts them
+    families: ClassVar[tuple[str, ...]] = ("vit", "swin")
+    mergeable: ClassVar[bool] = False
+    identity_at_init: ClassVar[bool] = False
+    scope: ClassVar[str] = "block"  # "block": placed per block; "global": applies to the model as a whole
+    order: ClassVar[int] = 50  # application order: lower first (unfreezing before inner wrappers before outer)
+
+    def count(self, spec: BackboneSpec, blocks: Sequence[int]) -> int:
+        """Closed-form number of trainable parameters this method adds or unfreezes at `blocks`."""
+        raise NotImplementedError
+
+    def apply(self, model: nn.Module, spec: BackboneSpec, blocks: Sequence[int]) -> None:
+        """Insert the method into `model` (already frozen) at `blocks`; new parameters are trainable."""
+        raise NotImplementedError
+
+    def check(self, spec: BackboneSpec, blocks: Sequence[int]) -> None:
+        """Raise AutopeftError when this method cannot go on this backbone (family, sizes)."""
+        if spec.family not in self.families:
+            raise AutopeftError(
+                f"method '{self.name}' does not support {spec.family} backbones ({spec.name}); "
+                f"it supports: {', '.join(self.families)}"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"method": self.name}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+    def short(self) -> str:
+        """A compact label such as `lora(r=4,qv)` for tables and plots."""
+        parts = []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.default is not dataclasses.MISSING and value == f.default:
+                continue
+            parts.append(f"{f.name}={''.join(value) if isinstance(value, tuple) else value}")
+        return f"{self.name}({','.join(parts)})" if parts else self.name
+
+
+def register(cls: type[MethodSpec]) -> type[MethodSpec]:
+    """Class decorator: register a MethodSpec subclass under its `name`."""
+    if not cls.name or cls.name in _REGISTRY:
+        raise ValueError(f"method name missing or registered twice: {cls.name!r}")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def list_methods() -> list[type[MethodSpec]]:
+    return [_REGISTRY[k] for k in sorted(_REGISTRY)]
+
+
+def get_method(name: str) -> type[MethodSpec]:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise AutopeftError(f"unknown method '{name}'; choose one of: {', '.join(sorted(_REGISTRY))}") from None
+
+
+def _field_types(cls: type[MethodSpec]) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _coerce(cls: type[MethodSpec], key: str, value: Any, hint: Any) -> Any:
+    origin = typing.get_origin(hint)
+    try:
+        if origin is tuple:
+            items = value.split(",") if isinstance(value, str) else list(value)
+            return tuple(str(v).strip() for v in items if str(v).strip())
+        if hint is bool:
+            if isinstance(value, str):
+                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError(value)
+                return value.lower() in ("true", "1", "yes")
+            return bool(value)
+        if hint is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            if isinstance(value, bool):
+                raise ValueError(value)
+            return int(value)
+        if hint is float:
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise AutopeftError(f"{cls.name}: option '{key}' must be {getattr(hint, '__name__', hint)}, got {value!r}") \
+            from None
+
+
+def make_spec(name: str, options: dict[str, Any] | None = None) -> MethodSpec:
+    """Build a validated MethodSpec from a method name and options (strings from the CLI or YAML values)."""
+    cls = get_method(name)
+    types = _field_types(cls)
+    options = dict(options or {})
+    options.pop("method", None)
+    unknown = sorted(set(options) - set(types))
+    if unknown:
+        valid = ", ".join(types) or "none"
+        raise AutopeftError(f"{name}: unknown option(s) {', '.join(unknown)}; valid options: {valid}")
+    kwargs = {k: _coerce(cls, k, v, types[k]) for k, v in options.items()}
+    return cls(**kwargs)
+
+
+def spec_from_dict(data: dict[str, Any]) -> MethodSpec:
+    if not isinstance(data, dict) or "method" not in data:
+        raise AutopeftError(f"a method entry must be a mapping with a 'method' key, got {data!r}")
+    return make_spec(str(data["method"]), {k: v for k, v in data.items() if k != "method"})
+
+
+def require(cond: bool, method: str, message: str) -> None:
+    """Validation helper for `__post_init__`: raise AutopeftError naming the method."""
+    if not cond:
+        raise AutopeftError(f"{method}: {message}")
+
+
+def check_targets(method: str, targets: tuple[str, ...], allowed: tuple[str, ...] = TARGET_LAYERS) -> None:
+    require(len(targets) > 0, method, f"targets must name at least one of {', '.join(allowed)}")
+    bad = [t for t in targets if t not in allowed]
+    require(not bad, method, f"unknown target(s) {', '.join(bad)}; choose from {', '.join(allowed)}")
+    require(len(set(targets)) == len(targets), method, "targets must not repeat")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Wrapping: methods change a timm model by replacing a submodule with a wrapper that holds the original as `base`.
+
+
+class Wrapper(nn.Module):
+    """A module that adds behaviour around `base`. Mergeable wrappers override `merged()`."""
+
+    method: ClassVar[str] = ""
+
+    def __init__(self, base: nn.Module):
+        super().__init__()
+        self.base = base
+
+    def merged(self) -> nn.Module:
+        """A plain module computing the same function with this wrapper's parameters folded in."""
+        raise AutopeftError(f"{self.method} does not merge into the backbone weights")
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    while isinstance(module, Wrapper):
+        module = module.base
+    return module
+
+
+def merged_base(wrapper: Wrapper) -> nn.Module:
+    """The wrapper's inner module with any inner wrappers already merged."""
+    return wrapper.base.merged() if isinstance(wrapper.base, Wrapper) else wrapper.base
+
+
+def get_submodule(model: nn.Module, path: str) -> nn.Module:
+    return model.get_submodule(path)
+
+
+def replace_submodule(model: nn.Module, path: str, new: nn.Module) -> None:
+    parent_path, _, child = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    setattr(parent, child, new)
+
+
+def wrap(model: nn.Module, path: str, factory) -> nn.Module:
+    """Replace the module at `path` with `factory(current_module)` and return the new module."""
+    new = factory(model.get_submodule(path))
+    replace_submodule(model, path, new)
+    return new

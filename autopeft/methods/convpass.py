@@ -1,0 +1,86 @@
+"""Convpass: a 3x3 convolutional bypass on the patch-token grid, beside the attention and beside the MLP."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from autopeft.backbones import BackboneSpec, block_path
+from autopeft.methods.base import MethodSpec, Wrapper, register, require, wrap
+
+
+class ConvBypass(Wrapper):
+    """out = base(h) + scale · up(act(conv3x3(act(down(h))))).
+
+    The last grid_h·grid_w tokens are the patch grid; every token before them (class, register and prompt tokens)
+    goes through the same convolution as a 1x1 map, i.e. through its centre tap, as in Convpass.
+    """
+
+    method = "convpass"
+
+    def __init__(self, base: nn.Module, d_model: int, dim: int, scale: float, grid: tuple[int, int]):
+        super().__init__(base)
+        ref = next(base.parameters())
+        kw = dict(device=ref.device, dtype=ref.dtype)
+        self.down = nn.Linear(d_model, dim, **kw)
+        self.conv = nn.Conv2d(dim, dim, 3, padding=1, **kw)
+        self.up = nn.Linear(dim, d_model, **kw)
+        nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.down.bias)
+        nn.init.xavier_uniform_(self.conv.weight)
+        nn.init.zeros_(self.conv.bias)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+        self.scale = scale
+        self.grid = grid
+
+    def bypass(self, h: torch.Tensor) -> torch.Tensor:
+        b, n, _ = h.shape
+        gh, gw = self.grid
+        z = F.gelu(self.down(h))
+        extra = n - gh * gw
+        grid = z[:, extra:].transpose(1, 2).reshape(b, -1, gh, gw)
+        grid = self.conv(grid).flatten(2).transpose(1, 2)
+        if extra:
+            centre = self.conv.weight[:, :, 1, 1]
+            tokens = F.linear(z[:, :extra], centre, self.conv.bias)
+            grid = torch.cat([tokens, grid], dim=1)
+        return self.up(F.gelu(grid))
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return self.base(x, *args, **kwargs) + self.scale * self.bypass(x)
+
+
+@register
+@dataclass(frozen=True)
+class Convpass(MethodSpec):
+    """Convolutional bypasses of width `dim` beside attention and MLP, scaled by `scale` (10 in the paper)."""
+
+    name = "convpass"
+    category = "addition"
+    families = ("vit",)
+    identity_at_init = True
+    order = 45
+
+    dim: int = 8
+    scale: float = 10.0
+
+    def __post_init__(self):
+        require(self.dim >= 1, self.name, f"dim must be a positive integer, got {self.dim}")
+        require(self.scale > 0, self.name, f"scale must be > 0, got {self.scale}")
+
+    def count(self, spec: BackboneSpec, blocks: Sequence[int]) -> int:
+        per_site = lambda d: d * self.dim + self.dim + 9 * self.dim * self.dim + self.dim + self.dim * d + d  # noqa: E731
+        return sum(2 * per_site(spec.dims[i]) for i in blocks)
+
+    def apply(self, model: nn.Module, spec: BackboneSpec, blocks: Sequence[int]) -> None:
+        for i in blocks:
+            d = spec.dims[i]
+            for site in ("attn", "mlp"):
+                wrap(model, f"{block_path(model, i)}.{site}",
+                     lambda m: ConvBypass(m, d, self.dim, self.scale, spec.grid))

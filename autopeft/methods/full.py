@@ -1,0 +1,31 @@
+"""Full fine-tuning: every backbone parameter trains (the reference every PEFT method is measured against)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from torch import nn
+
+from autopeft.backbones import BackboneSpec, is_head_param
+from autopeft.methods.base import MethodSpec, register
+
+
+@register
+@dataclass(frozen=True)
+class Full(MethodSpec):
+    """All parameters of the backbone are trainable."""
+
+    name = "full"
+    category = "partial"
+    mergeable = True
+    scope = "global"
+    order = 0
+
+    def count(self, spec: BackboneSpec, blocks: Sequence[int]) -> int:
+        return spec.backbone_params
+
+    def apply(self, model: nn.Module, spec: BackboneSpec, blocks: Sequence[int]) -> None:
+        for name, p in model.named_parameters():
+            if not is_head_param(name):
+                p.requires_grad_(True)

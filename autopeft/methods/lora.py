@@ -1,0 +1,106 @@
+"""LoRA: a low-rank update B·A on chosen projections; on timm's fused qkv only the chosen slices are updated."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from autopeft.backbones import BackboneSpec, block_path
+from autopeft.methods._layers import linear_paths, target_shape
+from autopeft.methods.base import MethodSpec, Wrapper, check_targets, merged_base, register, require, unwrap, wrap
+
+
+class LoraLinear(Wrapper):
+    """y = base(x) + scale · B_t A_t x on the output slice of each target t.
+
+    `slices` maps a target name to the (start, size) of its rows in the base weight (the whole weight for an
+    unfused Linear).
+    """
+
+    method = "lora"
+
+    def __init__(self, base: nn.Module, slices: dict[str, tuple[int, int]], rank: int, scale: float):
+        super().__init__(base)
+        linear = unwrap(base)
+        self.slices = dict(sorted(slices.items(), key=lambda kv: kv[1][0]))
+        self.out_features = linear.out_features
+        self.scale = scale
+        self.lora_A = nn.ParameterDict()
+        self.lora_B = nn.ParameterDict()
+        for t, (_, size) in self.slices.items():
+            a = torch.empty(rank, linear.in_features, device=linear.weight.device, dtype=linear.weight.dtype)
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+            self.lora_A[t] = nn.Parameter(a)
+            self.lora_B[t] = nn.Parameter(a.new_zeros(size, rank))
+
+    def delta_weight(self) -> torch.Tensor:
+        linear = unwrap(self.base)
+        delta = torch.zeros_like(linear.weight)
+        for t, (start, size) in self.slices.items():
+            delta[start : start + size] = self.scale * (self.lora_B[t] @ self.lora_A[t])
+        return delta
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        pieces, cursor = [], 0
+        for t, (start, size) in self.slices.items():
+            if start > cursor:
+                pieces.append(x.new_zeros(*x.shape[:-1], start - cursor))
+            pieces.append((x @ self.lora_A[t].t()) @ self.lora_B[t].t() * self.scale)
+            cursor = start + size
+        if cursor < self.out_features:
+            pieces.append(x.new_zeros(*x.shape[:-1], self.out_features - cursor))
+        return y + torch.cat(pieces, dim=-1)
+
+    @torch.no_grad()
+    def merged(self) -> nn.Module:
+        base = merged_base(self)
+        base.weight += self.delta_weight().to(base.weight.dtype)
+        return base
+
+
+@register
+@dataclass(frozen=True)
+class LoRA(MethodSpec):
+    """Low-rank adaptation (Hu et al.): ΔW = (alpha / rank) · B·A with A random and B zero at start."""
+
+    name = "lora"
+    category = "partial"
+    mergeable = True
+    identity_at_init = True
+    order = 10
+
+    rank: int = 4
+    alpha: float = 0.0  # 0 means alpha = rank (scale 1)
+    targets: tuple[str, ...] = ("q", "v")
+
+    def __post_init__(self):
+        require(self.rank >= 1, self.name, f"rank must be a positive integer, got {self.rank}")
+        require(self.alpha >= 0, self.name, f"alpha must be >= 0, got {self.alpha}")
+        check_targets(self.name, self.targets)
+
+    @property
+    def scale(self) -> float:
+        return (float(self.alpha) if self.alpha else float(self.rank)) / float(self.rank)
+
+    def count(self, spec: BackboneSpec, blocks: Sequence[int]) -> int:
+        total = 0
+        for i in blocks:
+            for t in self.targets:
+                fan_in, fan_out = target_shape(spec.dims[i], spec.mlp_hidden[i], t)
+                total += self.rank * (fan_in + fan_out)
+        return total
+
+    def apply(self, model: nn.Module, spec: BackboneSpec, blocks: Sequence[int]) -> None:
+        for i in blocks:
+            by_path: dict[str, dict[str, tuple[int, int]]] = {}
+            for t in self.targets:
+                path, slot = linear_paths(block_path(model, i), t)
+                fan_in, fan_out = target_shape(spec.dims[i], spec.mlp_hidden[i], t)
+                by_path.setdefault(path, {})[t] = (slot * fan_out, fan_out)
+            for path, slices in by_path.items():
+                wrap(model, path, lambda m, s=slices: LoraLinear(m, s, self.rank, self.scale))

@@ -1,0 +1,41 @@
+"""Partial-k: the last k blocks (and the final norm) are fully trainable."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from torch import nn
+
+from autopeft.backbones import BackboneSpec, final_norm_modules, get_blocks
+from autopeft.methods.base import MethodSpec, register, require
+
+
+@register
+@dataclass(frozen=True)
+class Partial(MethodSpec):
+    """Fine-tune the last `k` blocks and the norm after them."""
+
+    name = "partial"
+    category = "partial"
+    mergeable = True
+    scope = "global"
+    order = 0
+
+    k: int = 1
+
+    def __post_init__(self):
+        require(self.k >= 1, self.name, f"k must be a positive integer, got {self.k}")
+
+    def check(self, spec: BackboneSpec, blocks: Sequence[int]) -> None:
+        super().check(spec, blocks)
+        require(self.k <= spec.num_blocks, self.name, f"k={self.k} exceeds the {spec.num_blocks} blocks of {spec.name}")
+
+    def count(self, spec: BackboneSpec, blocks: Sequence[int]) -> int:
+        return sum(spec.block_params[spec.num_blocks - self.k :]) + spec.final_norm_params
+
+    def apply(self, model: nn.Module, spec: BackboneSpec, blocks: Sequence[int]) -> None:
+        for block in get_blocks(model)[spec.num_blocks - self.k :]:
+            block.requires_grad_(True)
+        for norm in final_norm_modules(model):
+            norm.requires_grad_(True)

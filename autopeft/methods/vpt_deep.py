@@ -1,0 +1,38 @@
+"""VPT-deep: `length` new learned prompt tokens at the input of each chosen block, replacing the previous ones."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from torch import nn
+
+from autopeft.backbones import BackboneSpec, block_path
+from autopeft.methods._prompts import PromptedBlock, new_prompts
+from autopeft.methods.base import MethodSpec, register, require, wrap
+
+
+@register
+@dataclass(frozen=True)
+class VPTDeep(MethodSpec):
+    """Visual prompt tuning, deep variant (Jia et al.)."""
+
+    name = "vpt_deep"
+    category = "addition"
+    families = ("vit",)
+    order = 60
+
+    length: int = 10
+
+    def __post_init__(self):
+        require(self.length >= 1, self.name, f"length must be a positive integer, got {self.length}")
+
+    def count(self, spec: BackboneSpec, blocks: Sequence[int]) -> int:
+        return sum(self.length * spec.dims[i] for i in blocks)
+
+    def apply(self, model: nn.Module, spec: BackboneSpec, blocks: Sequence[int]) -> None:
+        ref = model.patch_embed.proj.weight
+        for i in blocks:
+            prompts = new_prompts(self.length, spec.dims[i], ref)
+            wrap(model, block_path(model, i),
+                 lambda m, p=prompts: PromptedBlock(m, spec.num_prefix_tokens, prompts=p, strip=self.length))

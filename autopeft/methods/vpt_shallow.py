@@ -1,0 +1,45 @@
+"""VPT-shallow: `length` learned prompt tokens inserted after the class token before the first block."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from torch import nn
+
+from autopeft.backbones import BackboneSpec, block_path
+from autopeft.methods._prompts import PromptedBlock, new_prompts
+from autopeft.methods.base import MethodSpec, register, require, wrap
+
+
+@register
+@dataclass(frozen=True)
+class VPTShallow(MethodSpec):
+    """Visual prompt tuning, shallow variant: prompts enter once and travel through every block.
+
+    They are removed after the last block, so pooling and the head see the usual token sequence.
+    """
+
+    name = "vpt_shallow"
+    category = "addition"
+    families = ("vit",)
+    scope = "global"
+    order = 70  # outermost: wraps any VPT-deep wrapper of the first and last blocks
+
+    length: int = 10
+
+    def __post_init__(self):
+        require(self.length >= 1, self.name, f"length must be a positive integer, got {self.length}")
+
+    def count(self, spec: BackboneSpec, blocks: Sequence[int]) -> int:
+        return self.length * spec.dims[0]
+
+    def apply(self, model: nn.Module, spec: BackboneSpec, blocks: Sequence[int]) -> None:
+        prompts = new_prompts(self.length, spec.dims[0], model.patch_embed.proj.weight)
+        first, last = 0, spec.num_blocks - 1
+        offset = spec.num_prefix_tokens
+        if first == last:
+            wrap(model, block_path(model, first), lambda m: PromptedBlock(m, offset, prompts, strip=self.length))
+            return
+        wrap(model, block_path(model, first), lambda m: PromptedBlock(m, offset, prompts=prompts))
+        wrap(model, block_path(model, last), lambda m: PromptedBlock(m, offset, strip=self.length))
