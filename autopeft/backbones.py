@@ -24,9 +24,29 @@ HEAD_PREFIXES = ("head",)
 
 
 # timm's register_model reads the pretrained configs of a module from its `default_cfgs`.
+_TEST_CFG = dict(num_classes=1000, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
 default_cfgs = generate_default_cfgs(
-    {"autopeft_test_swin": dict(input_size=(3, 56, 56), num_classes=1000, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))}
+    {
+        "autopeft_test_swin": dict(input_size=(3, 56, 56), **_TEST_CFG),
+        "autopeft_test_vit": dict(input_size=(3, 32, 32), **_TEST_CFG),
+        "autopeft_test_vit_reg": dict(input_size=(3, 32, 32), **_TEST_CFG),
+    }
 )
+
+
+@register_model
+def autopeft_test_vit(pretrained: bool = False, **kwargs) -> VisionTransformer:
+    """A 3-block ViT (32 px, patch 8, dim 32) for fast CPU tests; random weights only."""
+    args = dict(img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=2, mlp_ratio=2.0)
+    return build_model_with_cfg(VisionTransformer, "autopeft_test_vit", pretrained, **dict(args, **kwargs))
+
+
+@register_model
+def autopeft_test_vit_reg(pretrained: bool = False, **kwargs) -> VisionTransformer:
+    """Like autopeft_test_vit with 2 register tokens, average pooling and no qkv bias: the less common ViT paths."""
+    args = dict(img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=2, mlp_ratio=4.0, reg_tokens=2,
+                global_pool="avg", class_token=True, qkv_bias=False)
+    return build_model_with_cfg(VisionTransformer, "autopeft_test_vit_reg", pretrained, **dict(args, **kwargs))
 
 
 @register_model
@@ -53,6 +73,7 @@ class BackboneSpec:
     block_params: tuple[int, ...]
     bias_params: tuple[int, ...]
     norm_params: tuple[int, ...]
+    norm_bias_params: tuple[int, ...]
     num_patches: int
     num_prefix_tokens: int
     grid: tuple[int, int]
@@ -65,6 +86,25 @@ class BackboneSpec:
     def head_params(self, num_classes: int) -> int:
         """Parameters of a linear classifier for `num_classes` classes on this backbone."""
         return self.head_in_features * num_classes + num_classes if num_classes > 0 else 0
+
+    def unfrozen_params(self, parts: set[tuple[str, int]]) -> int:
+        """Size of the union of existing parameter groups made trainable.
+
+        Parts are `("all", i)`, `("bias", i)`, `("norm", i)` for block i, `("embed", 0)` and `("final_norm", 0)`.
+        Methods that unfreeze existing weights (BitFit, LN-tune, partial, full) overlap (norm biases are both
+        biases and norm parameters); counting the union keeps a plan's count exact when they are combined.
+        """
+        total = 0
+        for i in {i for kind, i in parts if kind in ("all", "bias", "norm")}:
+            if ("all", i) in parts:
+                total += self.block_params[i]
+                continue
+            has_bias, has_norm = ("bias", i) in parts, ("norm", i) in parts
+            total += has_bias * self.bias_params[i] + has_norm * self.norm_params[i]
+            total -= (has_bias and has_norm) * self.norm_bias_params[i]
+        total += ("embed", 0) in parts and self.embed_params
+        total += ("final_norm", 0) in parts and self.final_norm_params
+        return int(total)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -167,6 +207,9 @@ def spec_of_model(model: nn.Module, name: str) -> BackboneSpec:
         block_params=tuple(_numel(b) for b in blocks),
         bias_params=tuple(_numel(b, lambda n, p: n.endswith("bias")) for b in blocks),
         norm_params=tuple(sum(_numel(m) for m in b.modules() if is_norm(m)) for b in blocks),
+        norm_bias_params=tuple(
+            sum(_numel(m, lambda n, p: n.endswith("bias")) for m in b.modules() if is_norm(m)) for b in blocks
+        ),
         num_patches=int(grid[0] * grid[1]),
         num_prefix_tokens=prefix,
         grid=(int(grid[0]), int(grid[1])),
@@ -218,3 +261,6 @@ def create_backbone(
         raise
     family_of(model)
     return model
+
+
+import autopeft.bundled  # noqa: E402,F401  (registers the bundled backbone)

@@ -111,7 +111,14 @@ class PeftPlan:
     def count(self, spec: BackboneSpec) -> int:
         """Closed-form trainable parameters of the plan, head excluded."""
         self.validate(spec)
-        return sum(s.count(spec, blocks) for s, blocks in self.groups())
+        added, unfrozen = 0, set()
+        for s, blocks in self.groups():
+            parts = s.unfrozen(spec, blocks)
+            if parts:
+                unfrozen |= parts  # unfreezing methods overlap (norm biases): count their union once
+            else:
+                added += s.count(spec, blocks)
+        return added + spec.unfrozen_params(unfrozen)
 
     def short(self) -> str:
         """A compact description, e.g. `lora(rank=8)@0-5 + adaptformer@6-11 + vpt_shallow(length=5)`."""
@@ -148,7 +155,7 @@ class PeftPlan:
             raise AutopeftError("a plan must be a mapping with 'version', 'blocks' and 'global' keys")
         version = data.get("version", PLAN_VERSION)
         if version != PLAN_VERSION:
-            raise AutopeftError(f"plan version {version!r} is not supported (this autopeft reads version {PLAN_VERSION})")
+            raise AutopeftError(f"plan version {version!r} is not supported (this autopeft reads {PLAN_VERSION})")
         unknown = set(data) - {"version", "blocks", "global"}
         if unknown:
             raise AutopeftError(f"unknown plan key(s): {', '.join(sorted(unknown))}; valid: version, blocks, global")
@@ -240,7 +247,8 @@ def load_adapter(model: nn.Module, path: str | Path) -> None:
 
 def merge_model(model: nn.Module) -> nn.Module:
     """Fold every wrapper into the backbone weights, leaving a plain timm model. Changes `model` in place."""
-    blocking = sorted({m.method for m in model.modules() if isinstance(m, Wrapper) and type(m).merged is Wrapper.merged})
+    wrappers = [m for m in model.modules() if isinstance(m, Wrapper)]
+    blocking = sorted({m.method for m in wrappers if type(m).merged is Wrapper.merged})
     if blocking:
         raise AutopeftError(
             f"the plan cannot be merged: {', '.join(blocking)} add(s) modules at inference; "

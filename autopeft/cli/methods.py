@@ -57,7 +57,7 @@ def cmd_methods(args: argparse.Namespace) -> int:
             "mergeable": bool(cls.mergeable),
             "families": list(cls.families),
             "scope": cls.scope,
-            "options": {k: (list(v) if isinstance(v, tuple) else v) for k, v in cls().to_dict().items() if k != "method"},
+            "options": {k: v for k, v in cls().to_dict().items() if k != "method"},
         }
         for cls in list_methods()
     ]

@@ -50,7 +50,13 @@ class Adapter(MethodSpec):
     def count(self, spec: BackboneSpec, blocks: Sequence[int]) -> int:
         return sum(bottleneck_params(spec.dims[i], self.dim) * len(POSITIONS[self.position]) for i in blocks)
 
+    def overhead_flops(self, spec: BackboneSpec, blocks: Sequence[int]) -> int:
+        # Each bottleneck weight is one multiply-add per token; later Swin stages have 4x fewer tokens per 2x width.
+        tokens = [spec.num_patches * spec.dims[0] ** 2 // spec.dims[i] ** 2 + spec.num_prefix_tokens for i in blocks]
+        return sum(2 * n * self.count(spec, [i]) for n, i in zip(tokens, blocks, strict=True))
+
     def apply(self, model: nn.Module, spec: BackboneSpec, blocks: Sequence[int]) -> None:
         for i in blocks:
             for site in POSITIONS[self.position]:
-                wrap(model, f"{block_path(model, i)}.{site}", lambda m, d=spec.dims[i]: SequentialAdapter(m, d, self.dim))
+                path = f"{block_path(model, i)}.{site}"
+                wrap(model, path, lambda m, d=spec.dims[i]: SequentialAdapter(m, d, self.dim))

@@ -48,7 +48,12 @@ class AdaptFormer(MethodSpec):
     def count(self, spec: BackboneSpec, blocks: Sequence[int]) -> int:
         return sum(bottleneck_params(spec.dims[i], self.dim) for i in blocks)
 
+    def overhead_flops(self, spec: BackboneSpec, blocks: Sequence[int]) -> int:
+        # Each bottleneck weight is one multiply-add per token; later Swin stages have 4x fewer tokens per 2x width.
+        tokens = [spec.num_patches * spec.dims[0] ** 2 // spec.dims[i] ** 2 + spec.num_prefix_tokens for i in blocks]
+        return sum(2 * n * self.count(spec, [i]) for n, i in zip(tokens, blocks, strict=True))
+
     def apply(self, model: nn.Module, spec: BackboneSpec, blocks: Sequence[int]) -> None:
         for i in blocks:
-            d_model = spec.dims[i]
-            wrap(model, f"{block_path(model, i)}.mlp", lambda m: ParallelAdapter(m, d_model, self.dim, self.scale))
+            path = f"{block_path(model, i)}.mlp"
+            wrap(model, path, lambda m, d=spec.dims[i]: ParallelAdapter(m, d, self.dim, self.scale))

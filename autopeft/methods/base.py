@@ -38,7 +38,22 @@ class MethodSpec:
 
     def count(self, spec: BackboneSpec, blocks: Sequence[int]) -> int:
         """Closed-form number of trainable parameters this method adds or unfreezes at `blocks`."""
-        raise NotImplementedError
+        return spec.unfrozen_params(self.unfrozen(spec, blocks))
+
+    def unfrozen(self, spec: BackboneSpec, blocks: Sequence[int]) -> set[tuple[str, int]]:
+        """Existing backbone parameter groups this method makes trainable (see BackboneSpec.unfrozen_params).
+
+        Methods that only add new parameters return the empty set and override `count`.
+        """
+        return set()
+
+    def overhead_flops(self, spec: BackboneSpec, blocks: Sequence[int]) -> int:
+        """Closed-form inference FLOPs (2 × multiply-adds per image) this method adds at `blocks` once merged.
+
+        0 by default: methods that merge into the weights or only unfreeze them cost nothing at inference. Methods
+        that keep modules or tokens at inference override it.
+        """
+        return 0
 
     def apply(self, model: nn.Module, spec: BackboneSpec, blocks: Sequence[int]) -> None:
         """Insert the method into `model` (already frozen) at `blocks`; new parameters are trainable."""

@@ -22,8 +22,8 @@ class BitFit(MethodSpec):
     identity_at_init = True
     order = 0
 
-    def count(self, spec: BackboneSpec, blocks: Sequence[int]) -> int:
-        return sum(spec.bias_params[i] for i in blocks)
+    def unfrozen(self, spec: BackboneSpec, blocks: Sequence[int]) -> set[tuple[str, int]]:
+        return {("bias", i) for i in blocks}
 
     def apply(self, model: nn.Module, spec: BackboneSpec, blocks: Sequence[int]) -> None:
         all_blocks = get_blocks(model)

@@ -78,9 +78,12 @@ class Convpass(MethodSpec):
         per_site = lambda d: d * self.dim + self.dim + 9 * self.dim * self.dim + self.dim + self.dim * d + d  # noqa: E731
         return sum(2 * per_site(spec.dims[i]) for i in blocks)
 
+    def overhead_flops(self, spec: BackboneSpec, blocks: Sequence[int]) -> int:
+        # Every weight (down, 3x3 conv taps, up) is one multiply-add per token.
+        return sum(2 * (spec.num_patches + spec.num_prefix_tokens) * self.count(spec, [i]) for i in blocks)
+
     def apply(self, model: nn.Module, spec: BackboneSpec, blocks: Sequence[int]) -> None:
         for i in blocks:
-            d = spec.dims[i]
             for site in ("attn", "mlp"):
                 wrap(model, f"{block_path(model, i)}.{site}",
-                     lambda m: ConvBypass(m, d, self.dim, self.scale, spec.grid))
+                     lambda m, d=spec.dims[i]: ConvBypass(m, d, self.dim, self.scale, spec.grid))

@@ -60,7 +60,7 @@ class FactLinear(Wrapper):
         f = self._factors[0]
         d = f.fact_u.shape[0]
         delta = torch.zeros_like(unwrap(self.base).weight)
-        for core, (o, i) in zip(self.fact_cores, self.pieces):
+        for core, (o, i) in zip(self.fact_cores, self.pieces, strict=True):
             delta[o : o + d, i : i + d] += self.scale * (f.fact_u @ core @ f.fact_v)
         return delta
 
@@ -69,7 +69,7 @@ class FactLinear(Wrapper):
         d = f.fact_u.shape[0]
         y = self.base(x)
         delta = x.new_zeros(*x.shape[:-1], self.out_features)
-        for core, (o, i) in zip(self.fact_cores, self.pieces):
+        for core, (o, i) in zip(self.fact_cores, self.pieces, strict=True):
             delta[..., o : o + d] += ((x[..., i : i + d] @ f.fact_v.t()) @ core.t()) @ f.fact_u.t()
         return y + self.scale * delta
 
@@ -128,4 +128,4 @@ class FacTTT(MethodSpec):
                 path, _ = linear_paths(block_path(model, i), t)
                 by_path.setdefault(path, []).extend(_pieces(t, d, h))
             for path, pieces in by_path.items():
-                wrap(model, path, lambda m, p=pieces: FactLinear(m, factors[d], p, self.scale))
+                wrap(model, path, lambda m, p=pieces, f=factors[d]: FactLinear(m, f, p, self.scale))

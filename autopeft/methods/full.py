@@ -22,8 +22,8 @@ class Full(MethodSpec):
     scope = "global"
     order = 0
 
-    def count(self, spec: BackboneSpec, blocks: Sequence[int]) -> int:
-        return spec.backbone_params
+    def unfrozen(self, spec: BackboneSpec, blocks: Sequence[int]) -> set[tuple[str, int]]:
+        return {("all", i) for i in range(spec.num_blocks)} | {("embed", 0), ("final_norm", 0)}
 
     def apply(self, model: nn.Module, spec: BackboneSpec, blocks: Sequence[int]) -> None:
         for name, p in model.named_parameters():

@@ -31,8 +31,8 @@ class Partial(MethodSpec):
         super().check(spec, blocks)
         require(self.k <= spec.num_blocks, self.name, f"k={self.k} exceeds the {spec.num_blocks} blocks of {spec.name}")
 
-    def count(self, spec: BackboneSpec, blocks: Sequence[int]) -> int:
-        return sum(spec.block_params[spec.num_blocks - self.k :]) + spec.final_norm_params
+    def unfrozen(self, spec: BackboneSpec, blocks: Sequence[int]) -> set[tuple[str, int]]:
+        return {("all", i) for i in range(spec.num_blocks - self.k, spec.num_blocks)} | {("final_norm", 0)}
 
     def apply(self, model: nn.Module, spec: BackboneSpec, blocks: Sequence[int]) -> None:
         for block in get_blocks(model)[spec.num_blocks - self.k :]:

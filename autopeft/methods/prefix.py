@@ -70,6 +70,11 @@ class Prefix(MethodSpec):
     def count(self, spec: BackboneSpec, blocks: Sequence[int]) -> int:
         return sum(2 * self.length * spec.dims[i] for i in blocks)
 
+    def overhead_flops(self, spec: BackboneSpec, blocks: Sequence[int]) -> int:
+        # Every query scores `length` more keys and mixes as many more values: 2 x (n * length * dim) multiply-adds.
+        n = spec.num_patches + spec.num_prefix_tokens
+        return sum(4 * n * self.length * spec.dims[i] for i in blocks)
+
     def apply(self, model: nn.Module, spec: BackboneSpec, blocks: Sequence[int]) -> None:
         for i in blocks:
             wrap(model, f"{block_path(model, i)}.attn", lambda m, d=spec.dims[i]: PrefixAttention(m, self.length, d))

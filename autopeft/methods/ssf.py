@@ -53,7 +53,7 @@ def _channels(dim: int, hidden: int, site: str) -> int:
 @register
 @dataclass(frozen=True)
 class SSF(MethodSpec):
-    """Scaling and shifting features (Lian et al.): γ = 1, β = 0 at start (`init: normal` draws N(1, .02), N(0, .02))."""
+    """Scaling and shifting features (Lian et al.): γ = 1, β = 0 at start; `init: normal` draws N(1, .02), N(0, .02)."""
 
     name = "ssf"
     category = "partial"

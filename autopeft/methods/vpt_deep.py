@@ -12,6 +12,13 @@ from autopeft.methods._prompts import PromptedBlock, new_prompts
 from autopeft.methods.base import MethodSpec, register, require, wrap
 
 
+def prompt_flops(spec: BackboneSpec, i: int, length: int) -> int:
+    """Inference FLOPs that `length` extra tokens add to ViT block `i`: its projections and MLP run on them
+    (2 x weights per token) and attention grows from n^2 to (n + length)^2 query-key pairs (scores and mixing)."""
+    d, h, n = spec.dims[i], spec.mlp_hidden[i], spec.num_patches + spec.num_prefix_tokens
+    return 2 * length * (4 * d * d + 2 * d * h) + 4 * d * ((n + length) ** 2 - n**2)
+
+
 @register
 @dataclass(frozen=True)
 class VPTDeep(MethodSpec):
@@ -29,6 +36,9 @@ class VPTDeep(MethodSpec):
 
     def count(self, spec: BackboneSpec, blocks: Sequence[int]) -> int:
         return sum(self.length * spec.dims[i] for i in blocks)
+
+    def overhead_flops(self, spec: BackboneSpec, blocks: Sequence[int]) -> int:
+        return sum(prompt_flops(spec, i, self.length) for i in blocks)
 
     def apply(self, model: nn.Module, spec: BackboneSpec, blocks: Sequence[int]) -> None:
         ref = model.patch_embed.proj.weight

@@ -10,6 +10,7 @@ from torch import nn
 from autopeft.backbones import BackboneSpec, block_path
 from autopeft.methods._prompts import PromptedBlock, new_prompts
 from autopeft.methods.base import MethodSpec, register, require, wrap
+from autopeft.methods.vpt_deep import prompt_flops
 
 
 @register
@@ -33,6 +34,10 @@ class VPTShallow(MethodSpec):
 
     def count(self, spec: BackboneSpec, blocks: Sequence[int]) -> int:
         return self.length * spec.dims[0]
+
+    def overhead_flops(self, spec: BackboneSpec, blocks: Sequence[int]) -> int:
+        # The prompts travel through every block.
+        return sum(prompt_flops(spec, i, self.length) for i in range(spec.num_blocks))
 
     def apply(self, model: nn.Module, spec: BackboneSpec, blocks: Sequence[int]) -> None:
         prompts = new_prompts(self.length, spec.dims[0], model.patch_embed.proj.weight)

@@ -1,0 +1,67 @@
+"""The command line, run as a user runs it: a real subprocess, exit codes and one-line errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from autopeft.cli import main
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "autopeft", *args], capture_output=True, text=True, timeout=120,
+                          env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+
+
+def test_methods_json(capsys) -> None:
+    assert main(["methods", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    by_name = {r["name"]: r for r in rows}
+    assert len(rows) == 14
+    assert by_name["lora"]["mergeable"] and not by_name["adapter"]["mergeable"]
+    assert by_name["convpass"]["families"] == ["vit"] and "swin" in by_name["ssf"]["families"]
+    assert {r["category"] for r in rows} == {"partial", "addition"}
+
+
+def test_params_json_keys(capsys) -> None:
+    code = main(["params", "--backbone", "vit_base_patch16_224", "--method", "lora", "--set", "rank=8",
+                 "--set", "targets=q,v", "--layers", "0-11", "--num-classes", "102", "--json"])
+    assert code == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["peft_params"] == 294_912
+    assert out["head_params"] == 768 * 102 + 102
+    assert out["backbone_params"] == 85_798_656
+    assert out["percent"] == pytest.approx(100 * 294_912 / 85_798_656)
+
+
+def test_params_from_plan_file(tmp_path, capsys) -> None:
+    plan = tmp_path / "p.yaml"
+    plan.write_text("blocks:\n  '0': [{method: adapter, dim: 8}]\nglobal: [{method: vpt_shallow, length: 5}]\n")
+    assert main(["params", "--backbone", "vit_base_patch16_224", "--plan", str(plan), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["peft_params"] == (2 * 768 * 8 + 8 + 768) + 5 * 768
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["params", "--backbone", "vit_nope_xx", "--method", "lora"], "unknown backbone 'vit_nope_xx'"),
+        (["params", "--backbone", "vit_base_patch16_224", "--method", "lorra"], "unknown method 'lorra'"),
+        (["params", "--backbone", "vit_base_patch16_224", "--method", "lora", "--set", "rnak=2"], "unknown option"),
+        (["params", "--backbone", "vit_base_patch16_224", "--method", "lora", "--set", "rank"], "KEY=VALUE"),
+        (["params", "--backbone", "vit_base_patch16_224", "--method", "lora", "--layers", "0-40"], "blocks 0-11"),
+        (["params", "--backbone", "autopeft_test_swin", "--method", "vpt_deep"], "does not support swin"),
+        (["params", "--backbone", "vit_base_patch16_224", "--plan", "/nonexistent.yaml"], "does not exist"),
+        (["params", "--backbone", "vit_base_patch16_224"], "one of the arguments --method --plan is required"),
+        (["nosuchcommand"], "invalid choice"),
+    ],
+)
+def test_errors_are_one_line_exit_2(args: list[str], needle: str) -> None:
+    proc = run(*args)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -1,0 +1,237 @@
+"""Invariants of every PEFT method, table-driven over method × options × backbone family.
+
+For each case: closed-form count == actual trainable count; identity at initialisation where the method says so;
+only plan parameters and the head train and every one of them gets a gradient; mergeable plans merge into a plain
+timm model with the same logits; adapters saved to safetensors reload into a fresh backbone with identical logits.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from autopeft.backbones import backbone_spec, create_backbone, is_head_param
+from autopeft.errors import AutopeftError
+from autopeft.methods import Wrapper, list_methods, make_spec
+from autopeft.plan import PeftPlan, load_adapter, merge_model, save_adapter
+
+VIT, VIT_REG, SWIN = "autopeft_test_vit", "autopeft_test_vit_reg", "autopeft_test_swin"
+NUM_CLASSES = 5
+
+# (method, options, blocks or None for all)
+CASES = [
+    ("full", {}, None),
+    ("linear", {}, None),
+    ("bitfit", {}, None),
+    ("bitfit", {}, [1]),
+    ("ln_tune", {}, None),
+    ("partial", {"k": 2}, None),
+    ("lora", {}, None),
+    ("lora", {"rank": 2, "alpha": 3, "targets": "q,k,v,proj,fc1,fc2"}, None),
+    ("lora", {"rank": 3, "targets": "k"}, [0, 2]),
+    ("ssf", {}, None),
+    ("ssf", {"init": "normal"}, [1, 2]),
+    ("fact_tt", {}, None),
+    ("fact_tt", {"rank": 2, "scale": 0.5, "targets": "q,proj,fc1,fc2"}, [0, 1]),
+    ("adapter", {}, None),
+    ("adapter", {"dim": 4, "position": "both"}, [1, 2]),
+    ("adapter", {"dim": 3, "position": "attn"}, None),
+    ("adaptformer", {"dim": 4, "scale": 0.5}, None),
+    ("convpass", {"dim": 4}, None),
+    ("vpt_shallow", {"length": 3}, None),
+    ("vpt_deep", {"length": 2}, None),
+    ("vpt_deep", {"length": 4}, [2]),
+    ("prefix", {"length": 3}, None),
+]
+
+MIXED = {
+    # the issue's example, scaled to 3 blocks: LoRA early, AdaptFormer late, VPT-deep on the last
+    "lora+adaptformer+vpt": {
+        "blocks": {"0": [{"method": "lora", "rank": 4}], "1": [{"method": "lora", "rank": 4}],
+                   "2": [{"method": "adaptformer", "dim": 4}, {"method": "vpt_deep", "length": 2}]},
+    },
+    # everything that merges, stacked on the same linears
+    "mergeable-stack": {
+        "blocks": {str(i): [{"method": "lora", "rank": 2, "targets": ["q", "v", "fc1"]}, {"method": "ssf"},
+                            {"method": "fact_tt", "rank": 2}, {"method": "bitfit"}, {"method": "ln_tune"}]
+                   for i in range(3)},
+    },
+    # every wrapper on one block, plus shallow prompts that travel through the deep-prompted blocks
+    "all-on-one-block": {
+        "blocks": {"0": [{"method": "prefix", "length": 2}, {"method": "adapter", "position": "both", "dim": 2},
+                         {"method": "convpass", "dim": 2}, {"method": "vpt_deep", "length": 2},
+                         {"method": "lora", "targets": ["q", "proj"]}, {"method": "ssf"}],
+                   "2": [{"method": "vpt_deep", "length": 1}, {"method": "adaptformer"}]},
+        "global": [{"method": "vpt_shallow", "length": 2}],
+    },
+    "partial+lora": {"blocks": {"0": [{"method": "lora"}]}, "global": [{"method": "partial", "k": 1}]},
+    # overlapping unfreezing: the last block is fully trained and also listed for BitFit and LN-tune
+    "partial+bitfit+ln_tune": {
+        "blocks": {"1": [{"method": "bitfit"}], "2": [{"method": "bitfit"}, {"method": "ln_tune"}]},
+        "global": [{"method": "partial", "k": 1}],
+    },
+}
+
+
+def _plan(method: str, options: dict, blocks, num_blocks: int) -> PeftPlan:
+    return PeftPlan.single(make_spec(method, options), range(num_blocks) if blocks is None else blocks)
+
+
+def _cases():
+    for family_model in (VIT, VIT_REG, SWIN):
+        spec = backbone_spec(family_model)
+        for method, options, blocks in CASES:
+            if spec.family not in make_spec(method, options).families:
+                continue
+            blocks = None if blocks is None else [b for b in blocks if b < spec.num_blocks]
+            yield pytest.param(family_model, _plan(method, options, blocks, spec.num_blocks),
+                               id=f"{family_model}-{method}-{'-'.join(f'{k}{v}' for k, v in options.items())}-{blocks}")
+    for name, data in MIXED.items():
+        yield pytest.param(VIT, PeftPlan.from_dict(data), id=f"{VIT}-mixed-{name}")
+        yield pytest.param(VIT_REG, PeftPlan.from_dict(data), id=f"{VIT_REG}-mixed-{name}")
+
+
+def _base(name: str) -> torch.nn.Module:
+    torch.manual_seed(123)  # the same "pretrained" weights every time
+    return create_backbone(name, num_classes=NUM_CLASSES).eval()
+
+
+def _inputs(name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(7)
+    size = backbone_spec(name).input_size
+    return torch.randn(6, *size, generator=g), torch.randint(0, NUM_CLASSES, (6,), generator=g)
+
+
+def _train(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int) -> None:
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(steps):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+
+
+@pytest.mark.parametrize("name,plan", list(_cases()))
+def test_method_invariants(name: str, plan: PeftPlan, tmp_path) -> None:
+    spec = backbone_spec(name)
+    x, y = _inputs(name)
+    plain = _base(name)
+    with torch.no_grad():
+        plain_logits = plain(x)
+    model = plan.apply(copy.deepcopy(plain), spec)
+
+    # closed-form count == actual trainable count, head excluded
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert plan.count(spec) == sum(p.numel() for n, p in trainable.items() if not is_head_param(n))
+    assert all(p.requires_grad for n, p in model.named_parameters() if is_head_param(n))
+
+    # identity at initialisation
+    if all(s.identity_at_init for s in plan.methods()):
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), plain_logits, atol=1e-6, rtol=0)
+
+    # training moves every trainable parameter, nothing else, and no branch is dead
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    _train(model, x, y, steps=3)
+    for n, p in model.named_parameters():
+        changed = not torch.equal(before[n], p.detach())
+        assert changed == p.requires_grad, f"{n}: changed={changed} requires_grad={p.requires_grad}"
+    model.zero_grad()
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    dead = [n for n, p in trainable.items() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not dead, f"parameters without gradient: {dead}"
+
+    with torch.no_grad():
+        adapted_logits = model(x)
+
+    # save plan parameters + head; reload into a fresh backbone with the same plan
+    save_adapter(model, tmp_path / "adapter.safetensors")
+    fresh = plan.apply(_base(name), spec)
+    load_adapter(fresh, tmp_path / "adapter.safetensors")
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), adapted_logits, atol=1e-6, rtol=0)
+
+    # merge into a plain timm model
+    if not plan.mergeable:
+        with pytest.raises(AutopeftError, match="cannot be merged"):
+            merge_model(model)
+        return
+    if name == VIT_REG and "ssf" in {s.name for s in plan.methods()}:
+        with pytest.raises(AutopeftError, match="without weight and bias"):  # qkv has no bias to absorb the shift
+            merge_model(model)
+        return
+    merge_model(model)
+    assert not any(isinstance(m, Wrapper) for m in model.modules())
+    target = _base(name)
+    assert set(model.state_dict()) == set(target.state_dict())
+    target.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(target(x), adapted_logits, atol=1e-4, rtol=1e-4)
+
+
+def test_every_method_is_covered() -> None:
+    assert {m for m, _, _ in CASES} == {cls.name for cls in list_methods()}
+
+
+@pytest.mark.parametrize("method", ["convpass", "vpt_shallow", "vpt_deep", "prefix"])
+def test_swin_rejects_token_methods(method: str) -> None:
+    spec = backbone_spec(SWIN)
+    plan = PeftPlan.single(make_spec(method), range(spec.num_blocks))
+    with pytest.raises(AutopeftError, match="does not support swin"):
+        plan.count(spec)
+    with pytest.raises(AutopeftError, match="does not support swin"):
+        plan.apply(_base(SWIN), spec)
+
+
+def test_lora_updates_only_chosen_qkv_slices() -> None:
+    spec = backbone_spec(VIT)
+    model = PeftPlan.single(make_spec("lora", {"targets": "v"}), [0]).apply(_base(VIT), spec)
+    x, y = _inputs(VIT)
+    _train(model, x, y, steps=2)
+    qkv = model.blocks[0].attn.qkv
+    delta = qkv.delta_weight()
+    d = spec.dims[0]
+    assert delta[: 2 * d].abs().sum() == 0 and delta[2 * d :].abs().sum() > 0
+
+
+def test_lora_scale_is_float() -> None:
+    assert make_spec("lora", {"rank": 8, "alpha": 4}).scale == 0.5
+    assert make_spec("lora", {"rank": 3, "alpha": 2}).scale == pytest.approx(2 / 3)
+    assert make_spec("lora", {"rank": 4}).scale == 1.0
+
+
+def test_vpt_keeps_sequence_length_for_the_head() -> None:
+    spec = backbone_spec(VIT_REG)  # average pooling: prompts left in the sequence would change the pooled features
+    plan = PeftPlan.from_dict(MIXED["all-on-one-block"])
+    model = plan.apply(_base(VIT_REG), spec)
+    x, _ = _inputs(VIT_REG)
+    feats = model.forward_features(x)
+    assert feats.shape[1] == spec.num_patches + spec.num_prefix_tokens
+
+
+@pytest.mark.parametrize(
+    "method,options,message",
+    [
+        ("lora", {"rank": 0}, "rank must be a positive integer"),
+        ("lora", {"targets": "q,x"}, "unknown target"),
+        ("lora", {"targets": ""}, "at least one"),
+        ("lora", {"rank": "abc"}, "must be int"),
+        ("adapter", {"position": "middle"}, "position must be one of"),
+        ("vpt_deep", {"length": -1}, "length must be a positive integer"),
+        ("partial", {"k": 0}, "k must be a positive integer"),
+        ("ssf", {"init": "zeros"}, "init must be"),
+        ("adaptformer", {"scale": 0}, "scale must be > 0"),
+        ("lora", {"rnak": 3}, "unknown option"),
+        ("nope", {}, "unknown method 'nope'"),
+    ],
+)
+def test_spec_validation(method: str, options: dict, message: str) -> None:
+    with pytest.raises(AutopeftError, match=message):
+        make_spec(method, options)
+
+
+def test_partial_k_larger_than_depth() -> None:
+    spec = backbone_spec(VIT)
+    with pytest.raises(AutopeftError, match="exceeds"):
+        PeftPlan.single(make_spec("partial", {"k": 9}), []).count(spec)
