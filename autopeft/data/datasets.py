@@ -1,0 +1,194 @@
+"""The two Dataset kinds every reader builds on (image files, in-memory arrays) and the stratified seeded split."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from autopeft.data.transforms import Normalizer, TransformSettings, augment_batch, pil_transform, resize_batch
+from autopeft.errors import AutopeftError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+def cache_budget() -> int:
+    """Bytes a split may keep of preprocessed images in memory ($AUTOPEFT_DATA_CACHE_MB, default 256)."""
+    try:
+        return int(float(os.environ.get("AUTOPEFT_DATA_CACHE_MB", "256")) * 2**20)
+    except ValueError:
+        raise AutopeftError("AUTOPEFT_DATA_CACHE_MB must be a number of megabytes") from None
+
+
+def read_image(path: str | Path, mode: str = "RGB") -> Image.Image:
+    """Decode an image fully (so truncation shows now, not mid-batch) and convert it to `mode`."""
+    try:
+        with Image.open(path) as img:
+            return img.convert(mode)
+    except FileNotFoundError:
+        raise AutopeftError(f"image {path} is missing; restore it or remove it from the split list") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise AutopeftError(f"image {path} is unreadable or truncated ({exc}); replace or delete it") from exc
+
+
+class ImageFileDataset(Dataset):
+    """Images read from files with a timm.data pipeline, yielding (normalised C×H×W float tensor, label).
+
+    Without augmentation the resized uint8 image is cached (within `cache_budget()`), so search trials decode
+    each JPEG once per process rather than once per epoch.
+    """
+
+    def __init__(
+        self, samples: Sequence[tuple[str, int]], settings: TransformSettings, train: bool = False, hflip: bool = True
+    ) -> None:
+        self.samples = [(str(p), int(y)) for p, y in samples]
+        self.settings = settings
+        self.augment = bool(train and settings.augment)
+        self.transform = pil_transform(settings, train=train, hflip=hflip)
+        self.normalize = Normalizer(settings)
+        self._mode = "RGB" if settings.channels == 3 else "L"
+        self._cache: dict[int, torch.Tensor] | None = None if self.augment else {}
+        self._cache_left = cache_budget()
+
+    @property
+    def targets(self) -> list[int]:
+        return [y for _, y in self.samples]
+
+    def __getstate__(self) -> dict:
+        # Ship datasets to Ray workers or DataLoader processes without their caches; each rebuilds its own.
+        state = dict(self.__dict__)
+        state["_cache"] = None if self.augment else {}
+        state["_cache_left"] = cache_budget()
+        return state
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        path, label = self.samples[index]
+        pixels = self._cache.get(index) if self._cache is not None else None
+        if pixels is None:
+            pixels = self.transform(read_image(path, self._mode))
+            if pixels.ndim == 2:  # MaybePILToTensor drops the channel axis of greyscale images
+                pixels = pixels.unsqueeze(0)
+            if self._cache is not None and self._cache_left >= pixels.numel():
+                self._cache[index] = pixels
+                self._cache_left -= pixels.numel()
+        return self.normalize(pixels), label
+
+
+class TensorImageDataset(Dataset):
+    """In-memory images (N×c×h×w, uint8 0-255 or float 0-1) preprocessed in vectorised batches.
+
+    The model-ready images of the whole split are computed once, on first access, when they fit in
+    `cache_budget()` (then a batch is one indexing op, plus the shift/flip when augmenting); otherwise each batch
+    is resized and normalised on the fly. `__getitems__` lets a DataLoader fetch a whole
+    batch in one vectorised call.
+
+    Args:
+        images: source images; greyscale ones have c = 1 and are replicated to the model's channels.
+        labels: integer class labels, one per image.
+        settings: input size, mean/std, interpolation, augment flag.
+        train: whether this is a training split (augmented when `settings.augment`).
+        fraction: side of the content relative to the input (< 1 centres it on a zero canvas).
+        hflip: whether augmentation may flip horizontally.
+    """
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor | Sequence[int],
+        settings: TransformSettings,
+        train: bool = False,
+        fraction: float = 1.0,
+        hflip: bool = False,
+    ) -> None:
+        if images.ndim != 4:
+            raise ValueError(f"expected N×C×H×W images, got shape {tuple(images.shape)}")
+        self.images = images
+        self.labels = torch.as_tensor(labels, dtype=torch.long)
+        if len(self.labels) != len(images):
+            raise ValueError("images and labels differ in length")
+        self.settings = settings
+        self.augment = bool(train and settings.augment)
+        self.fraction = fraction
+        self.hflip = hflip
+        self.normalize = Normalizer(settings)
+        self._prepared: torch.Tensor | None = None
+
+    @property
+    def targets(self) -> list[int]:
+        return self.labels.tolist()
+
+    def __getstate__(self) -> dict:
+        return dict(self.__dict__, _prepared=None)  # the cache is rebuilt where it is used, not shipped
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def _prepare(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.float().div_(255.0) if images.dtype == torch.uint8 else images.float()
+        return self.normalize(resize_batch(x, self.settings.hw, self.settings.interpolation, self.fraction))
+
+    def _prepared_at(self, index: torch.Tensor) -> torch.Tensor:
+        if self._prepared is None:
+            if len(self) * self.normalize.channels * self.settings.hw[0] * self.settings.hw[1] * 4 > cache_budget():
+                return self._prepare(self.images[index])
+            # Built in chunks so the float copy of a large source never exists whole next to the result.
+            chunks = [self._prepare(self.images[i : i + 1024]) for i in range(0, len(self), 1024)]
+            self._prepared = torch.cat(chunks).contiguous() if chunks else self._prepare(self.images)
+        return self._prepared[index]
+
+    def batch(self, indices: Sequence[int] | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images (normalised, B×C×H×W) and labels (B) of `indices`, in one vectorised pass."""
+        index = torch.as_tensor(indices, dtype=torch.long).reshape(-1)
+        x = self._prepared_at(index)
+        if self.augment:
+            x = augment_batch(x, hflip=self.hflip, fill=self.normalize.zero)
+        return x, self.labels[index]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        x, y = self.batch([index])
+        return x[0], int(y[0])
+
+    def __getitems__(self, indices: Sequence[int]) -> list[tuple[torch.Tensor, int]]:
+        x, y = self.batch(indices)
+        return list(zip(x.unbind(0), y.tolist(), strict=True))
+
+
+def stratified_split(labels: Sequence[int] | np.ndarray, counts: Sequence[int], seed: int) -> list[np.ndarray]:
+    """Split indices into parts of exactly `counts` images each, plus the rest, class-balanced and seeded.
+
+    Each part takes every class in proportion to what is left of it (largest remainder, ties broken by the seeded
+    generator), so per-class counts differ from the exact proportion by less than one image.
+
+    Returns:
+        `len(counts) + 1` sorted index arrays: one per count, then the remaining indices.
+    """
+    labels = np.asarray(labels)
+    if sum(counts) > len(labels) or min(counts, default=0) < 0:
+        raise AutopeftError(f"cannot split {len(labels)} images into parts of {list(counts)}; add images")
+    rng = np.random.default_rng(seed)
+    classes = np.unique(labels)
+    pools = {c: list(rng.permutation(np.flatnonzero(labels == c))) for c in classes}
+    parts: list[np.ndarray] = []
+    for count in counts:
+        left = np.array([len(pools[c]) for c in classes], dtype=float)
+        quota = count * left / max(left.sum(), 1)
+        take = np.floor(quota).astype(int)
+        short = count - int(take.sum())
+        order = sorted(range(len(classes)), key=lambda k: (-(quota[k] - take[k]), rng.random()))
+        for k in [k for k in order if take[k] < left[k]][:short]:
+            take[k] += 1
+        chosen: list[int] = []
+        for k, c in enumerate(classes):
+            chosen += pools[c][: take[k]]
+            pools[c] = pools[c][take[k] :]
+        parts.append(np.sort(np.array(chosen, dtype=int)))
+    parts.append(np.sort(np.array([i for c in classes for i in pools[c]], dtype=int)))
+    return parts

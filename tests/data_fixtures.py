@@ -1,0 +1,134 @@
+"""Writers of tiny datasets in the exact on-disk formats the readers of autopeft.data expect."""
+
+from __future__ import annotations
+
+import gzip
+import pickle
+from pathlib import Path
+
+import numpy as np
+import scipy.io
+from PIL import Image
+
+
+def write_jpeg(path: Path, seed: int, size: tuple[int, int] = (20, 16), mode: str = "RGB") -> Path:
+    """A small random JPEG (size is width × height)."""
+    rng = np.random.default_rng(seed)
+    shape = (size[1], size[0], 3) if mode == "RGB" else (size[1], size[0])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode).save(path, "JPEG")
+    return path
+
+
+def truncate(path: Path, keep: float = 0.5) -> None:
+    """Cut a file to a fraction of its bytes, as an interrupted copy leaves it."""
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+def write_flowers(root: Path, trn: list[int], val: list[int], tst: list[int], labels: list[int]) -> Path:
+    """torchvision's Flowers102 layout: ROOT/flowers-102/{jpg/image_NNNNN.jpg, imagelabels.mat, setid.mat}.
+
+    Image ids are 1-based; `labels[i]` (1-102) is the label of image i + 1.
+    """
+    folder = root / "flowers-102"
+    for image_id in range(1, len(labels) + 1):
+        write_jpeg(folder / "jpg" / f"image_{image_id:05d}.jpg", image_id)
+    # The originals are 1×N double arrays; keep that shape so squeeze_me matters as it does for real files.
+    scipy.io.savemat(folder / "imagelabels.mat", {"labels": np.array([labels], dtype=np.float64)})
+    ids = {"trnid": trn, "valid": val, "tstid": tst}
+    scipy.io.savemat(folder / "setid.mat", {k: np.array([v], dtype=np.float64) for k, v in ids.items()})
+    return folder
+
+
+def write_vtab(root: Path, task: str, sizes: dict[str, int], num_classes: int) -> Path:
+    """NOAH's vtab-1k layout with `sizes` images per list; train800val200 lists train800 then val200.
+
+    Returns the task folder.
+    """
+    folder = root / "vtab-1k" / task
+    lines: dict[str, list[str]] = {}
+    for split, count in sizes.items():
+        sub = "train" if split in ("train800", "val200") else split
+        lines[split] = []
+        for i in range(count):
+            rel = f"images/{sub}/{split}{i:06d}.jpg"
+            write_jpeg(folder / rel, 1000 * len(split) + i)
+            lines[split].append(f"{rel} {i % num_classes}")
+    lines["train800val200"] = lines["train800"] + lines["val200"]
+    for split, entries in lines.items():
+        (folder / f"{split}.txt").write_text("\n".join(entries) + "\n")
+    return folder
+
+
+def write_image_folder(root: Path, per_class: dict[str, int], seed: int = 0) -> Path:
+    """ROOT/<class>/<n>.jpg with per_class[class] images each."""
+    for c, count in per_class.items():
+        for i in range(count):
+            write_jpeg(root / c / f"{i:03d}.jpg", seed + 100 * i + len(c))
+    return root
+
+
+def write_idx(path: Path, array: np.ndarray) -> Path:
+    """An IDX file of unsigned bytes (the MNIST format), gzipped when the name ends with .gz."""
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    payload = header + np.ascontiguousarray(array, dtype=np.uint8).tobytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(gzip.compress(payload) if path.suffix == ".gz" else payload)
+    return path
+
+
+def write_fashion(folder: Path, n_train: int = 1100, n_test: int = 30, gz: bool = True) -> Path:
+    """The four Fashion-MNIST files in `folder`; image i is filled with the value i % 256 (label i % 10)."""
+    ext = ".gz" if gz else ""
+    for split, n in (("train", n_train), ("t10k", n_test)):
+        values = (np.arange(n) % 256).astype(np.uint8)
+        write_idx(folder / f"{split}-images-idx3-ubyte{ext}", np.broadcast_to(values[:, None, None], (n, 28, 28)))
+        write_idx(folder / f"{split}-labels-idx1-ubyte{ext}", (np.arange(n) % 10).astype(np.uint8))
+    return folder
+
+
+def write_cifar(root: Path, classes: int, per_batch: int = 220, n_test: int = 40) -> Path:
+    """torchvision's CIFAR-10 (classes=10) or CIFAR-100 (classes=100) python layout with random pixels."""
+    rng = np.random.default_rng(classes)
+    if classes == 10:
+        folder, key, names_key = root / "cifar-10-batches-py", "labels", "label_names"
+        train_files, test_file, meta = [f"data_batch_{i}" for i in range(1, 6)], "test_batch", "batches.meta"
+    else:
+        folder, key, names_key = root / "cifar-100-python", "fine_labels", "fine_label_names"
+        train_files, test_file, meta = ["train"], "test", "meta"
+        per_batch *= 5
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, n in [(f, per_batch) for f in train_files] + [(test_file, n_test)]:
+        entry = {"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), key: list(np.arange(n) % classes)}
+        (folder / name).write_bytes(pickle.dumps(entry))
+    (folder / meta).write_bytes(pickle.dumps({names_key: [f"class{i}" for i in range(classes)]}))
+    return folder
+
+
+def guard_offline(monkeypatch, tmp_path: Path) -> None:
+    """Keep a test off the network, the user's data root and the system's Debian Fashion-MNIST."""
+    from autopeft.data import arrays, base
+
+    monkeypatch.setenv("AUTOPEFT_DATA", str(tmp_path / "default-root"))
+    monkeypatch.setenv("AUTOPEFT_OFFLINE", "1")
+    monkeypatch.setattr(arrays, "DEBIAN_FASHION", tmp_path / "no-debian")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a test tried to reach the network")
+
+    monkeypatch.setattr(base, "network_answers", refuse)
+
+
+def labels_of(dataset) -> list[int]:
+    return list(dataset.targets)
+
+
+def check_items(splits, size: tuple[int, int, int]) -> None:
+    """Every split yields (float tensor of `size`, int label in range)."""
+    import torch
+
+    for split in ("train", "val", "test", "train_full"):
+        x, y = splits.split(split)[0]
+        assert x.shape == size and x.dtype == torch.float32 and isinstance(y, int)
+        assert 0 <= y < splits.num_classes
