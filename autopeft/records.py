@@ -1,0 +1,77 @@
+"""TrialRecord: what one trial produced, as plain data the Pareto and report code work on without Ray or Optuna."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from autopeft.errors import AutopeftError
+
+STATUSES = ("COMPLETE", "PRUNED", "FAIL", "RUNNING")
+
+
+@dataclass
+class TrialRecord:
+    """One trial of a study.
+
+    Attributes:
+        number: the trial number in its study.
+        plan: the PeftPlan as a dict (`PeftPlan.to_dict()`), i.e. the plan actually trained (after budget repair).
+        peft_params: trainable parameters of the plan, head excluded.
+        val_acc: final validation accuracy (0-1); None when the trial reported none.
+        curve: validation accuracy after each epoch run.
+        epochs: epochs the trial ran.
+        max_epochs: epochs of a full-fidelity trial (early-stopped trials ran fewer).
+        status: COMPLETE, PRUNED, FAIL or RUNNING.
+        seconds: wall-clock cost of the trial.
+        overhead: added inference cost relative to the plain backbone (0 for a fully merged plan).
+        tags: free labels, e.g. {"baseline": "lora"}.
+        test_acc: test accuracy when the trial was evaluated on the test split.
+        params: the sampled hyper-parameters (optuna parameter names to values).
+    """
+
+    number: int
+    plan: dict[str, Any]
+    peft_params: int
+    val_acc: float | None = None
+    curve: list[float] = field(default_factory=list)
+    epochs: int = 0
+    max_epochs: int = 0
+    status: str = "COMPLETE"
+    seconds: float = 0.0
+    overhead: float = 0.0
+    tags: dict[str, str] = field(default_factory=dict)
+    test_acc: float | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.status not in STATUSES:
+            raise AutopeftError(f"trial {self.number}: status {self.status!r} is not one of {', '.join(STATUSES)}")
+        if self.val_acc is not None and math.isnan(self.val_acc):
+            self.val_acc = None
+
+    @property
+    def full_fidelity(self) -> bool:
+        """Completed and trained for the full number of epochs (early-stopped trials report low-fidelity values)."""
+        return self.status == "COMPLETE" and self.epochs >= self.max_epochs
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrialRecord:
+        if not isinstance(data, dict):
+            raise AutopeftError(f"a trial record must be a mapping, got {type(data).__name__}")
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise AutopeftError(f"unknown trial record key(s) {', '.join(unknown)}; valid: {', '.join(sorted(names))}")
+        missing = sorted(k for k in ("number", "plan", "peft_params") if k not in data)
+        if missing:
+            raise AutopeftError(f"trial record lacks {', '.join(missing)}")
+        out = dict(data)
+        out["curve"] = [float(v) for v in out.get("curve") or []]
+        out["tags"] = dict(out.get("tags") or {})
+        out["params"] = dict(out.get("params") or {})
+        return cls(**out)
