@@ -17,6 +17,8 @@ from torch import nn
 from autopeft.errors import AutopeftError
 
 FAMILIES = ("vit", "swin")
+# The bundled tiny ViT pretrained on Fashion-MNIST (autopeft/bundled): the offline default of every command.
+DEFAULT_BACKBONE = "autopeft_tiny_vit"
 
 # Parameters whose names start with one of these belong to the classifier, which is always trained and reported
 # apart from the PEFT parameters (as the benchmark tables count them).
@@ -27,9 +29,9 @@ HEAD_PREFIXES = ("head",)
 _TEST_CFG = dict(num_classes=1000, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
 default_cfgs = generate_default_cfgs(
     {
-        "autopeft_test_swin": dict(input_size=(3, 56, 56), **_TEST_CFG),
-        "autopeft_test_vit": dict(input_size=(3, 32, 32), **_TEST_CFG),
-        "autopeft_test_vit_reg": dict(input_size=(3, 32, 32), **_TEST_CFG),
+        "autopeft_test_swin": dict(input_size=(3, 56, 56), classifier="head.fc", **_TEST_CFG),
+        "autopeft_test_vit": dict(input_size=(3, 32, 32), classifier="head", **_TEST_CFG),
+        "autopeft_test_vit_reg": dict(input_size=(3, 32, 32), classifier="head", **_TEST_CFG),
     }
 )
 
@@ -225,6 +227,28 @@ def hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
 
 
+def _brief(exc: BaseException, limit: int = 200) -> str:
+    """The informative part of an exception message on one line."""
+    text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
+    return text[:limit] + ("…" if len(text) > limit else "")
+
+
+def _offline_unless_hub_answers() -> None:
+    """Switch the hub client to offline mode when the hub does not answer within 2 s.
+
+    Otherwise a miss retries for ~47 s before failing; offline, cached weights still load and a miss fails at once.
+    """
+    if hub_offline():
+        return
+    from autopeft.data.base import network_answers
+
+    if not network_answers("huggingface.co", 443, timeout=1.5):
+        import huggingface_hub.constants
+
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        huggingface_hub.constants.HF_HUB_OFFLINE = True
+
+
 def create_backbone(
     name: str,
     num_classes: int = 1000,
@@ -248,14 +272,20 @@ def create_backbone(
             raise AutopeftError(f"weights file '{path}' does not exist; pass an existing file with --weights")
         kwargs["pretrained_cfg_overlay"] = dict(file=str(path))
         pretrained = True
+    if pretrained and weights is None:
+        cfg = timm.models.get_pretrained_cfg(name)
+        if cfg is None or not (cfg.hf_hub_id or cfg.url or cfg.file):
+            raise AutopeftError(f"timm knows no pretrained weights for {name}; pass a weights file with --weights")
+    if pretrained and weights is None:
+        _offline_unless_hub_answers()
     try:
         model = timm.create_model(name, pretrained=pretrained, num_classes=num_classes, **kwargs)
     except (RuntimeError, OSError, ValueError) as exc:  # hub misses and mismatched files surface as these
         if weights is not None:
-            raise AutopeftError(f"could not load weights '{weights}' into {name}: {str(exc).splitlines()[0]}") from exc
+            raise AutopeftError(f"could not load weights '{weights}' into {name}: {_brief(exc)}") from exc
         if pretrained:
             raise AutopeftError(
-                f"pretrained weights for {name} could not be loaded ({str(exc).splitlines()[0][:160]}); "
+                f"pretrained weights for {name} could not be loaded ({_brief(exc)}); "
                 "download them where the hub is reachable or pass a local file with --weights"
             ) from exc
         raise

@@ -120,6 +120,11 @@ class PeftPlan:
                 added += s.count(spec, blocks)
         return added + spec.unfrozen_params(unfrozen)
 
+    def frozen_prefix(self, spec: BackboneSpec) -> int:
+        """How many leading blocks (with the embedding) the plan leaves exactly as pretrained."""
+        firsts = [s.first_block(spec, blocks) for s, blocks in self.groups()]
+        return max(0, min(firsts, default=spec.num_blocks))
+
     def short(self) -> str:
         """A compact description, e.g. `lora(rank=8)@0-5 + adaptformer@6-11 + vpt_shallow(length=5)`."""
         parts = []

@@ -55,6 +55,13 @@ class MethodSpec:
         """
         return 0
 
+    def first_block(self, spec: BackboneSpec, blocks: Sequence[int]) -> int:
+        """The first block whose input or weights this method changes (-1: the embedding is trained too).
+
+        Blocks before it compute the same features as the pretrained backbone, so training may cache them.
+        """
+        return min(blocks) if blocks else 0
+
     def apply(self, model: nn.Module, spec: BackboneSpec, blocks: Sequence[int]) -> None:
         """Insert the method into `model` (already frozen) at `blocks`; new parameters are trainable."""
         raise NotImplementedError

@@ -25,6 +25,9 @@ class Full(MethodSpec):
     def unfrozen(self, spec: BackboneSpec, blocks: Sequence[int]) -> set[tuple[str, int]]:
         return {("all", i) for i in range(spec.num_blocks)} | {("embed", 0), ("final_norm", 0)}
 
+    def first_block(self, spec: BackboneSpec, blocks: Sequence[int]) -> int:
+        return -1
+
     def apply(self, model: nn.Module, spec: BackboneSpec, blocks: Sequence[int]) -> None:
         for name, p in model.named_parameters():
             if not is_head_param(name):

@@ -26,5 +26,8 @@ class Linear(MethodSpec):
     def count(self, spec: BackboneSpec, blocks: Sequence[int]) -> int:
         return 0
 
+    def first_block(self, spec: BackboneSpec, blocks: Sequence[int]) -> int:
+        return spec.num_blocks
+
     def apply(self, model: nn.Module, spec: BackboneSpec, blocks: Sequence[int]) -> None:
         return None

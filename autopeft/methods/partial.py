@@ -34,6 +34,9 @@ class Partial(MethodSpec):
     def unfrozen(self, spec: BackboneSpec, blocks: Sequence[int]) -> set[tuple[str, int]]:
         return {("all", i) for i in range(spec.num_blocks - self.k, spec.num_blocks)} | {("final_norm", 0)}
 
+    def first_block(self, spec: BackboneSpec, blocks: Sequence[int]) -> int:
+        return spec.num_blocks - self.k
+
     def apply(self, model: nn.Module, spec: BackboneSpec, blocks: Sequence[int]) -> None:
         for block in get_blocks(model)[spec.num_blocks - self.k :]:
             block.requires_grad_(True)

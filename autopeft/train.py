@@ -1,0 +1,281 @@
+"""One training run of (backbone, plan, data, hyper-parameters), with a per-epoch report hook.
+
+The same function runs inside a Ray Tune trial (reporting with `tune.report`) and in `autopeft train` (reporting to
+a local logger), so search and final training cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from timm.scheduler import CosineLRScheduler
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from autopeft.backbones import BackboneSpec, create_backbone, is_head_param, spec_of_model
+from autopeft.data import DataSplits
+from autopeft.errors import AutopeftError
+from autopeft.features import FeatureCache, prefix_modules, suffix_forward, supports_cache, weights_hash
+from autopeft.plan import PeftPlan
+
+Report = Callable[[dict], None]
+
+
+class TrainingDiverged(AutopeftError):
+    """The loss became NaN or infinite (usually a learning rate too high for the plan)."""
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and fidelity settings of one run (AdamW, linear warm-up then cosine, as V-PEFT Bench)."""
+
+    epochs: int = 10
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    warmup_epochs: float = 1.0
+    label_smoothing: float = 0.0
+    grad_clip: float = 1.0
+    drop_path: float = 0.0
+    train_fraction: float = 1.0  # fidelity: share of the train split used
+    seed: int = 0
+    device: str = "auto"
+    num_workers: int = 0
+    eval_batch_size: int = 256
+    feature_cache: bool = True
+    cache_dir: str | None = None
+
+    def __post_init__(self):
+        checks = [
+            (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
+            (self.batch_size >= 1, f"batch size must be >= 1, got {self.batch_size}"),
+            (self.lr > 0 and math.isfinite(self.lr), f"learning rate must be > 0, got {self.lr}"),
+            (self.weight_decay >= 0, f"weight decay must be >= 0, got {self.weight_decay}"),
+            (0 < self.train_fraction <= 1, f"train fraction must be in (0, 1], got {self.train_fraction}"),
+            (0 <= self.label_smoothing < 1, f"label smoothing must be in [0, 1), got {self.label_smoothing}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise AutopeftError(message)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class TrainResult:
+    model: nn.Module
+    history: list[dict] = field(default_factory=list)
+    test_acc: float | None = None
+    test_loss: float | None = None
+    peft_params: int = 0
+    head_params: int = 0
+    seconds: float = 0.0
+    cached_blocks: int = 0
+
+    @property
+    def val_acc(self) -> float | None:
+        return self.history[-1]["val_acc"] if self.history else None
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise AutopeftError(f"device {name} requested but CUDA is not available; use --device cpu")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def build_model(backbone: str, plan: PeftPlan, num_classes: int, weights: str | None = None,
+                pretrained: bool = True, drop_path: float = 0.0) -> tuple[nn.Module, BackboneSpec]:
+    """The backbone with its (pretrained) weights, a fresh head and the plan applied, and its spec."""
+    kwargs = {"drop_path_rate": drop_path} if drop_path else {}
+    model = create_backbone(backbone, num_classes=num_classes, pretrained=pretrained, weights=weights, **kwargs)
+    spec = spec_of_model(model, backbone)  # of the model as built (image size overrides change the token grid)
+    return plan.apply(model, spec), spec
+
+
+class _Batches:
+    """Seeded batch order: the same for cached and uncached runs of the same seed."""
+
+    def __init__(self, n: int, batch_size: int, seed: int):
+        self.n, self.batch_size, self.generator = n, batch_size, torch.Generator().manual_seed(seed)
+
+    def epoch(self) -> list[list[int]]:
+        order = torch.randperm(self.n, generator=self.generator).tolist()
+        return [order[i : i + self.batch_size] for i in range(0, self.n, self.batch_size)]
+
+
+def _subset(dataset: Dataset, fraction: float, seed: int) -> Dataset:
+    if fraction >= 1:
+        return dataset
+    n = len(dataset)
+    keep = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 1))[: max(1, round(n * fraction))]
+    return Subset(dataset, sorted(keep.tolist()))
+
+
+class _Source:
+    """Batches of one split: either images through the whole model or cached block-k features."""
+
+    def __init__(self, dataset: Dataset, cached: tuple[torch.Tensor, torch.Tensor] | None, workers: int):
+        self.dataset, self.cached, self.workers = dataset, cached, workers
+
+    def __len__(self) -> int:
+        return len(self.cached[1]) if self.cached else len(self.dataset)
+
+    def batches(self, index_batches: list[list[int]]):
+        if self.cached:
+            x, y = self.cached
+            for idx in index_batches:
+                yield x[idx], y[idx]
+            return
+        yield from DataLoader(self.dataset, batch_sampler=index_batches, num_workers=self.workers)
+
+
+def train(
+    backbone: str,
+    plan: PeftPlan,
+    data: DataSplits,
+    config: TrainConfig,
+    *,
+    weights: str | None = None,
+    pretrained: bool = True,
+    train_split: str = "train",
+    eval_split: str | None = "val",
+    test: bool = False,
+    report: Report | None = None,
+    on_step: Callable[[int, int], None] | None = None,
+) -> TrainResult:
+    """Train `plan` on `backbone` and evaluate after every epoch.
+
+    Args:
+        backbone: timm model name.
+        plan: the PEFT plan to apply.
+        data: the dataset and its splits.
+        config: optimisation and fidelity settings.
+        weights: a local weights file for the backbone.
+        pretrained: load pretrained weights (timm's, or `weights`).
+        train_split: split to train on (`train` while searching, `train_full` for a final run).
+        eval_split: split evaluated after every epoch (None: none).
+        test: evaluate the test split once, after the last epoch.
+        report: called after every epoch with {epoch, train_loss, val_loss, val_acc, seconds, lr}.
+        on_step: called after every optimiser step with (step, total steps), for progress bars.
+    """
+    start = time.perf_counter()
+    device = resolve_device(config.device)
+    seed_everything(config.seed)
+    model, spec = build_model(backbone, plan, data.num_classes, weights, pretrained, config.drop_path)
+    model = model.to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    k = plan.frozen_prefix(spec) if supports_cache(model) else 0
+    k = min(k, spec.num_blocks)
+    augmenting = bool(getattr(getattr(data.split(train_split), "settings", None), "augment", False))
+    use_cache = config.feature_cache and k > 0 and not augmenting
+
+    splits = {"train": _subset(data.split(train_split), config.train_fraction, config.seed)}
+    if eval_split:
+        splits["eval"] = data.split(eval_split)
+    cache = FeatureCache(config.cache_dir)
+    w_hash = weights_hash(model, k) if use_cache else ""
+
+    def source(role: str, split_name: str, dataset: Dataset) -> _Source:
+        if not use_cache:
+            return _Source(dataset, None, config.num_workers)
+        suffix = f"@{config.train_fraction}:{config.seed}" if role == "train" and config.train_fraction < 1 else ""
+        key = cache.key(backbone, w_hash, k, data.fingerprint, split_name + suffix)
+        return _Source(dataset, cache.features(model, k, dataset, key, config.eval_batch_size, str(device)), 0)
+
+    train_src = source("train", train_split, splits["train"])
+    eval_src = source("eval", eval_split, splits["eval"]) if eval_split else None
+    forward = (lambda x: suffix_forward(model, x, k)) if use_cache else None
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in trainable if p.ndim > 1]
+    no_decay = [p for p in trainable if p.ndim <= 1]  # biases, norms, scales: no weight decay
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=config.lr)
+    batches = _Batches(len(train_src), config.batch_size, config.seed)
+    steps_per_epoch = math.ceil(len(train_src) / config.batch_size)
+    total = steps_per_epoch * config.epochs
+    warmup = min(int(config.warmup_epochs * steps_per_epoch), max(total - 1, 0))
+    scheduler = CosineLRScheduler(optimizer, t_initial=total, warmup_t=warmup, warmup_lr_init=config.lr * 1e-2,
+                                  warmup_prefix=True, lr_min=config.lr * 1e-3, t_in_epochs=False)
+    criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+    frozen_prefix = prefix_modules(model, k) if k and supports_cache(model) else []
+    autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    history: list[dict] = []
+    step = 0
+    for epoch in range(1, config.epochs + 1):
+        epoch_start = time.perf_counter()
+        model.train()
+        for m in frozen_prefix:  # frozen blocks compute as at inference (no drop-path): cached and uncached agree
+            m.eval()
+        loss_sum, seen = 0.0, 0
+        for images, labels in train_src.batches(batches.epoch()):
+            images, labels = images.to(device, non_blocking=True), torch.as_tensor(labels).to(device)
+            with torch.autocast(**autocast):
+                loss = criterion((forward or model)(images), labels)
+            if not torch.isfinite(loss):
+                raise TrainingDiverged(f"training diverged: the loss became {loss.item()} at epoch {epoch}, step "
+                                       f"{step + 1}; lower the learning rate (was {config.lr:g})")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if config.grad_clip:
+                nn.utils.clip_grad_norm_(trainable, config.grad_clip)
+            optimizer.step()
+            step += 1
+            scheduler.step_update(step)
+            loss_sum += loss.item() * len(labels)
+            seen += len(labels)
+            if on_step:
+                on_step(step, total)
+        metrics = {"epoch": epoch, "train_loss": loss_sum / max(seen, 1), "lr": optimizer.param_groups[0]["lr"]}
+        if eval_src is not None:
+            metrics["val_loss"], metrics["val_acc"] = evaluate(model, eval_src, config.eval_batch_size, device, forward)
+        metrics["seconds"] = time.perf_counter() - epoch_start
+        history.append(metrics)
+        if report:
+            report(dict(metrics))
+
+    result = TrainResult(model=model, history=history, cached_blocks=k if use_cache else 0,
+                         peft_params=plan.count(spec),
+                         head_params=sum(p.numel() for n, p in model.named_parameters() if is_head_param(n)))
+    if test:
+        test_src = source("test", "test", data.split("test"))
+        result.test_loss, result.test_acc = evaluate(model, test_src, config.eval_batch_size, device, forward)
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, source: _Source | Dataset, batch_size: int = 256, device: torch.device | str = "cpu",
+             forward: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[float, float]:
+    """(mean cross-entropy, accuracy) of `model` over a split; `forward` replaces `model(x)` (cached features)."""
+    source = source if isinstance(source, _Source) else _Source(source, None, 0)
+    forward = forward or model
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    n = len(source)
+    loss_sum, correct = 0.0, 0
+    for images, labels in source.batches([list(range(i, min(i + batch_size, n))) for i in range(0, n, batch_size)]):
+        images, labels = images.to(device), torch.as_tensor(labels).to(device)
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            logits = forward(images).float()
+        loss_sum += nn.functional.cross_entropy(logits, labels, reduction="sum").item()
+        correct += (logits.argmax(-1) == labels).sum().item()
+    model.train(was_training)
+    return loss_sum / max(n, 1), correct / max(n, 1)
