@@ -1,0 +1,141 @@
+"""`autopeft search`, `autopeft results` and `autopeft dashboard`."""
+
+from __future__ import annotations
+
+import argparse
+
+from autopeft.errors import AutopeftError
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("search", help="search PEFT plans under a parameter budget (Ray Tune + Optuna)")
+    p.add_argument("--recipe", default=None, help="study recipe YAML (default studies/digits.yaml when no --dataset)")
+    p.add_argument("--dataset", help="registered dataset or folder")
+    p.add_argument("--budget", help="trainable-parameter budget, head excluded: 0.5%%, 0.2M, 150k, 150000")
+    p.add_argument("--backbone", help="timm model name (default: the bundled tiny ViT)")
+    p.add_argument("--weights", help="local weights file for the backbone")
+    p.add_argument("--data-root", help="where datasets live (default $AUTOPEFT_DATA or ~/.cache/autopeft/data)")
+    p.add_argument("--space", help="search space name (autopeft space list) or YAML file")
+    p.add_argument("--trials", type=int, help="number of trials (baselines included)")
+    p.add_argument("--epochs", type=int, help="epochs of a full-fidelity trial")
+    p.add_argument("--grace-epochs", type=int, help="epochs before ASHA may stop a trial")
+    p.add_argument("--sampler", help="tpe (default), nsga2, gp or random")
+    p.add_argument("--objectives", help="acc,params (default) or acc,params,overhead")
+    p.add_argument("--gpus-per-trial", type=float, help="GPUs per trial (fractions share a GPU)")
+    p.add_argument("--cpus-per-trial", type=float, help="CPUs per trial")
+    p.add_argument("--concurrency", type=int, help="trials running at once")
+    p.add_argument("--address", help="address of an existing Ray cluster (default: a local instance)")
+    p.add_argument("--storage", help="Optuna storage URL (default sqlite:///studies/<study>.db)")
+    p.add_argument("--study", help="study name (default: the recipe's file name)")
+    p.add_argument("--resume", action="store_true", default=None, help="continue an interrupted study")
+    p.add_argument("--warm-start", help="enqueue the Pareto plans of another study (same storage) first")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--no-baselines", dest="baselines", action="store_false", default=None,
+                   help="do not start with the hand-picked baseline plans")
+    p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("results", help="print a study's trials or Pareto configs from its storage")
+    _study_args(p)
+    p.add_argument("--pareto", action="store_true", help="only the Pareto configs under the budget")
+    p.add_argument("--format", default="table", choices=["table", "csv", "json"])
+    p.set_defaults(func=cmd_results)
+
+    p = sub.add_parser("dashboard", help="open a study in optuna-dashboard on 127.0.0.1")
+    _study_args(p)
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.set_defaults(func=cmd_dashboard)
+
+
+def _study_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--study", required=True, help="study name")
+    p.add_argument("--storage", help="Optuna storage URL (default sqlite:///studies/<study>.db)")
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from autopeft.search import search, settings_from
+    from autopeft.search.results import frame
+
+    flags = {k: getattr(args, k) for k in ("dataset", "budget", "backbone", "weights", "data_root", "space", "trials",
+                                             "epochs", "grace_epochs", "sampler", "objectives", "gpus_per_trial",
+                                             "cpus_per_trial", "concurrency", "address", "storage", "study",
+                                             "resume", "warm_start", "seed", "baselines")}
+    recipe = args.recipe
+    if recipe is None and args.dataset is None:
+        recipe = _default_recipe()
+    outcome = search(settings_from(recipe, flags))
+    table = frame(outcome.settings, outcome.records, pareto=True)
+    _print_table(table, f"Pareto configs under {outcome.settings.get('budget')} "
+                        f"({outcome.settings.get('budget_limit', 0):,} params)")
+    from autopeft.search.storage import mask_url
+
+    print(f"study '{outcome.settings.get('study')}' stored in {mask_url(outcome.storage)}")
+    return 0
+
+
+def _default_recipe() -> str | None:
+    """studies/digits.yaml when run from a checkout; else the built-in defaults, which are the same study."""
+    from pathlib import Path
+
+    local = Path("studies/digits.yaml")
+    return str(local) if local.is_file() else None
+
+
+def _storage(args: argparse.Namespace) -> str:
+    from autopeft.search.storage import default_storage
+
+    return args.storage or default_storage(args.study)
+
+
+def cmd_results(args: argparse.Namespace) -> int:
+    from autopeft.search.results import frame, summary
+    from autopeft.search.storage import load_records
+
+    settings, records = load_records(args.study, _storage(args))
+    table = frame(settings, records, pareto=args.pareto)
+    if args.format == "json":
+        print(table.to_json(orient="records", indent=2))
+    elif args.format == "csv":
+        print(table.to_csv(index=False), end="")
+    else:
+        counts = summary(records)
+        _print_table(table, f"study {args.study}: {len(records)} trials · {counts['COMPLETE']} complete · "
+                            f"{counts['PRUNED']} stopped early · {counts['FAIL']} failed · {counts['epochs']} epochs")
+    return 0
+
+
+def _print_table(table, title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=title)
+    cols = ["trial", "status", "val_acc", "peft_params", "percent", "epochs", "baseline", "plan"]
+    for c in cols:
+        t.add_column(c, overflow="fold")
+    for row in table.to_dict(orient="records"):
+        t.add_row(str(row["trial"]), row["status"] + (" ★" if row["best"] else ""),
+                  "-" if row["val_acc"] is None or row["val_acc"] != row["val_acc"] else f"{row['val_acc']:.4f}",
+                  f"{row['peft_params']:,}", f"{row['percent']:.3f}", str(row["epochs"]), row["baseline"],
+                  row["plan"] if not row["fail_reason"] else f"{row['plan']} — {row['fail_reason']}")
+    Console(width=160).print(t)
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    from autopeft.search.storage import load_study, mask_url, open_storage
+
+    url = _storage(args)
+    load_study(args.study, url)  # one clear line when the study does not exist
+    try:
+        from optuna_dashboard import run_server
+    except ImportError:
+        raise AutopeftError("optuna-dashboard is not installed; pip install optuna-dashboard") from None
+    print(f"optuna-dashboard for study '{args.study}' ({mask_url(url)}) at http://{args.host}:{args.port}/ "
+          "(Ctrl-C stops it)", flush=True)
+    try:
+        run_server(open_storage(url, create=False), host=args.host, port=args.port)
+    except KeyboardInterrupt:
+        pass
+    except OSError as exc:
+        raise AutopeftError(f"cannot serve on {args.host}:{args.port}: {exc.strerror or exc}; pass another --port") \
+            from None
+    return 0

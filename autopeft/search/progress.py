@@ -1,0 +1,69 @@
+"""Live progress of a search on the driver: done / running / pruned / failed and the best plan under budget."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray.tune import Callback
+from rich.console import Console
+
+
+class SearchProgress(Callback):
+    """A Ray Tune callback printing one line per finished trial and a running tally."""
+
+    def __init__(self, total: int, max_epochs: int, budget_limit: int, console: Console | None = None,
+                 offset: int = 0):
+        self.total, self.max_epochs, self.limit = total, max_epochs, budget_limit
+        self.console = console or Console(stderr=True)
+        self.counts = {"done": 0, "pruned": 0, "failed": 0}
+        self.offset = offset
+        self.best: tuple[float, int, str] | None = None
+        self.running: set[str] = set()
+
+    def __getstate__(self) -> dict:  # Ray pickles callbacks with the tuner; a console holds locks
+        state = dict(self.__dict__)
+        state["console"] = None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.console = self.console or Console(stderr=True)
+
+    @staticmethod
+    def _info(trial: Any) -> dict:
+        return (trial.config or {}).get("autopeft", {})
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info) -> None:
+        self.running.add(trial.trial_id)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info) -> None:
+        self._finish(trial, trial.last_result or {}, error=False)
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info) -> None:
+        self._finish(trial, trial.last_result or {}, error=True)
+
+    def _finish(self, trial: Any, r: dict, error: bool) -> None:
+        self.running.discard(trial.trial_id)
+        meta = self._info(trial)
+        params, number = int(meta.get("peft_params", 0)), meta.get("number", "?")
+        epochs = int(r.get("epoch", 0) or 0)
+        if error or r.get("fail_reason"):
+            self.counts["failed"] += 1
+            status = f"[red]FAIL[/] {r.get('fail_reason', 'worker failed')}"
+        elif epochs < self.max_epochs:
+            self.counts["pruned"] += 1
+            status = f"[yellow]stopped at epoch {epochs}[/] val_acc {r.get('val_acc', float('nan')):.4f}"
+        else:
+            self.counts["done"] += 1
+            acc = float(r["val_acc"])
+            status = f"[green]done[/] val_acc {acc:.4f}"
+            if params <= self.limit and (self.best is None or (acc, -params) > (self.best[0], -self.best[1])):
+                self.best = (acc, params, f"trial {number}")
+        finished = sum(self.counts.values()) + self.offset
+        best = f"best under budget {self.best[0]:.4f} ({self.best[2]}, {self.best[1]:,} params)" if self.best else ""
+        self.console.print(
+            f"trial {number}: {status} · {params:,} params · "
+            f"[dim]{finished}/{self.total} finished · {len(self.running)} running · {self.counts['pruned']} "
+            f"stopped early · {self.counts['failed']} failed · {best}[/]",
+            highlight=False,
+        )

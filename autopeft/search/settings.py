@@ -1,0 +1,123 @@
+"""Search settings: flags over a study recipe over defaults, validated before anything is created or started."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from autopeft.backbones import DEFAULT_BACKBONE
+from autopeft.errors import AutopeftError
+
+# objective name on the command line -> (metric reported by trials, direction)
+OBJECTIVES = {"acc": ("val_acc", "max"), "params": ("peft_params", "min"), "overhead": ("overhead", "min")}
+SAMPLERS = ("tpe", "nsga2", "gp", "random")
+
+
+@dataclass
+class SearchSettings:
+    """One search: what to adapt, under which budget, how many trials at which fidelity, where to keep the study."""
+
+    study: str = "digits"
+    dataset: str = "digits"
+    budget: str = "2%"
+    backbone: str = DEFAULT_BACKBONE
+    weights: str | None = None
+    data_root: str | None = None
+    space: str = "unified"
+    trials: int = 20
+    epochs: int = 10
+    grace_epochs: int = 2
+    reduction_factor: int = 2
+    sampler: str = "tpe"
+    objectives: tuple[str, ...] = ("acc", "params")
+    gpus_per_trial: float = 0.0
+    cpus_per_trial: float = 1.0
+    concurrency: int = 2
+    address: str | None = None
+    storage: str | None = None
+    resume: bool = False
+    warm_start: str | None = None
+    warm_storage: str | None = None
+    seed: int = 0
+    baselines: bool = True
+
+    def __post_init__(self):
+        if isinstance(self.objectives, str):
+            self.objectives = tuple(o.strip() for o in self.objectives.split(",") if o.strip())
+        self.objectives = tuple(self.objectives)
+        bad = [o for o in self.objectives if o not in OBJECTIVES]
+        if bad or "acc" not in self.objectives or len(set(self.objectives)) != len(self.objectives):
+            raise AutopeftError(f"--objectives '{','.join(self.objectives)}' is not valid; use acc,params or "
+                                "acc,params,overhead (acc is required, each at most once)")
+        if self.sampler not in SAMPLERS:
+            raise AutopeftError(f"unknown sampler '{self.sampler}'; choose one of: {', '.join(SAMPLERS)}")
+        checks = [
+            (self.trials >= 1, f"--trials must be >= 1, got {self.trials}"),
+            (self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}"),
+            (self.grace_epochs >= 1, f"--grace-epochs must be >= 1, got {self.grace_epochs}"),
+            (self.reduction_factor >= 2, f"reduction_factor must be >= 2, got {self.reduction_factor}"),
+            (self.concurrency >= 1, f"--concurrency must be >= 1, got {self.concurrency}"),
+            (self.cpus_per_trial > 0, f"--cpus-per-trial must be > 0, got {self.cpus_per_trial}"),
+            (self.gpus_per_trial >= 0, f"--gpus-per-trial must be >= 0, got {self.gpus_per_trial}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise AutopeftError(message)
+        # trials run in other working directories (and on other nodes): paths must not be relative
+        for name in ("weights", "data_root"):
+            value = getattr(self, name)
+            if value:
+                setattr(self, name, str(Path(value).expanduser().absolute()))
+        if self.space and (self.space.endswith((".yaml", ".yml")) or os.sep in self.space):
+            self.space = str(Path(self.space).expanduser().absolute())
+
+    def local_cpus(self) -> int:
+        """CPUs of a local Ray instance: the machine's, but at least what the requested concurrency needs."""
+        return max(int(os.cpu_count() or 1), int(self.cpus_per_trial * self.concurrency + 0.999))
+
+    def stored(self, prep: Any) -> dict[str, Any]:
+        """The settings as kept in the study (no storage URL: it may hold a password)."""
+        data = dataclasses.asdict(self)
+        for k in ("storage", "resume", "address", "warm_storage"):
+            data.pop(k)
+        data["objectives"] = list(self.objectives)
+        data.update(budget_limit=prep.budget.limit, budget_percent=prep.budget.percent,
+                    backbone_params=prep.spec.backbone_params, num_classes=prep.num_classes)
+        return data
+
+
+def load_recipe(path: str | Path) -> dict[str, Any]:
+    """A study recipe (YAML mapping of SearchSettings fields), validated key by key."""
+    p = Path(path)
+    if not p.is_file():
+        raise AutopeftError(f"study recipe '{p}' does not exist")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise AutopeftError(f"study recipe '{p}' is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise AutopeftError(f"study recipe '{p}' must be a mapping of settings")
+    valid = {f.name for f in fields(SearchSettings)} - {"resume", "storage", "address"}
+    unknown = sorted(set(data) - valid)
+    if unknown:
+        raise AutopeftError(f"{p}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(valid))}")
+    if "budget" in data:
+        data["budget"] = str(data["budget"])
+    return data
+
+
+def settings_from(recipe: str | Path | None, flags: dict[str, Any]) -> SearchSettings:
+    """Defaults, overridden by the recipe, overridden by the flags that were given (not None)."""
+    values: dict[str, Any] = load_recipe(recipe) if recipe else {}
+    if recipe and "study" not in values:
+        values["study"] = Path(recipe).stem
+    values.update({k: v for k, v in flags.items() if v is not None})
+    try:
+        return SearchSettings(**values)
+    except TypeError as exc:
+        raise AutopeftError(f"bad search settings: {exc}") from None

@@ -1,0 +1,85 @@
+"""The Ray Tune trainable: one trial = one call of autopeft.train.train with a per-epoch `tune.report`."""
+
+from __future__ import annotations
+
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any
+
+from autopeft.errors import AutopeftError
+
+
+@dataclass(frozen=True)
+class TrialSettings:
+    """What every trial of a study shares (shipped to the workers once)."""
+
+    dataset: str
+    backbone: str
+    epochs: int
+    weights: str | None = None
+    data_root: str | None = None
+    batch_size: int = 32
+    seed: int = 0
+    fixed: dict[str, Any] = field(default_factory=dict)  # fixed training settings from the space (warmup, …)
+
+
+def _failure(exc: BaseException) -> str:
+    if isinstance(exc, AutopeftError):
+        return str(exc)
+    if "out of memory" in str(exc).lower():
+        return f"out of memory: {str(exc).splitlines()[0][:200]}; lower the batch size or run fewer trials per GPU"
+    frame = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
+    where = f" ({frame.filename.rsplit('/', 1)[-1]}:{frame.lineno})" if frame else ""
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}{where}"
+
+
+def _node() -> str:
+    """The Ray node running this trial (several nodes may share one IP address)."""
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()[:12]
+    except Exception:  # noqa: BLE001  outside Ray
+        return ""
+
+
+def run_trial(config: dict, settings: TrialSettings) -> None:
+    """Train the trial's plan, reporting after every epoch; failures are reported, not raised.
+
+    A failure becomes a final report carrying `fail_reason` (and no `val_acc`, so the scheduler ignores it); the
+    searcher records the trial as FAIL with that reason and the study goes on.
+    """
+    from ray import tune
+
+    from autopeft.data import data_config, load_dataset
+    from autopeft.plan import PeftPlan
+    from autopeft.train import TrainConfig, train
+
+    info = config["autopeft"]
+    start = time.perf_counter()
+    curve: list[float] = []
+    base = {"peft_params": info["peft_params"], "overhead": info.get("overhead", 0.0), "node": _node()}
+    try:
+        plan = PeftPlan.from_dict(info["plan"])
+        hp = {"batch_size": settings.batch_size, **settings.fixed, **info.get("hparams", {})}
+        known = set(TrainConfig.__dataclass_fields__)
+        if "warmup_epochs" in hp and hp.get("epochs"):
+            # a space's schedule (e.g. 10 of 100 epochs) keeps its shape at the study's fidelity
+            hp["warmup_epochs"] = float(hp["warmup_epochs"]) * settings.epochs / float(hp["epochs"])
+        # the study's fidelity and seed win over a space's defaults
+        cfg = TrainConfig(**{**{k: v for k, v in hp.items() if k in known}, "epochs": settings.epochs,
+                             "seed": settings.seed})
+        augment = bool(hp.get("augment", False))
+        data = load_dataset(settings.dataset, settings.data_root, augment=augment, seed=settings.seed,
+                            **data_config(settings.backbone))
+
+        def report(m: dict) -> None:
+            curve.append(float(m["val_acc"]))
+            tune.report({**base, "val_acc": m["val_acc"], "val_loss": m["val_loss"], "train_loss": m["train_loss"],
+                         "epoch": m["epoch"], "curve": list(curve), "seconds": time.perf_counter() - start})
+
+        train(settings.backbone, plan, data, cfg, weights=settings.weights, report=report)
+    except Exception as exc:  # noqa: BLE001  a bad trial must never end the study
+        tune.report({**base, "fail_reason": _failure(exc), "epoch": len(curve), "curve": list(curve),
+                     "seconds": time.perf_counter() - start})

@@ -1,0 +1,174 @@
+"""The search engine end to end on digits: Ray Tune + OptunaSearch + ASHA + SQLite storage, results and resume.
+
+One local Ray instance (2 CPUs) serves the whole module.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import optuna
+import pytest
+import ray
+import torch
+from safetensors.torch import save_file
+
+from autopeft.backbones import create_backbone
+from autopeft.cli import main
+from autopeft.pareto import pareto_front
+from autopeft.search import storage as st
+from autopeft.search.engine import _searcher_class
+
+# The engine's mechanics on a 3-block test ViT with stand-in "pretrained" weights written by the fixture (fast);
+# the bundled backbone's search is the README's quickstart.
+WEIGHTS = Path(tempfile.gettempdir()) / f"autopeft-test-vit-{os.getpid()}.safetensors"
+SEARCH = ["search", "--dataset", "digits", "--backbone", "autopeft_test_vit", "--weights", str(WEIGHTS),
+          "--budget", "5%", "--epochs", "3", "--grace-epochs", "1", "--concurrency", "2", "--seed", "0"]
+
+
+@pytest.fixture(scope="module")
+def ray_instance():
+    torch.manual_seed(0)
+    save_file(create_backbone("autopeft_test_vit").state_dict(), str(WEIGHTS))
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield
+    ray.shutdown()
+    WEIGHTS.unlink(missing_ok=True)
+
+
+@pytest.fixture(scope="module")
+def study_dir(tmp_path_factory, ray_instance):
+    """One 8-trial study shared by the read-only tests below."""
+    d = tmp_path_factory.mktemp("search")
+    cwd = os.getcwd()
+    os.chdir(d)
+    os.environ["AUTOPEFT_CACHE"] = str(d / "cache")
+    try:
+        assert main([*SEARCH, "--trials", "8", "--study", "e2e"]) == 0
+    finally:
+        os.chdir(cwd)
+    return d
+
+
+def test_storage_holds_every_trial_with_names_and_attrs(study_dir) -> None:
+    study = optuna.load_study(study_name="e2e", storage=f"sqlite:///{study_dir}/studies/e2e.db")
+    assert study.metric_names == ["val_acc", "peft_params"]
+    trials = study.get_trials()
+    assert len(trials) == 8 and sorted(t.number for t in trials) == list(range(8))
+    for t in trials:
+        assert t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED), t
+        for key in ("plan", "peft_params", "percent", "epochs", "max_epochs", "curve", "seconds"):
+            assert key in t.user_attrs, (t.number, key)
+        assert len(t.user_attrs["curve"]) == t.user_attrs["epochs"]
+    settings = study.user_attrs["autopeft"]
+    assert settings["dataset"] == "digits" and settings["budget_limit"] > 0
+    # baselines come first, tagged; searched trials use readable parameter names
+    baselines = [t.user_attrs.get("baseline") for t in trials if t.user_attrs.get("baseline")]
+    assert {"lora", "adapter", "linear"} <= set(baselines)
+    searched = [t for t in trials if not t.user_attrs.get("baseline")]
+    assert searched and all("lr" in t.params for t in searched)
+    assert any(name.startswith(("block", "group", "global", "noah")) for t in searched for name in t.params)
+
+
+def test_early_stopped_trials_are_pruned_and_never_on_the_front(study_dir) -> None:
+    settings, records = st.load_records("e2e", f"sqlite:///{study_dir}/studies/e2e.db")
+    stopped = [r for r in records if r.epochs < 3]
+    assert stopped, "ASHA stopped no trial"
+    assert all(r.status == "PRUNED" for r in stopped)
+    front = pareto_front(records)
+    assert front and all(r.epochs == 3 and r.status == "COMPLETE" for r in front)
+    assert all(r.peft_params <= settings["budget_limit"] for r in records)
+
+
+def test_results_formats(study_dir, capsys) -> None:
+    url = f"sqlite:///{study_dir}/studies/e2e.db"
+    assert main(["results", "--study", "e2e", "--storage", url, "--format", "json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert len(rows) == 8 and {"trial", "status", "val_acc", "peft_params", "plan", "baseline"} <= set(rows[0])
+    assert main(["results", "--study", "e2e", "--storage", url, "--pareto", "--format", "json"]) == 0
+    pareto = json.loads(capsys.readouterr().out)
+    assert pareto and all(r["pareto"] and r["status"] == "COMPLETE" for r in pareto)
+    assert main(["results", "--study", "e2e", "--storage", url, "--format", "csv"]) == 0
+    assert capsys.readouterr().out.startswith("trial,status,val_acc")
+
+
+def test_resume_finishes_the_requested_count_without_duplicates(tmp_path, ray_instance, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("AUTOPEFT_CACHE", str(tmp_path / "cache"))
+    assert main([*SEARCH, "--trials", "3", "--study", "r", "--no-baselines"]) == 0
+    url = st.default_storage("r")
+    study = optuna.load_study(study_name="r", storage=url)
+    before = {t.number: (t.state, t.values) for t in study.get_trials()}
+    # a driver killed mid-trial leaves a RUNNING trial behind
+    orphan = study.ask()
+    orphan.suggest_float("lr", 1e-4, 1e-2, log=True)
+    assert main([*SEARCH, "--trials", "5", "--study", "r", "--resume"]) == 0
+    trials = optuna.load_study(study_name="r", storage=url).get_trials()
+    numbers = [t.number for t in trials]
+    assert len(numbers) == len(set(numbers))
+    finished = [t for t in trials if t.state.name in ("COMPLETE", "PRUNED")]
+    assert len(finished) == 5
+    for t in trials:  # what finished before the interruption is kept as it was
+        if t.number in before:
+            assert (t.state, t.values) == before[t.number]
+    dead = trials[orphan.number]
+    assert dead.state.name == "FAIL" and "interrupted" in dead.user_attrs["fail_reason"]
+    assert any(t.params.get("lr") == dead.params["lr"] for t in trials if t.number > orphan.number)
+
+
+def test_fidelity_aware_searcher_marks_states() -> None:
+    storage = optuna.storages.InMemoryStorage()
+    searcher = _searcher_class()(space=lambda t: {"x": t.suggest_float("x", 0, 1)}, metric=["val_acc", "peft_params"],
+                                 mode=["max", "min"], storage=storage, study_name="s", max_epochs=4)
+    for tid in ("full", "stopped", "failed", "crashed"):
+        searcher.suggest(tid)
+    searcher.on_trial_complete("full", {"val_acc": 0.9, "peft_params": 10, "epoch": 4, "curve": [0.5, .6, .8, .9]})
+    searcher.on_trial_complete("stopped", {"val_acc": 0.95, "peft_params": 5, "epoch": 2, "curve": [0.9, 0.95]})
+    searcher.on_trial_complete("failed", {"fail_reason": "training diverged", "epoch": 1, "curve": [0.1]})
+    searcher.on_trial_complete("crashed", None, error=True)
+    trials = optuna.load_study(study_name="s", storage=storage).get_trials()
+    assert [t.state.name for t in trials] == ["COMPLETE", "PRUNED", "FAIL", "FAIL"]
+    assert trials[0].values == [0.9, 10] and trials[1].values is None
+    assert trials[1].user_attrs["epochs"] == 2 and trials[2].user_attrs["fail_reason"] == "training diverged"
+    assert "worker" in trials[3].user_attrs["fail_reason"]
+
+
+@pytest.mark.parametrize(
+    "extra,needle",
+    [
+        (["--sampler", "cmaes"], "unknown sampler 'cmaes'"),
+        (["--objectives", "acc,speed"], "--objectives"),
+        (["--budget", "0.5"], "0.5"),
+        (["--budget", "500", "--space", "noah"], "smallest plan"),
+        (["--budget", "0.0001%"], "rounds to 0"),
+        (["--space", "nope"], "nope"),
+        (["--resume"], "no study"),
+        (["--trials", "0"], "--trials must be >= 1"),
+        (["--storage", "notaurl"], "not a database URL"),
+        (["--study", "a b"], "study name"),
+    ],
+)
+def test_bad_search_input_creates_nothing(tmp_path, monkeypatch, capsys, ray_instance, extra, needle) -> None:
+    monkeypatch.chdir(tmp_path)
+    args = [*SEARCH, "--trials", "2", "--study", "bad"]
+    for flag, value in zip(extra[::2], extra[1::2], strict=False):
+        if flag in args:
+            args[args.index(flag) + 1] = value
+        else:
+            args += [flag, value]
+    if extra == ["--resume"]:
+        args.append("--resume")
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0], err
+    assert not list(tmp_path.iterdir())
+
+
+def test_existing_study_needs_resume(study_dir, monkeypatch, capsys) -> None:
+    monkeypatch.chdir(study_dir)
+    assert main([*SEARCH, "--trials", "8", "--study", "e2e"]) == 2
+    assert "already exists" in capsys.readouterr().err
