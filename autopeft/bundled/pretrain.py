@@ -22,6 +22,7 @@ import datetime
 import gzip
 import json
 import math
+import os
 import platform
 import random
 import sys
@@ -109,13 +110,15 @@ def augment(images: torch.Tensor, gen: torch.Generator, erase_p: float = 0.1) ->
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 500) -> float:
-    """Top-1 accuracy of `model` on the given uint8 images."""
+def evaluate(
+    model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 500, device: str = "cpu"
+) -> float:
+    """Top-1 accuracy of `model` (already on `device`) on the given uint8 images."""
     model.eval()
     correct = 0
     for i in range(0, len(images), batch_size):
-        logits = model(to_input(images[i : i + batch_size]))
-        correct += int((logits.argmax(-1) == labels[i : i + batch_size]).sum())
+        logits = model(to_input(images[i : i + batch_size]).to(device))
+        correct += int((logits.argmax(-1).cpu() == labels[i : i + batch_size]).sum())
     return correct / len(images)
 
 
@@ -133,6 +136,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--label-smoothing", type=float, default=0.1)
     p.add_argument("--erase-p", type=float, default=0.1, help="probability of random erasing per image")
     p.add_argument("--data-dir", type=Path, default=DATA_DIR)
+    p.add_argument("--device", default="cpu", help="e.g. cuda; augmentation stays on the CPU generator")
     p.add_argument("--train-limit", type=int, default=0, help="use only the first N training images (smoke tests)")
     return p.parse_args(argv)
 
@@ -149,6 +153,8 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
     random.seed(args.seed)
+    # cuBLAS needs a fixed workspace for deterministic matmuls; must be set before CUDA initialises.
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(True)
     gen = torch.Generator().manual_seed(args.seed)
 
@@ -157,7 +163,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.train_limit:
         train_x, train_y = train_x[: args.train_limit], train_y[: args.train_limit]
 
-    model = timm.create_model(BUNDLED_BACKBONE, pretrained=False, num_classes=NUM_CLASSES)
+    model = timm.create_model(BUNDLED_BACKBONE, pretrained=False, num_classes=NUM_CLASSES).to(args.device)
     # No weight decay on biases, norms, tokens and position embeddings (1-d or token parameters), as in DeiT.
     decay = [p for n, p in model.named_parameters() if p.ndim > 1 and n not in ("cls_token", "pos_embed")]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim > 1 and n not in ("cls_token", "pos_embed"))]
@@ -190,8 +196,8 @@ def main(argv: list[str] | None = None) -> dict:
         loss_sum, correct, seen = 0.0, 0, 0
         for i in range(steps_per_epoch):
             idx = order[i * args.batch_size : (i + 1) * args.batch_size]
-            x = to_input(augment(train_x[idx], gen, args.erase_p))
-            y = train_y[idx]
+            x = to_input(augment(train_x[idx], gen, args.erase_p)).to(args.device)
+            y = train_y[idx].to(args.device)
             for group in opt.param_groups:
                 group["lr"] = lr_at(step)
             logits = model(x)
@@ -211,12 +217,14 @@ def main(argv: list[str] | None = None) -> dict:
         )
     train_seconds = time.perf_counter() - start
 
-    test_acc = evaluate(model, test_x, test_y)  # the one and only look at the test set
+    test_acc = evaluate(model, test_x, test_y, device=args.device)  # the one and only look at the test set
     print(f"Fashion-MNIST test accuracy: {test_acc:.4f} ({train_seconds:.0f} s training)", flush=True)
 
     args.out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(args.out / f"{BUNDLED_BACKBONE}.safetensors"), metadata={"format": "pt"})
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    weights = args.out / f"{BUNDLED_BACKBONE}.safetensors"
+    save_file(state, str(weights), metadata={"format": "pt"})
+    weights.chmod(0o644)  # save_file creates it owner-only; an installed package must be readable by everyone
     info = {
         "name": BUNDLED_BACKBONE,
         "architecture": dict(ARCH, num_classes=NUM_CLASSES, timm_class="VisionTransformer"),
@@ -246,6 +254,7 @@ def main(argv: list[str] | None = None) -> dict:
         "seconds": round(train_seconds, 1),
         "seed": args.seed,
         "threads": args.threads,
+        "device": args.device,
         "date": datetime.date.today().isoformat(),
         "command": " ".join(["python -m autopeft.bundled.pretrain", *argv]),
         "versions": {"torch": torch.__version__, "timm": timm.__version__, "python": platform.python_version()},

@@ -1,0 +1,80 @@
+"""The bundled tiny backbone: registered with timm, loads its packaged weights offline, records a real pretraining."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file
+
+import autopeft  # noqa: F401  (importing the package registers the bundled backbone)
+from autopeft.bundled import ARCH, BUNDLED_BACKBONE, INFO_FILE, MEAN, STD, WEIGHTS_FILE, bundled_info
+from autopeft.bundled.pretrain import augment, to_input
+
+
+@pytest.fixture(scope="module")
+def bundled_state() -> dict[str, torch.Tensor]:
+    return load_file(str(WEIGHTS_FILE))
+
+
+def test_registered_by_importing_autopeft() -> None:
+    assert BUNDLED_BACKBONE == "autopeft_tiny_vit"
+    assert BUNDLED_BACKBONE in timm.list_models("autopeft_*")
+    assert BUNDLED_BACKBONE in timm.list_models(pretrained=True)
+
+
+def test_pretrained_loads_bundled_weights(bundled_state: dict[str, torch.Tensor]) -> None:
+    model = timm.create_model(BUNDLED_BACKBONE, pretrained=True)
+    state = model.state_dict()
+    assert set(state) == set(bundled_state)
+    for name, tensor in state.items():
+        assert torch.equal(tensor, bundled_state[name]), name
+
+
+def test_other_num_classes_gives_fresh_head(bundled_state: dict[str, torch.Tensor]) -> None:
+    model = timm.create_model(BUNDLED_BACKBONE, pretrained=True, num_classes=7)
+    assert model.head.weight.shape == (7, ARCH["embed_dim"])
+    state = model.state_dict()
+    for name, tensor in state.items():
+        if not name.startswith("head."):
+            assert torch.equal(tensor, bundled_state[name]), name
+    # timm drops the 10-class Fashion-MNIST head and keeps the freshly initialised one.
+    assert not torch.equal(state["head.weight"][:7], bundled_state["head.weight"][:7])
+
+
+def test_input_is_32px_and_cfg_matches_training() -> None:
+    model = timm.create_model(BUNDLED_BACKBONE, pretrained=False, num_classes=3)
+    cfg = model.pretrained_cfg
+    assert tuple(cfg["input_size"]) == (3, 32, 32)
+    assert tuple(cfg["mean"]) == MEAN and tuple(cfg["std"]) == STD
+    assert cfg["num_classes"] == 10
+    assert model.patch_embed.img_size == (32, 32)
+    with torch.no_grad():
+        assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 3)
+
+
+def test_recorded_pretraining_is_real() -> None:
+    info = bundled_info()
+    # A real pretrained model: far above chance (0.10). The project's target is >= 0.90; the shipped 10-epoch
+    # weights reach 0.858 and a longer pretraining run is still owed (see the issue notes).
+    assert info["test_accuracy"] >= 0.85
+    assert info["epochs"] >= 1 and info["train_images"] == 60000
+    for key in ("seed", "date", "command", "seconds", "versions"):
+        assert key in info
+    assert info["command"].startswith("python -m autopeft.bundled.pretrain")
+    assert {k: info["architecture"][k] for k in ARCH} == ARCH
+
+
+def test_files_are_small_and_shipped_as_package_data() -> None:
+    assert WEIGHTS_FILE.suffix == ".safetensors" and WEIGHTS_FILE.stat().st_size <= 5 * 2**20
+    assert INFO_FILE.exists()
+
+
+def test_augmentation_is_seeded_and_keeps_shape() -> None:
+    images = torch.randint(0, 256, (16, 32, 32), dtype=torch.uint8)
+    first = augment(images, torch.Generator().manual_seed(3))
+    again = augment(images, torch.Generator().manual_seed(3))
+    assert first.shape == images.shape and first.dtype == torch.uint8
+    assert torch.equal(first, again)
+    x = to_input(first)
+    assert x.shape == (16, 3, 32, 32) and torch.equal(x[:, 0], x[:, 2])
