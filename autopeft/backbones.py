@@ -249,6 +249,17 @@ def _offline_unless_hub_answers() -> None:
         huggingface_hub.constants.HF_HUB_OFFLINE = True
 
 
+def check_pretrained(name: str, weights: str | Path | None = None) -> None:
+    """Raise AutopeftError unless pretrained weights for `name` can come from somewhere (a file or timm's sources)."""
+    if weights is not None:
+        if not Path(weights).expanduser().is_file():
+            raise AutopeftError(f"weights file '{weights}' does not exist; pass an existing file with --weights")
+        return
+    cfg = timm.models.get_pretrained_cfg(name)
+    if cfg is None or not (cfg.hf_hub_id or cfg.url or cfg.file):
+        raise AutopeftError(f"timm knows no pretrained weights for {name}; pass a weights file with --weights")
+
+
 def create_backbone(
     name: str,
     num_classes: int = 1000,
@@ -273,9 +284,7 @@ def create_backbone(
         kwargs["pretrained_cfg_overlay"] = dict(file=str(path))
         pretrained = True
     if pretrained and weights is None:
-        cfg = timm.models.get_pretrained_cfg(name)
-        if cfg is None or not (cfg.hf_hub_id or cfg.url or cfg.file):
-            raise AutopeftError(f"timm knows no pretrained weights for {name}; pass a weights file with --weights")
+        check_pretrained(name)
     if pretrained and weights is None:
         _offline_unless_hub_answers()
     try:

@@ -12,37 +12,27 @@ tells such trials as PRUNED instead, so only full-fidelity trials carry objectiv
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import math
 import os
 import shutil
 import tempfile
-import time
 import warnings
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
 import optuna
-import sqlalchemy
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import TrialState
 
 from autopeft.backbones import BackboneSpec
 from autopeft.budget import Budget
 from autopeft.errors import AutopeftError
 from autopeft.plan import PeftPlan
 from autopeft.search import storage as st
-from autopeft.search.liveness import ATTR_DRIVER, Heartbeat, interrupted, this_driver
 from autopeft.search.settings import OBJECTIVES, SearchSettings
 from autopeft.search.trainable import TrialSettings, run_trial
 from autopeft.space import SearchSpace, plan_overhead, sample_hparams, sample_plan
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
-logger = logging.getLogger(__name__)
-T = TypeVar("T")
-# set on a trial whose driver died: it is FAIL (kept for the record) and not counted, and a copy is re-run
-ATTR_INTERRUPTED = "interrupted"
 
 
 @dataclass
@@ -58,7 +48,6 @@ class SamplePlan:
     epochs: int
 
     def __call__(self, trial: Any) -> dict[str, Any]:
-        trial.set_user_attr(ATTR_DRIVER, this_driver())  # first: a RUNNING trial without it counts as orphaned
         preset = trial.user_attrs.get(st.ATTR_PLAN)
         if preset is not None:
             plan = PeftPlan.from_dict(preset)
@@ -77,38 +66,14 @@ class SamplePlan:
 
 
 def _searcher_class():
-    from ray.tune.search import Searcher
     from ray.tune.search.optuna import OptunaSearch
 
     class FidelityAwareSearch(OptunaSearch):
-        """OptunaSearch that records early-stopped trials as PRUNED and failures with their reason.
+        """OptunaSearch that records early-stopped trials as PRUNED and failures with their reason."""
 
-        With `target`, it stops proposing trials once the study holds that many finished or running trials, counted
-        in the storage: several drivers sharing one study (`--resume` on a second machine) end at the requested
-        count together. Every write is retried (`retry`), and no outcome is dropped silently.
-        """
-
-        def __init__(self, *args, max_epochs: int, target: int | None = None, **kwargs):
+        def __init__(self, *args, max_epochs: int, **kwargs):
             super().__init__(*args, **kwargs)
             self.max_epochs = max_epochs
-            self.target = target
-
-        def running_trial_ids(self) -> list[int]:
-            """Storage ids of the trials this driver asked and has not told yet (the heartbeat's list)."""
-            done = set(self._completed_trials)
-            return [t._trial_id for tid, t in list(self._ot_trials.items()) if tid not in done]
-
-        def suggest(self, trial_id: str) -> dict | None:
-            if self.target is not None and trial_id not in self._ot_trials:
-                finished, running = retry(lambda: tally(self._ot_study.get_trials(deepcopy=False)))
-                if finished + running >= self.target:
-                    return Searcher.FINISHED
-            config = retry(lambda: super(FidelityAwareSearch, self).suggest(trial_id))
-            ot_trial = self._ot_trials.get(trial_id)
-            storage = self._ot_study._storage
-            if ot_trial is not None and isinstance(storage, optuna.storages.RDBStorage):
-                retry(lambda: storage.record_heartbeat(ot_trial._trial_id))
-            return config
 
         def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
             ot_trial = self._ot_trials.get(trial_id)
@@ -116,30 +81,21 @@ def _searcher_class():
                 return super().on_trial_complete(trial_id, result, error)
             r = result or {}
             epochs = int(r.get("epoch", 0) or 0)
-            attrs = {st.ATTR_CURVE: list(r.get("curve") or []), st.ATTR_EPOCHS: epochs,
-                     st.ATTR_SECONDS: float(r.get("seconds", 0.0) or 0.0), st.ATTR_NODE: str(r.get("node", ""))}
+            ot_trial.set_user_attr(st.ATTR_CURVE, list(r.get("curve") or []))
+            ot_trial.set_user_attr(st.ATTR_EPOCHS, epochs)
+            ot_trial.set_user_attr(st.ATTR_SECONDS, float(r.get("seconds", 0.0) or 0.0))
+            ot_trial.set_user_attr(st.ATTR_NODE, str(r.get("node", "")))
             reason = r.get("fail_reason") or ("the trial's worker process failed; see the Ray logs" if error else None)
-            values = None
             if reason:
-                attrs[st.ATTR_REASON] = str(reason)
-                state = TrialState.FAIL
+                ot_trial.set_user_attr(st.ATTR_REASON, str(reason))
+                self._tell(trial_id, ot_trial, TrialState.FAIL)
             elif epochs < self.max_epochs or r.get("val_acc") is None:
-                state = TrialState.PRUNED  # stopped early: low-fidelity values are not kept
+                self._tell(trial_id, ot_trial, TrialState.PRUNED)  # stopped early: low-fidelity values are not kept
             else:
-                state = TrialState.COMPLETE
-                values = [r.get(m) for m in self.metric] if isinstance(self.metric, list) else r.get(self.metric)
+                super().on_trial_complete(trial_id, result, error)
 
-            def record() -> None:
-                for key, value in attrs.items():
-                    ot_trial.set_user_attr(key, value)
-                self._ot_study.tell(ot_trial, values, state=state)
-
-            try:
-                retry(record)
-            except optuna.exceptions.UpdateFinishedTrialError:
-                # another driver took this trial for interrupted (this one was frozen past the grace period)
-                logger.warning("trial %s was already finished by another driver; its result here is dropped",
-                               ot_trial.number)
+        def _tell(self, trial_id: str, ot_trial: Any, state: TrialState) -> None:
+            self._ot_study.tell(ot_trial, None, state=state)
             self._completed_trials.add(trial_id)
 
         # The Optuna storage is the durable state; Ray's searcher checkpoints are not needed to resume.
@@ -150,28 +106,6 @@ def _searcher_class():
             return None
 
     return FidelityAwareSearch
-
-
-def retry(fn: Callable[[], T], attempts: int = 4, wait_s: float = 2.0) -> T:
-    """`fn()`, tried again when the storage fails transiently (a lock held past the busy timeout, a dropped
-    connection); a retried write either did not commit or is idempotent (a tell that did commit raises
-    UpdateFinishedTrialError, which callers treat as done)."""
-    for attempt in range(attempts):
-        try:
-            return fn()
-        except (optuna.exceptions.StorageInternalError, sqlalchemy.exc.OperationalError) as exc:
-            if attempt == attempts - 1:
-                raise
-            logger.warning("storage error (%s); retrying in %.0f s", str(exc).splitlines()[0][:120], wait_s)
-            time.sleep(wait_s * (attempt + 1))
-    raise AssertionError("unreachable")
-
-
-def tally(trials: list[FrozenTrial]) -> tuple[int, int]:
-    """(finished, running) trials: finished are COMPLETE, PRUNED and FAIL except the interrupted ones (re-run)."""
-    finished = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) or
-                   (t.state == TrialState.FAIL and not t.user_attrs.get(ATTR_INTERRUPTED)) for t in trials)
-    return finished, sum(t.state == TrialState.RUNNING for t in trials)
 
 
 def _quiet(factory, **kwargs):
@@ -229,8 +163,9 @@ def create_or_resume(prep: Prepared) -> tuple[optuna.Study, int]:
                                                                     st.ATTR_BASELINE: name})
         if s.warm_start:
             enqueue_warm_start(study, prep)
-    finished, running = tally(study.get_trials(deepcopy=False))  # running: other live drivers' trials
-    return study, max(0, s.trials - finished - running)
+    finished = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) or (t.state == TrialState.FAIL and
+                   not t.user_attrs.get("interrupted")) for t in study.get_trials(deepcopy=False))
+    return study, max(0, s.trials - finished)
 
 
 def _baseline_params(prep: Prepared) -> dict[str, Any]:
@@ -244,27 +179,17 @@ def _baseline_params(prep: Prepared) -> dict[str, Any]:
 
 
 def requeue_interrupted(study: optuna.Study) -> list[int]:
-    """Mark the trials whose driver died (see `liveness`) FAIL and enqueue the same trials again.
-
-    Trials of drivers that still run are left alone. Marking is one state change per trial, so two drivers
-    re-queueing at once re-run each trial once: the second one's change fails and it enqueues nothing.
-    """
+    """Mark trials left RUNNING by a dead driver as FAIL and enqueue the same trials again."""
     redo = []
-    storage = study._storage
-    for t in interrupted(study):
-        try:  # attributes first: a finished trial takes none
-            storage.set_trial_user_attr(t._trial_id, ATTR_INTERRUPTED, True)
-            storage.set_trial_user_attr(t._trial_id, st.ATTR_REASON, "interrupted (its driver stopped); re-run")
-            storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
-        except optuna.exceptions.UpdateFinishedTrialError:
-            continue  # it finished, or another driver re-queued it, since we looked
-        attrs = {k: t.user_attrs[k] for k in (st.ATTR_BASELINE, "warm_start") if k in t.user_attrs}
-        if st.ATTR_PLAN in t.user_attrs and attrs:  # a preset plan (baseline, warm start) is trained as it was
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        study._storage.set_trial_user_attr(t._trial_id, "interrupted", True)
+        study._storage.set_trial_user_attr(t._trial_id, st.ATTR_REASON, "interrupted; re-run on resume")
+        study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+        attrs = {k: t.user_attrs[k] for k in (st.ATTR_BASELINE,) if k in t.user_attrs}
+        if st.ATTR_BASELINE in attrs:
             attrs[st.ATTR_PLAN] = t.user_attrs[st.ATTR_PLAN]
-        study.enqueue_trial(dict(t.params), user_attrs={**attrs, "rerun_of": t.number}, skip_if_exists=False)
+        study.enqueue_trial(dict(t.params), user_attrs=attrs, skip_if_exists=False)
         redo.append(t.number)
-    if redo:
-        logger.warning("trials %s were left running by a driver that stopped; marked FAIL and queued again", redo)
     return redo
 
 
@@ -288,48 +213,9 @@ def enqueue_warm_start(study: optuna.Study, prep: Prepared) -> int:
     return n
 
 
-@contextlib.contextmanager
-def ray_session(s: SearchSettings) -> Iterator[dict[str, float]]:
-    """Ray for the search, its resources checked against the request before any study is created.
-
-    Joins an already initialised Ray, else connects to `--address` (or $RAY_ADDRESS, as `ray job submit` sets it),
-    else starts a new local instance: address "local" never attaches to another instance found on this machine,
-    such as one a killed driver left behind. Shuts down only what it started.
-    """
-    import ray
-
-    started = False
-    if not ray.is_initialized():
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        kwargs: dict[str, Any] = dict(include_dashboard=False, log_to_driver=False, configure_logging=False)
-        address = s.address or os.environ.get("RAY_ADDRESS") or None
-        try:
-            if address:
-                ray.init(address=address, **kwargs)
-            else:
-                ray.init(address="local", num_cpus=s.local_cpus(), num_gpus=None, **kwargs)
-        except (ConnectionError, RuntimeError, ValueError) as exc:
-            if not address:
-                raise
-            raise AutopeftError(f"cannot connect to the Ray cluster at {address}: {str(exc).splitlines()[0][:200]}; "
-                                "start it (`ray start --head` on the head node) or drop --address to run on this "
-                                "machine") from None
-        started = True
-    try:
-        resources = ray.cluster_resources()
-        check_resources(s, resources)
-        yield resources
-    finally:
-        if started:
-            ray.shutdown()
-
-
 def run(prep: Prepared, study: optuna.Study, remaining: int, callbacks: list | None = None) -> None:
-    """Run up to `remaining` trials on Ray Tune, until the study holds `settings.trials` finished trials.
-
-    While it runs, a heartbeat marks this driver's trials as alive in the storage and re-queues trials whose
-    driver died meanwhile (another driver of the same study).
-    """
+    """Run `remaining` trials on Ray Tune (a local instance, or the cluster at `settings.address`)."""
+    import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
@@ -338,27 +224,33 @@ def run(prep: Prepared, study: optuna.Study, remaining: int, callbacks: list | N
         return
     # a failing trial's final report carries its reason and no accuracy; the scheduler must accept it
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
-    with ray_session(s):
+    started = False
+    if not ray.is_initialized():
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        kwargs: dict[str, Any] = dict(include_dashboard=False, log_to_driver=False, configure_logging=False)
+        if s.address:
+            ray.init(address=s.address, **kwargs)
+        else:
+            ray.init(num_cpus=s.local_cpus(), num_gpus=None, **kwargs)
+        started = True
+    try:
+        check_resources(s, ray.cluster_resources())
         trial_settings = TrialSettings(dataset=s.dataset, backbone=s.backbone, epochs=s.epochs, weights=s.weights,
                                        data_root=s.data_root, seed=s.seed)
-        storage = st.open_storage(prep.storage_url)  # a plain RDBStorage: Ray pickles the searcher
         searcher = _searcher_class()(
             space=SamplePlan(prep.space, prep.spec, prep.budget, s.epochs),
             metric=[OBJECTIVES[o][0] for o in s.objectives],
             mode=[OBJECTIVES[o][1] for o in s.objectives],
             sampler=make_sampler(s.sampler, s.seed),
             study_name=s.study,
-            storage=storage,
+            storage=st.open_storage(prep.storage_url),  # a plain RDBStorage: Ray pickles the searcher
             max_epochs=s.epochs,
-            target=s.trials,
         )
         scheduler = ASHAScheduler(time_attr="training_iteration", metric="val_acc", mode="max", max_t=s.epochs,
                                   grace_period=min(s.grace_epochs, s.epochs), reduction_factor=s.reduction_factor)
         trainable = tune.with_resources(tune.with_parameters(run_trial, settings=trial_settings),
                                         {"cpu": s.cpus_per_trial, "gpu": s.gpus_per_trial})
-        heartbeat = Heartbeat(storage, searcher.running_trial_ids, tick=lambda: requeue_interrupted(study))
         workdir = tempfile.mkdtemp(prefix=f"autopeft-{s.study}-")
-        heartbeat.start()
         try:
             tuner = tune.Tuner(
                 trainable,
@@ -369,8 +261,10 @@ def run(prep: Prepared, study: optuna.Study, remaining: int, callbacks: list | N
             )
             tuner.fit()
         finally:
-            heartbeat.stop()
             shutil.rmtree(workdir, ignore_errors=True)
+    finally:
+        if started:
+            ray.shutdown()
 
 
 def check_resources(s: SearchSettings, resources: dict[str, float]) -> None:
