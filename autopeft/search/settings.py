@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -117,6 +118,11 @@ def settings_from(recipe: str | Path | None, flags: dict[str, Any]) -> SearchSet
     if recipe and "study" not in values:
         values["study"] = Path(recipe).stem
     values.update({k: v for k, v in flags.items() if v is not None})
+    if "study" not in values and values.get("dataset"):
+        # a search of flowers102 is study `flowers102`, of vtab1k/cifar `vtab1k-cifar`, of a folder its name
+        dataset = str(values["dataset"]).rstrip("/")
+        name = Path(dataset).name if dataset.startswith(("/", ".", "~")) else dataset.replace("/", "-")
+        values["study"] = re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-.") or "study"
     try:
         return SearchSettings(**values)
     except TypeError as exc:
