@@ -81,7 +81,7 @@ class TrainResult:
 
     @property
     def val_acc(self) -> float | None:
-        return self.history[-1]["val_acc"] if self.history else None
+        return self.history[-1].get("val_acc") if self.history else None  # None for --final runs (no val split)
 
 
 def resolve_device(name: str) -> torch.device:
