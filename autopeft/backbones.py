@@ -277,15 +277,12 @@ def create_backbone(
         kwargs: passed to `timm.create_model`.
     """
     _check_name(name)
+    if weights is not None or pretrained:
+        check_pretrained(name, weights)
     if weights is not None:
-        path = Path(weights).expanduser()
-        if not path.is_file():
-            raise AutopeftError(f"weights file '{path}' does not exist; pass an existing file with --weights")
-        kwargs["pretrained_cfg_overlay"] = dict(file=str(path))
+        kwargs["pretrained_cfg_overlay"] = dict(file=str(Path(weights).expanduser()))
         pretrained = True
-    if pretrained and weights is None:
-        check_pretrained(name)
-    if pretrained and weights is None:
+    elif pretrained:
         _offline_unless_hub_answers()
     try:
         model = timm.create_model(name, pretrained=pretrained, num_classes=num_classes, **kwargs)

@@ -11,7 +11,7 @@ from typing import Any
 
 from rich.console import Console
 
-from autopeft.backbones import backbone_spec
+from autopeft.backbones import backbone_spec, check_pretrained
 from autopeft.budget import parse_budget
 from autopeft.errors import AutopeftError
 from autopeft.records import TrialRecord
@@ -42,9 +42,7 @@ def prepare(s: SearchSettings):
     budget = parse_budget(s.budget, spec)
     space = load_space(s.space)
     check_feasible(space, spec, budget)
-    if s.weights is not None:
-        if not Path(s.weights).expanduser().is_file():
-            raise AutopeftError(f"weights file '{s.weights}' does not exist; pass an existing file with --weights")
+    check_pretrained(s.backbone, s.weights)
     data = load_dataset(s.dataset, s.data_root, seed=s.seed, **data_config(s.backbone))
     url = s.storage or st.default_storage(s.study)
     exists = False
