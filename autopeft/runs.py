@@ -82,7 +82,8 @@ def write_run(out: Path, result: TrainResult, plan: PeftPlan, info: dict, recipe
         "peft_params": result.peft_params,
         "head_params": result.head_params,
         "history": result.history,
-        "val_acc": result.val_acc,
+        # the final protocol has no val curve (TrainResult.val_acc assumes one)
+        "val_acc": result.history[-1].get("val_acc") if result.history else None,
         "test_acc": result.test_acc,
         "test_loss": result.test_loss,
         "seconds": result.seconds,

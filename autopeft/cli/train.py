@@ -108,16 +108,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     out = check_out_dir(args.out or Path("runs") / f"{Path(recipe.dataset).name.replace('/', '-')}-{stamp}")
     data = load_data(recipe)
     recipe = recipe.replace(num_classes=data.num_classes)
-    console.print(f"[bold]{recipe.plan.short()}[/] on {recipe.backbone} · {data.name} ({data.num_classes} classes, "
-                  f"{', '.join(f'{k} {v}' for k, v in data.sizes().items())}) · {recipe.protocol} protocol, "
-                  f"{recipe.epochs} epochs", highlight=False)
+    # printed once training starts, so that an error building the model stays the only line
+    header = [f"[bold]{recipe.plan.short()}[/] on {recipe.backbone} · {data.name} ({data.num_classes} classes, "
+              f"{', '.join(f'{k} {v}' for k, v in data.sizes().items())}) · {recipe.protocol} protocol, "
+              f"{recipe.epochs} epochs"]
     seeds = [recipe.seed + i for i in range(args.seeds)]
     runs: dict[str, dict] = {}
     with staged_dir(out) as tmp:
         for seed in seeds:
             run_dir = tmp if len(seeds) == 1 else tmp / f"seed{seed}"
             run_dir.mkdir(exist_ok=True)
-            runs[run_dir.name] = _one_run(recipe.replace(seed=seed), data, run_dir, args, console)
+            runs[run_dir.name] = _one_run(recipe.replace(seed=seed), data, run_dir, args, console, header)
         if len(seeds) > 1:
             recipe.save(tmp / "recipe.yaml")
             summary = write_summary(tmp, runs)
@@ -138,7 +139,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _one_run(recipe: Recipe, data, run_dir: Path, args: argparse.Namespace, console) -> dict:
+def _one_run(recipe: Recipe, data, run_dir: Path, args: argparse.Namespace, console, header: list[str]) -> dict:
     """Train one seed into `run_dir`; with --merge also write and evaluate the merged weights."""
     import json
 
@@ -152,6 +153,8 @@ def _one_run(recipe: Recipe, data, run_dir: Path, args: argparse.Namespace, cons
         task = progress.add_task(f"training (seed {recipe.seed})", total=None)
 
         def on_step(step: int, total: int) -> None:
+            if header:
+                progress.console.print(header.pop(), highlight=False)
             progress.update(task, completed=step, total=total)
 
         def report(m: dict) -> None:

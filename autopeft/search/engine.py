@@ -2,8 +2,9 @@
 Optuna RDB storage that holds the study.
 
 The storage is the durable state of a study: every trial's plan, parameters, curve, cost, status and failure reason
-are written there as the trial ends, so `--resume` continues from it after any crash (trials left RUNNING are marked
-FAIL and re-run), and `results`, `export` and `report` read it without Ray.
+are written there as the trial ends, so `--resume` continues from it after any crash (trials whose driver died are
+marked FAIL and re-run, see `liveness`), and `results`, `export` and `report` read it without Ray. Several drivers
+may share a study; each stops once the study holds the requested number of trials.
 
 Early stopping: ASHA stops a trial after some epochs with its low-fidelity accuracy; OptunaSearch would tell Optuna
 that trial as COMPLETE with those values, putting under-trained plans on the Pareto front. `FidelityAwareSearch`
@@ -12,20 +13,17 @@ tells such trials as PRUNED instead, so only full-fidelity trials carry objectiv
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import os
 import shutil
 import tempfile
-import time
 import warnings
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
 import optuna
-import sqlalchemy
+from optuna.storages._heartbeat import BaseHeartbeat
 from optuna.trial import FrozenTrial, TrialState
 
 from autopeft.backbones import BackboneSpec
@@ -33,6 +31,7 @@ from autopeft.budget import Budget
 from autopeft.errors import AutopeftError
 from autopeft.plan import PeftPlan
 from autopeft.search import storage as st
+from autopeft.search.cluster import check_resources, ray_session  # noqa: F401  (check_resources: also here)
 from autopeft.search.liveness import ATTR_DRIVER, Heartbeat, interrupted, this_driver
 from autopeft.search.settings import OBJECTIVES, SearchSettings
 from autopeft.search.trainable import TrialSettings, run_trial
@@ -40,7 +39,6 @@ from autopeft.space import SearchSpace, plan_overhead, sample_hparams, sample_pl
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 logger = logging.getLogger(__name__)
-T = TypeVar("T")
 # set on a trial whose driver died: it is FAIL (kept for the record) and not counted, and a copy is re-run
 ATTR_INTERRUPTED = "interrupted"
 
@@ -100,14 +98,22 @@ def _searcher_class():
 
         def suggest(self, trial_id: str) -> dict | None:
             if self.target is not None and trial_id not in self._ot_trials:
-                finished, running = retry(lambda: tally(self._ot_study.get_trials(deepcopy=False)))
+                finished, running = st.retry(lambda: tally(self._ot_study.get_trials(deepcopy=False)))
                 if finished + running >= self.target:
                     return Searcher.FINISHED
-            config = retry(lambda: super(FidelityAwareSearch, self).suggest(trial_id))
+            for attempt in range(3):
+                try:
+                    config = st.retry(lambda: super(FidelityAwareSearch, self).suggest(trial_id))
+                    break
+                except optuna.exceptions.UpdateFinishedTrialError:
+                    # another driver took the trial for orphaned in the instant before it was stamped: ask anew
+                    self._ot_trials.pop(trial_id, None)
+                    if attempt == 2:
+                        raise
             ot_trial = self._ot_trials.get(trial_id)
             storage = self._ot_study._storage
-            if ot_trial is not None and isinstance(storage, optuna.storages.RDBStorage):
-                retry(lambda: storage.record_heartbeat(ot_trial._trial_id))
+            if ot_trial is not None and isinstance(storage, BaseHeartbeat):  # RDB storages (Optuna wraps them)
+                st.retry(lambda: storage.record_heartbeat(ot_trial._trial_id))
             return config
 
         def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
@@ -132,10 +138,14 @@ def _searcher_class():
             def record() -> None:
                 for key, value in attrs.items():
                     ot_trial.set_user_attr(key, value)
-                self._ot_study.tell(ot_trial, values, state=state)
+                try:
+                    self._ot_study.tell(ot_trial, values, state=state)
+                except (ValueError, TypeError) as exc:  # objective values Optuna refuses: keep the trial, as FAIL
+                    ot_trial.set_user_attr(st.ATTR_REASON, f"invalid objective values {values}: {exc}"[:300])
+                    self._ot_study.tell(ot_trial, None, state=TrialState.FAIL)
 
             try:
-                retry(record)
+                st.retry(record)
             except optuna.exceptions.UpdateFinishedTrialError:
                 # another driver took this trial for interrupted (this one was frozen past the grace period)
                 logger.warning("trial %s was already finished by another driver; its result here is dropped",
@@ -150,21 +160,6 @@ def _searcher_class():
             return None
 
     return FidelityAwareSearch
-
-
-def retry(fn: Callable[[], T], attempts: int = 4, wait_s: float = 2.0) -> T:
-    """`fn()`, tried again when the storage fails transiently (a lock held past the busy timeout, a dropped
-    connection); a retried write either did not commit or is idempotent (a tell that did commit raises
-    UpdateFinishedTrialError, which callers treat as done)."""
-    for attempt in range(attempts):
-        try:
-            return fn()
-        except (optuna.exceptions.StorageInternalError, sqlalchemy.exc.OperationalError) as exc:
-            if attempt == attempts - 1:
-                raise
-            logger.warning("storage error (%s); retrying in %.0f s", str(exc).splitlines()[0][:120], wait_s)
-            time.sleep(wait_s * (attempt + 1))
-    raise AssertionError("unreachable")
 
 
 def tally(trials: list[FrozenTrial]) -> tuple[int, int]:
@@ -243,15 +238,16 @@ def _baseline_params(prep: Prepared) -> dict[str, Any]:
     return out
 
 
-def requeue_interrupted(study: optuna.Study) -> list[int]:
+def requeue_interrupted(study: optuna.Study, unstamped_after_s: float = 0.0) -> list[int]:
     """Mark the trials whose driver died (see `liveness`) FAIL and enqueue the same trials again.
 
     Trials of drivers that still run are left alone. Marking is one state change per trial, so two drivers
-    re-queueing at once re-run each trial once: the second one's change fails and it enqueues nothing.
+    re-queueing at once re-run each trial once: the second one's change fails and it enqueues nothing. A running
+    driver passes `unstamped_after_s` so that a trial asked an instant ago, not yet stamped (its own), is spared.
     """
     redo = []
     storage = study._storage
-    for t in interrupted(study):
+    for t in interrupted(study, unstamped_after_s=unstamped_after_s):
         try:  # attributes first: a finished trial takes none
             storage.set_trial_user_attr(t._trial_id, ATTR_INTERRUPTED, True)
             storage.set_trial_user_attr(t._trial_id, st.ATTR_REASON, "interrupted (its driver stopped); re-run")
@@ -288,42 +284,6 @@ def enqueue_warm_start(study: optuna.Study, prep: Prepared) -> int:
     return n
 
 
-@contextlib.contextmanager
-def ray_session(s: SearchSettings) -> Iterator[dict[str, float]]:
-    """Ray for the search, its resources checked against the request before any study is created.
-
-    Joins an already initialised Ray, else connects to `--address` (or $RAY_ADDRESS, as `ray job submit` sets it),
-    else starts a new local instance: address "local" never attaches to another instance found on this machine,
-    such as one a killed driver left behind. Shuts down only what it started.
-    """
-    import ray
-
-    started = False
-    if not ray.is_initialized():
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        kwargs: dict[str, Any] = dict(include_dashboard=False, log_to_driver=False, configure_logging=False)
-        address = s.address or os.environ.get("RAY_ADDRESS") or None
-        try:
-            if address:
-                ray.init(address=address, **kwargs)
-            else:
-                ray.init(address="local", num_cpus=s.local_cpus(), num_gpus=None, **kwargs)
-        except (ConnectionError, RuntimeError, ValueError) as exc:
-            if not address:
-                raise
-            raise AutopeftError(f"cannot connect to the Ray cluster at {address}: {str(exc).splitlines()[0][:200]}; "
-                                "start it (`ray start --head` on the head node) or drop --address to run on this "
-                                "machine") from None
-        started = True
-    try:
-        resources = ray.cluster_resources()
-        check_resources(s, resources)
-        yield resources
-    finally:
-        if started:
-            ray.shutdown()
-
-
 def run(prep: Prepared, study: optuna.Study, remaining: int, callbacks: list | None = None) -> None:
     """Run up to `remaining` trials on Ray Tune, until the study holds `settings.trials` finished trials.
 
@@ -356,7 +316,8 @@ def run(prep: Prepared, study: optuna.Study, remaining: int, callbacks: list | N
                                   grace_period=min(s.grace_epochs, s.epochs), reduction_factor=s.reduction_factor)
         trainable = tune.with_resources(tune.with_parameters(run_trial, settings=trial_settings),
                                         {"cpu": s.cpus_per_trial, "gpu": s.gpus_per_trial})
-        heartbeat = Heartbeat(storage, searcher.running_trial_ids, tick=lambda: requeue_interrupted(study))
+        heartbeat = Heartbeat(storage, searcher.running_trial_ids,
+                              tick=lambda: requeue_interrupted(study, unstamped_after_s=60.0))
         workdir = tempfile.mkdtemp(prefix=f"autopeft-{s.study}-")
         heartbeat.start()
         try:
@@ -371,13 +332,3 @@ def run(prep: Prepared, study: optuna.Study, remaining: int, callbacks: list | N
         finally:
             heartbeat.stop()
             shutil.rmtree(workdir, ignore_errors=True)
-
-
-def check_resources(s: SearchSettings, resources: dict[str, float]) -> None:
-    gpus, cpus = resources.get("GPU", 0.0), resources.get("CPU", 0.0)
-    if s.gpus_per_trial > gpus:
-        raise AutopeftError(f"--gpus-per-trial {s.gpus_per_trial:g} is more than the {gpus:g} GPU(s) the Ray "
-                            "cluster has; lower it (fractions like 0.5 share a GPU) or add GPU nodes")
-    if s.cpus_per_trial > cpus:
-        raise AutopeftError(f"--cpus-per-trial {s.cpus_per_trial:g} is more than the {cpus:g} CPU(s) the Ray "
-                            "cluster has; lower it")
