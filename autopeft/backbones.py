@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import os
+import pickle
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -285,8 +287,15 @@ def create_backbone(
     elif pretrained:
         _offline_unless_hub_answers()
     try:
-        model = timm.create_model(name, pretrained=pretrained, num_classes=num_classes, **kwargs)
-    except (RuntimeError, OSError, ValueError) as exc:  # hub misses and mismatched files surface as these
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")  # torch's note on any .pth
+            model = timm.create_model(name, pretrained=pretrained, num_classes=num_classes, **kwargs)
+    except Exception as exc:  # noqa: BLE001  hub misses, mismatched or junk files: each reader raises its own type
+        if weights is not None and (isinstance(exc, pickle.UnpicklingError) or "weights_only" in str(exc)):
+            raise AutopeftError(
+                f"weights file '{weights}' is a pickle holding more than tensors; it is read only with "
+                "torch.load(weights_only=True), never run: save its state dict as safetensors and pass that"
+            ) from exc
         if weights is not None:
             raise AutopeftError(f"could not load weights '{weights}' into {name}: {_brief(exc)}") from exc
         if pretrained:

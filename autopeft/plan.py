@@ -233,7 +233,11 @@ def save_adapter(model: nn.Module, path: str | Path, metadata: dict[str, str] | 
 
 def load_adapter(model: nn.Module, path: str | Path) -> None:
     """Load plan parameters + head saved by `save_adapter` into a model the same plan was applied to."""
-    tensors = load_file(str(path))
+    try:
+        tensors = load_file(str(path))
+    except Exception as exc:  # noqa: BLE001  a damaged or foreign file; safetensors raises its own error types
+        raise AutopeftError(f"adapter '{path}' is not a readable safetensors file ({' '.join(str(exc).split())[:160]});"
+                            " restore it from the run directory it came from") from None
     expected = {n for n, p in model.named_parameters() if p.requires_grad}
     missing, unexpected = expected - set(tensors), set(tensors) - expected
     if missing or unexpected:

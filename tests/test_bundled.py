@@ -78,3 +78,43 @@ def test_augmentation_is_seeded_and_keeps_shape() -> None:
     assert torch.equal(first, again)
     x = to_input(first)
     assert x.shape == (16, 3, 32, 32) and torch.equal(x[:, 0], x[:, 2])
+
+
+def test_pretraining_killed_after_an_epoch_resumes_to_the_same_weights(tmp_path) -> None:
+    """A checkpoint is written after every epoch; a run that stops after epoch 1 and is started again ends with
+    the weights of a run that never stopped (the generator, optimiser and schedule go on where they were)."""
+    import numpy as np
+    from data_fixtures import write_fashion, write_idx
+
+    from autopeft.bundled import pretrain
+
+    data = write_fashion(tmp_path / "fmnist", n_train=96, n_test=20)
+    rng = np.random.default_rng(0)  # vary the images so the steps differ
+    for split, n in (("train", 96), ("t10k", 20)):
+        write_idx(data / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28), dtype=np.uint8))
+    common = ["--data-dir", str(data), "--batch-size", "32", "--threads", "1", "--epochs", "2"]
+    pretrain.main([*common, "--out", str(tmp_path / "straight")])
+    # the interrupted run: train epoch 1 of the same 2-epoch schedule, then stop as a kill would
+    real_save = torch.save
+
+    def save_then_die(obj, path, *args, **kwargs):
+        real_save(obj, path, *args, **kwargs)
+        raise KeyboardInterrupt
+
+    interrupted = tmp_path / "interrupted"
+    pretrain.torch.save = save_then_die
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            pretrain.main([*common, "--out", str(interrupted)])
+    finally:
+        pretrain.torch.save = real_save
+    assert (interrupted / "pretrain-checkpoint.pt.partial").is_file()  # the kill hit before the rename
+    (interrupted / "pretrain-checkpoint.pt.partial").rename(interrupted / "pretrain-checkpoint.pt")
+    info = pretrain.main([*common, "--out", str(interrupted)])
+    assert not (interrupted / "pretrain-checkpoint.pt").exists() and info["epochs"] == 2
+    a = load_file(str(tmp_path / "straight" / f"{BUNDLED_BACKBONE}.safetensors"))
+    b = load_file(str(interrupted / f"{BUNDLED_BACKBONE}.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(SystemExit, match="other settings"):
+        pretrain.torch.save({"settings": "{}", "epoch": 1}, interrupted / "pretrain-checkpoint.pt")
+        pretrain.main([*common, "--out", str(interrupted)])

@@ -28,7 +28,8 @@ def test_train_writes_every_artefact_and_they_reload(tmp_path) -> None:
                     "--out", str(out), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "test accuracy" in proc.stdout
-    assert sorted(p.name for p in out.iterdir()) == ["adapter.safetensors", "metrics.json", "plan.yaml", "train.log"]
+    assert sorted(p.name for p in out.iterdir()) == ["adapter.safetensors", "metrics.json", "plan.yaml", "recipe.yaml",
+                                                     "train.log"]
     metrics = json.loads((out / "metrics.json").read_text())
     assert [h["epoch"] for h in metrics["history"]] == [1, 2]
     assert metrics["backbone"] == DEFAULT_BACKBONE and metrics["dataset"] == "digits"
@@ -79,3 +80,25 @@ def test_bundled_backbone_transfers_to_digits(tmp_path) -> None:
     linear = train(DEFAULT_BACKBONE, PeftPlan.single(make_spec("linear"), []), data, cfg, test=True)
     lora = train(DEFAULT_BACKBONE, PeftPlan.single(make_spec("lora", {"rank": 4}), range(6)), data, cfg, test=True)
     assert linear.test_acc > 0.5 and lora.test_acc > 0.6, (linear.test_acc, lora.test_acc)
+
+
+def test_final_protocol_run_reruns_identically_from_its_recipe(tmp_path, monkeypatch) -> None:
+    """--final trains on train_full without a val curve; the run's recipe.yaml re-runs it to the same accuracy."""
+    from safetensors.torch import save_file
+
+    from autopeft.backbones import create_backbone
+    from autopeft.cli import main
+    from autopeft.recipe import Recipe
+
+    monkeypatch.setenv("AUTOPEFT_CACHE", str(tmp_path / "cache"))
+    save_file(create_backbone("autopeft_test_vit").state_dict(), str(tmp_path / "w.safetensors"))
+    assert main(["train", "--dataset", "digits", "--backbone", "autopeft_test_vit", "--weights",
+                 str(tmp_path / "w.safetensors"), "--method", "lora", "--epochs", "1", "--batch-size", "200",
+                 "--final", "--out", str(tmp_path / "a")]) == 0
+    first = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    assert first["protocol"] == "final" and first["val_acc"] is None and "val_acc" not in first["history"][0]
+    recipe = Recipe.load(tmp_path / "a" / "recipe.yaml")
+    assert recipe.protocol == "final" and recipe.training["batch_size"] == 200 and recipe.num_classes == 10
+    assert main(["train", "--config", str(tmp_path / "a" / "recipe.yaml"), "--out", str(tmp_path / "b")]) == 0
+    again = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    assert again["test_acc"] == first["test_acc"] and again["peft_params"] == first["peft_params"]

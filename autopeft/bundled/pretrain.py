@@ -138,6 +138,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--data-dir", type=Path, default=DATA_DIR)
     p.add_argument("--device", default="cpu", help="e.g. cuda; augmentation stays on the CPU generator")
     p.add_argument("--train-limit", type=int, default=0, help="use only the first N training images (smoke tests)")
+    p.add_argument("--checkpoint", type=Path, default=None,
+                   help="saved after every epoch (default OUT/pretrain-checkpoint.pt) and resumed from when present "
+                        "with the same settings: a run killed after epoch k goes on at epoch k+1 with the same result")
     return p.parse_args(argv)
 
 
@@ -187,9 +190,22 @@ def main(argv: list[str] | None = None) -> dict:
         f"{steps_per_epoch} steps/epoch x {args.epochs} epochs, {args.threads} threads",
         flush=True,
     )
-    start = time.perf_counter()
-    step = 0
-    for epoch in range(args.epochs):
+    checkpoint = args.checkpoint or args.out / "pretrain-checkpoint.pt"
+    settings = json.dumps({k: str(v) for k, v in sorted(vars(args).items()) if k not in ("out", "checkpoint")})
+    first_epoch, seconds_before = 0, 0.0
+    if checkpoint.is_file():
+        saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        if saved["settings"] != settings:
+            raise SystemExit(f"{checkpoint} was written with other settings ({saved['settings']}); "
+                             "delete it or pass the same options")
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["optimizer"])
+        gen.set_state(saved["generator"])
+        first_epoch, seconds_before = int(saved["epoch"]), float(saved["seconds"])
+        print(f"resumed from {checkpoint} after epoch {first_epoch}", flush=True)
+    start = time.perf_counter() - seconds_before
+    step = first_epoch * steps_per_epoch
+    for epoch in range(first_epoch, args.epochs):
         model.train()
         t0 = time.perf_counter()
         order = torch.randperm(len(train_x), generator=gen)
@@ -215,6 +231,13 @@ def main(argv: list[str] | None = None) -> dict:
             f"{correct / seen:.4f}, lr {lr_at(step - 1):.2e}, {time.perf_counter() - t0:.0f} s",
             flush=True,
         )
+        if epoch + 1 < args.epochs:
+            checkpoint.parent.mkdir(parents=True, exist_ok=True)
+            partial = checkpoint.with_name(checkpoint.name + ".partial")
+            torch.save({"settings": settings, "epoch": epoch + 1, "seconds": time.perf_counter() - start,
+                        "model": model.state_dict(), "optimizer": opt.state_dict(), "generator": gen.get_state()},
+                       partial)
+            os.replace(partial, checkpoint)  # a kill while saving leaves the previous checkpoint intact
     train_seconds = time.perf_counter() - start
 
     test_acc = evaluate(model, test_x, test_y, device=args.device)  # the one and only look at the test set
@@ -260,6 +283,7 @@ def main(argv: list[str] | None = None) -> dict:
         "versions": {"torch": torch.__version__, "timm": timm.__version__, "python": platform.python_version()},
     }
     (args.out / f"{BUNDLED_BACKBONE}.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+    checkpoint.unlink(missing_ok=True)
     return info
 
 

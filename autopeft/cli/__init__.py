@@ -15,7 +15,7 @@ import sys
 from autopeft.errors import AutopeftError
 
 COMMAND_MODULES = ["autopeft.cli.methods", "autopeft.cli.train", "autopeft.cli.space", "autopeft.cli.search",
-                   "autopeft.cli.report"]
+                   "autopeft.cli.report", "autopeft.cli.export"]
 
 
 class _Parser(argparse.ArgumentParser):

@@ -107,16 +107,18 @@ def cmd_results(args: argparse.Namespace) -> int:
 def _print_table(table, title: str) -> None:
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
-    t = Table(title=title)
+    t = Table(title=Text(title))  # Text: strings from the study (failure reasons, plans) are shown, not parsed
     cols = ["trial", "status", "val_acc", "peft_params", "percent", "epochs", "baseline", "plan"]
     for c in cols:
         t.add_column(c, overflow="fold")
     for row in table.to_dict(orient="records"):
-        t.add_row(str(row["trial"]), row["status"] + (" ★" if row["best"] else ""),
-                  "-" if row["val_acc"] is None or row["val_acc"] != row["val_acc"] else f"{row['val_acc']:.4f}",
-                  f"{row['peft_params']:,}", f"{row['percent']:.3f}", str(row["epochs"]), row["baseline"],
-                  row["plan"] if not row["fail_reason"] else f"{row['plan']} — {row['fail_reason']}")
+        cells = [str(row["trial"]), row["status"] + (" ★" if row["best"] else ""),
+                 "-" if row["val_acc"] is None or row["val_acc"] != row["val_acc"] else f"{row['val_acc']:.4f}",
+                 f"{row['peft_params']:,}", f"{row['percent']:.3f}", str(row["epochs"]), str(row["baseline"]),
+                 row["plan"] if not row["fail_reason"] else f"{row['plan']} — {row['fail_reason']}"]
+        t.add_row(*(Text(c) for c in cells))
     Console(width=160).print(t)
 
 

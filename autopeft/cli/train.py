@@ -1,4 +1,4 @@
-"""`autopeft train`: one training run of a method or plan, written to a run directory."""
+"""`autopeft train`: one training run of a method, a plan or a recipe, written to a run directory."""
 
 from __future__ import annotations
 
@@ -9,24 +9,37 @@ from pathlib import Path
 from autopeft.backbones import DEFAULT_BACKBONE, backbone_spec, check_pretrained
 from autopeft.cli.methods import add_plan_arguments, plan_from_args
 from autopeft.errors import AutopeftError
+from autopeft.recipe import Recipe
+
+# defaults of the hyper-parameter flags without --config; with --config a flag given overrides the recipe
+DEFAULTS = {"epochs": 10, "batch_size": 32, "lr": 1e-3, "weight_decay": 1e-4, "warmup_epochs": 1.0,
+            "label_smoothing": 0.0, "seed": 0}
+TRAINING_FLAGS = ("batch_size", "lr", "weight_decay", "warmup_epochs", "label_smoothing")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="train one method or plan and write a run directory")
-    p.add_argument("--dataset", required=True, help="registered dataset (e.g. digits, flowers102) or a folder")
+    p = sub.add_parser("train", help="train one method, plan or recipe and write a run directory")
+    p.add_argument("--config", help="a recipe (from `autopeft export`, or a run's recipe.yaml) instead of "
+                                    "--dataset/--backbone/--method/--plan; the flags below override it")
+    p.add_argument("--dataset", help="registered dataset (e.g. digits, flowers102) or a folder")
     p.add_argument("--data-root", default=None, help="where datasets live (default $AUTOPEFT_DATA or ~/.cache)")
-    p.add_argument("--backbone", default=DEFAULT_BACKBONE, help=f"timm model name (default {DEFAULT_BACKBONE})")
+    p.add_argument("--backbone", default=None, help=f"timm model name (default {DEFAULT_BACKBONE})")
     p.add_argument("--weights", default=None, help="local weights file (safetensors, .npz, .pth/.bin)")
-    add_plan_arguments(p, required=True)
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--weight-decay", type=float, default=1e-4)
-    p.add_argument("--warmup-epochs", type=float, default=1.0)
-    p.add_argument("--label-smoothing", type=float, default=0.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--augment", action="store_true", help="augment training images (disables the feature cache)")
-    p.add_argument("--final", action="store_true",
+    add_plan_arguments(p, required=False)
+    p.add_argument("--epochs", type=int, help="epochs (default 10; a recipe's warm-up keeps its share)")
+    p.add_argument("--batch-size", type=int, help="batch size (default 32)")
+    p.add_argument("--lr", type=float, help="peak learning rate (default 1e-3)")
+    p.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 1e-4)")
+    p.add_argument("--warmup-epochs", type=float, help="linear warm-up epochs (default 1)")
+    p.add_argument("--label-smoothing", type=float, help="label smoothing (default 0)")
+    p.add_argument("--seed", type=int, help="training seed (default 0; without --config also the split seed)")
+    p.add_argument("--seeds", type=int, default=1, metavar="K",
+                   help="train K seeds (seed, seed+1, …) into DIR/seed<S>/ and report mean ± std test accuracy")
+    p.add_argument("--merge", action="store_true",
+                   help="also write merged.safetensors, a plain timm state dict (plans that merge only)")
+    p.add_argument("--augment", action="store_true", default=None,
+                   help="augment training images (disables the feature cache)")
+    p.add_argument("--final", action="store_true", default=None,
                    help="final protocol: train on train+val (e.g. VTAB train800val200), no val curve, test once")
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:1 …")
     p.add_argument("--no-cache", action="store_true", help="do not cache the frozen prefix's features")
@@ -34,49 +47,140 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_train)
 
 
+def _absolute(path: str | None) -> str | None:
+    return str(Path(path).expanduser().absolute()) if path else None
+
+
+def recipe_from_args(args: argparse.Namespace) -> Recipe:
+    """The recipe this command line asks for: --config with the flags given on top, or the flags alone."""
+    given = {k: getattr(args, k) for k in TRAINING_FLAGS if getattr(args, k) is not None}
+    if args.augment:
+        given["augment"] = True
+    if args.config:
+        conflicts = [flag for flag, value in (("--dataset", args.dataset), ("--backbone", args.backbone),
+                                              ("--method", args.method), ("--plan", args.plan),
+                                              ("--set", args.options), ("--layers", args.layers != "all"),
+                                              ("--final", args.final)) if value]
+        if conflicts:
+            raise AutopeftError(f"--config holds the dataset, backbone, plan and protocol; drop {', '.join(conflicts)}"
+                                " (or edit the recipe)")
+        recipe = Recipe.load(args.config)
+        if args.epochs is not None:
+            recipe = recipe.with_epochs(args.epochs) if args.epochs >= 1 else recipe.replace(epochs=args.epochs)
+        changes = {"training": {**recipe.training, **given}}
+        if args.seed is not None:
+            changes["seed"] = args.seed
+        if args.weights:
+            changes["weights"] = _absolute(args.weights)
+        if args.data_root:
+            changes["data_root"] = _absolute(args.data_root)
+        return recipe.replace(**changes)
+    if not args.dataset:
+        raise AutopeftError("--dataset is required (or pass --config recipe.yaml)")
+    if not (args.method or args.plan):
+        raise AutopeftError("one of --method, --plan or --config is required")
+    backbone = args.backbone or DEFAULT_BACKBONE
+    plan = plan_from_args(args, backbone_spec(backbone).num_blocks)
+    seed = DEFAULTS["seed"] if args.seed is None else args.seed
+    training = {k: DEFAULTS[k] for k in TRAINING_FLAGS} | given
+    return Recipe(backbone=backbone, dataset=args.dataset, plan=plan,
+                  epochs=DEFAULTS["epochs"] if args.epochs is None else args.epochs, weights=_absolute(args.weights),
+                  data_root=_absolute(args.data_root), protocol="final" if args.final else "search", split_seed=seed,
+                  seed=seed, training=training, provenance={"source": "autopeft train"})
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from autopeft.data import data_config, load_dataset
-    from autopeft.runs import check_out_dir, staged_dir, write_run
-    from autopeft.train import TrainConfig, train
+    from autopeft.recipe import load_data
+    from autopeft.runs import check_out_dir, staged_dir, write_summary
 
     console = Console(stderr=True)
-    spec = backbone_spec(args.backbone)
-    plan = plan_from_args(args, spec.num_blocks)
-    plan.count(spec)  # validates the plan against the backbone before any data is read
-    check_pretrained(args.backbone, args.weights)
-    config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
-                         warmup_epochs=args.warmup_epochs, label_smoothing=args.label_smoothing, seed=args.seed,
-                         device=args.device, feature_cache=not args.no_cache)
+    recipe = recipe_from_args(args)
+    recipe.check()  # the plan against the backbone, before any data is read
+    check_pretrained(recipe.backbone, recipe.weights)
+    if args.seeds < 1:
+        raise AutopeftError(f"--seeds must be >= 1, got {args.seeds}")
+    if args.merge and not recipe.plan.mergeable:
+        raise AutopeftError(f"--merge: the plan cannot be merged: {', '.join(recipe.plan.non_mergeable())} stay(s) "
+                            "at inference; train without --merge (the adapter loads with `autopeft evaluate`) or "
+                            "export a plan that merges (`autopeft export --mergeable`)")
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    out = check_out_dir(args.out or Path("runs") / f"{Path(args.dataset).name.replace('/', '-')}-{stamp}")
-    data = load_dataset(args.dataset, args.data_root, augment=args.augment, seed=args.seed,
-                        **data_config(args.backbone))
-    console.print(f"[bold]{plan.short()}[/] on {args.backbone} · {data.name} ({data.num_classes} classes, "
-                  f"{', '.join(f'{k} {v}' for k, v in data.sizes().items())})")
+    out = check_out_dir(args.out or Path("runs") / f"{Path(recipe.dataset).name.replace('/', '-')}-{stamp}")
+    data = load_data(recipe)
+    recipe = recipe.replace(num_classes=data.num_classes)
+    # printed once training starts, so that an error building the model stays the only line
+    header = [f"[bold]{recipe.plan.short()}[/] on {recipe.backbone} · {data.name} ({data.num_classes} classes, "
+              f"{', '.join(f'{k} {v}' for k, v in data.sizes().items())}) · {recipe.protocol} protocol, "
+              f"{recipe.epochs} epochs"]
+    seeds = [recipe.seed + i for i in range(args.seeds)]
+    runs: dict[str, dict] = {}
+    with staged_dir(out) as tmp:
+        for seed in seeds:
+            run_dir = tmp if len(seeds) == 1 else tmp / f"seed{seed}"
+            run_dir.mkdir(exist_ok=True)
+            runs[run_dir.name] = _one_run(recipe.replace(seed=seed), data, run_dir, args, console, header)
+        if len(seeds) > 1:
+            recipe.save(tmp / "recipe.yaml")
+            summary = write_summary(tmp, runs)
+    last = next(iter(runs.values()))
+    if len(seeds) > 1:
+        each = ", ".join(f"{m['test_acc']:.4f}" for m in runs.values())
+        print(f"test accuracy {summary['test_acc_mean']:.4f} ± {summary['test_acc_std']:.4f} over {len(seeds)} "
+              f"seeds ({each}) · run written to {out}")
+    else:
+        print(f"test accuracy {last['test_acc']:.4f} · {last['peft_params']:,} params ({last['percent']:.3f} %) · "
+              f"{last['seconds']:.1f}s · run written to {out}")
+    trial_acc = recipe.provenance.get("val_acc")
+    if trial_acc is not None:
+        mean = sum(m["test_acc"] for m in runs.values()) / len(runs)
+        print(f"trial {recipe.provenance.get('trial')} of study '{recipe.provenance.get('study')}': val accuracy "
+              f"{trial_acc:.4f} after {recipe.provenance.get('search_epochs')} epochs → test accuracy {mean:.4f} "
+              f"(gap {mean - trial_acc:+.4f})")
+    return 0
+
+
+def _one_run(recipe: Recipe, data, run_dir: Path, args: argparse.Namespace, console, header: list[str]) -> dict:
+    """Train one seed into `run_dir`; with --merge also write and evaluate the merged weights."""
+    import json
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from autopeft.recipe import train_recipe
+    from autopeft.runs import METRICS, merged_state_dict, update_metrics, write_merged, write_run
+
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                   console=console, transient=True) as progress:
-        task = progress.add_task("training", total=None)
+        task = progress.add_task(f"training (seed {recipe.seed})", total=None)
 
         def on_step(step: int, total: int) -> None:
+            if header:
+                progress.console.print(header.pop(), highlight=False)
             progress.update(task, completed=step, total=total)
 
         def report(m: dict) -> None:
             val = f"  val_acc {m['val_acc']:.4f}" if "val_acc" in m else ""
             progress.console.print(f"epoch {m['epoch']:3d}  train_loss {m['train_loss']:.4f}{val}  {m['seconds']:.1f}s")
 
-        result = train(args.backbone, plan, data, config, weights=args.weights,
-                       train_split="train_full" if args.final else "train",
-                       eval_split=None if args.final else "val", test=True, report=report, on_step=on_step)
-    info = {"dataset": data.name, "backbone": args.backbone, "weights": args.weights, "num_classes": data.num_classes,
-            "protocol": "final" if args.final else "search", "config": config.to_dict(),
-            "percent": 100.0 * result.peft_params / spec.backbone_params}
-    with staged_dir(out) as tmp:
-        write_run(tmp, result, plan, info)
+        result = train_recipe(recipe, data, report=report, on_step=on_step, device=args.device,
+                              feature_cache=not args.no_cache)
     if result.test_acc is None:
         raise AutopeftError("the run produced no test accuracy")
-    print(f"test accuracy {result.test_acc:.4f} · {result.peft_params:,} params "
-          f"({info['percent']:.3f} %) · {result.seconds:.1f}s · run written to {out}")
-    return 0
+    config = recipe.train_config(device=args.device, feature_cache=not args.no_cache)
+    spec = backbone_spec(recipe.backbone)
+    info = {"dataset": data.name, "backbone": recipe.backbone, "weights": recipe.weights,
+            "num_classes": data.num_classes, "protocol": recipe.protocol, "config": config.to_dict(),
+            "split_seed": recipe.split_seed, "percent": 100.0 * result.peft_params / spec.backbone_params,
+            "provenance": recipe.provenance}
+    write_run(run_dir, result, recipe.plan, info, recipe)
+    if args.merge:
+        from autopeft.deploy import plain_model
+        from autopeft.train import evaluate, resolve_device
+
+        state = merged_state_dict(result.model)
+        write_merged(run_dir, state)
+        device = resolve_device(args.device)
+        merged = plain_model(recipe.backbone, data.num_classes, state).to(device)
+        loss, acc = evaluate(merged, data.test, config.eval_batch_size, device)
+        update_metrics(run_dir, merged={"file": "merged.safetensors", "test_acc": acc, "test_loss": loss})
+    return json.loads((run_dir / METRICS).read_text())

@@ -49,14 +49,28 @@ LAYOUTS = {
 }
 
 
+# What CIFAR's python batches hold besides plain containers: numpy arrays, dtypes and scalars (numpy 1 and 2 names).
+_ALLOWED = {(module, name) for module in ("numpy.core.multiarray", "numpy._core.multiarray")
+            for name in ("_reconstruct", "scalar")} | {("numpy", "ndarray"), ("numpy", "dtype")}
+
+
+class _DataOnly(pickle.Unpickler):
+    """An unpickler that builds containers, strings, numbers and numpy arrays, and refuses every other global: a
+    pickle naming a function (`os.system`, a class with a `__reduce__`) fails before anything runs."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in _ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"it names {module}.{name}, which no CIFAR batch holds (refused, not run)")
+
+
 def _unpickle(path: Path) -> dict:
-    # The batches are pickles by design of the format (torchvision reads them the same way); only load files you
-    # obtained from the CIFAR release or torchvision's download.
+    # The batches are pickles by design of the format; they are read with an unpickler that admits data only.
     try:
         with open(path, "rb") as f:
-            return pickle.load(f, encoding="latin1")
+            return _DataOnly(f, encoding="latin1").load()
     except (OSError, EOFError, pickle.UnpicklingError, ValueError, AttributeError, ImportError) as exc:
-        raise AutopeftError(f"{path} is unreadable or truncated ({exc}); replace it with the original") from exc
+        raise AutopeftError(f"{path} is unreadable or not a CIFAR batch ({exc}); replace it with the original") from exc
 
 
 def _batch(path: Path, layout: CifarLayout) -> tuple[np.ndarray, np.ndarray]:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 
 from autopeft.backbones import backbone_spec, check_pretrained
 from autopeft.budget import parse_budget
@@ -37,13 +38,13 @@ def prepare(s: SearchSettings):
     from autopeft.search.engine import Prepared
     from autopeft.space import check_feasible, load_space
 
+    # cheap checks first, then the storage, then what reads files (weights, every image)
     st.check_study_name(s.study)
     spec = backbone_spec(s.backbone)
     budget = parse_budget(s.budget, spec)
     space = load_space(s.space)
     check_feasible(space, spec, budget)
-    check_pretrained(s.backbone, s.weights)
-    data = load_dataset(s.dataset, s.data_root, seed=s.seed, **data_config(s.backbone))
+    check_local_gpus(s)
     url = s.storage or st.default_storage(s.study)
     exists = False
     if not url.startswith("sqlite:///") or Path(url[len("sqlite:///"):]).is_file():
@@ -57,24 +58,91 @@ def prepare(s: SearchSettings):
                             "or choose another --study")
     if s.warm_start:
         st.load_study(s.warm_start, s.warm_storage or url)
+    if s.weights is not None:
+        check_weights(s.backbone, s.weights)
+    else:
+        check_pretrained(s.backbone)
+    data = load_dataset(s.dataset, s.data_root, seed=s.seed, **data_config(s.backbone))
+    check_images(data)
     baselines = baseline_plans(spec, budget.limit) if s.baselines and not s.resume else []
     return Prepared(settings=s, spec=spec, budget=budget, space=space, storage_url=url,
                     num_classes=data.num_classes, baselines=baselines)
 
 
+def check_local_gpus(s: SearchSettings) -> None:
+    """Without a cluster, GPUs are this machine's: refuse a request above them before Ray even starts (the engine
+    checks the cluster's resources again once Ray runs)."""
+    import os
+    import sys
+
+    if s.gpus_per_trial <= 0 or s.address or os.environ.get("RAY_ADDRESS"):
+        return
+    if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+        return  # a Ray this process already runs (a notebook, a test) says what it has
+    import torch
+
+    from autopeft.search.cluster import check_resources
+
+    check_resources(s, {"GPU": float(torch.cuda.device_count()), "CPU": float(s.local_cpus())})
+
+
+def check_weights(backbone: str, weights: str) -> None:
+    """Load `weights` into `backbone` once on the driver, so a wrong file fails the search, not every trial."""
+    from autopeft.backbones import create_backbone
+
+    if not Path(weights).expanduser().is_file():
+        raise AutopeftError(f"weights file '{weights}' does not exist; pass an existing file with --weights")
+    fix = f"pass a weights file of {backbone} (safetensors, timm .npz, or .pth/.bin holding tensors only)"
+    try:
+        create_backbone(backbone, weights=weights)
+    except AutopeftError as exc:
+        raise AutopeftError(f"{exc}; {fix}") from None
+    except Exception as exc:  # noqa: BLE001  safetensors, numpy and zip readers raise their own types
+        text = " ".join(str(exc).split())[:200] or type(exc).__name__
+        raise AutopeftError(f"weights file '{weights}' cannot be read ({text}); {fix}") from None
+
+
+def check_images(data: Any, workers: int = 4) -> None:
+    """Decode every image file of the search splits (train, val) once, so a truncated or unreadable file fails the
+    search before it starts rather than every trial. JPEGs decode at 1/8 scale: every byte is still read."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from PIL import Image
+
+    paths = sorted({str(p) for split in (data.train, data.val) for p, _ in getattr(split, "samples", [])})
+
+    def decode(path: str) -> str | None:
+        try:
+            with Image.open(path) as img:
+                img.draft(img.mode if img.mode in ("RGB", "L") else "RGB", (32, 32))
+                img.load()
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+            return f"image {path} is unreadable or truncated ({exc}); replace or delete it"
+        return None
+
+    with ThreadPoolExecutor(workers) as pool:
+        for problem in pool.map(decode, paths):
+            if problem:
+                pool.shutdown(wait=False, cancel_futures=True)
+                raise AutopeftError(problem)
+
+
 def search(s: SearchSettings, console: Console | None = None) -> Outcome:
     """Run (or resume) a search; return the study's settings and records."""
+    from autopeft.search.cluster import ray_session
     from autopeft.search.engine import create_or_resume, run
-    from autopeft.search.progress import SearchProgress
 
     console = console or Console(stderr=True)
     prep = prepare(s)
-    study, remaining = create_or_resume(prep)
-    done = s.trials - remaining
-    console.print(f"study [bold]{s.study}[/] in {st.mask_url(prep.storage_url)}: {s.dataset} on {s.backbone}, budget "
-                  f"{prep.budget.text} = {prep.budget.limit:,} params, space {prep.space.name}, {s.trials} trials × "
-                  f"{s.epochs} epochs" + (f" ({done} already finished)" if done else ""), highlight=False)
-    progress = SearchProgress(s.trials, s.epochs, prep.budget.limit, console, offset=done)
-    run(prep, study, remaining, callbacks=[progress])
+    from autopeft.search.progress import SearchProgress  # imports Ray (seconds): not before the input is checked
+    with ray_session(s):  # Ray first: a request the cluster cannot serve fails before the study exists
+        study, remaining = create_or_resume(prep)
+        done = s.trials - remaining
+        console.print(f"study [bold]{s.study}[/] in {escape(st.mask_url(prep.storage_url))}: {escape(s.dataset)} "
+                      f"on {s.backbone}, budget {prep.budget.text} = {prep.budget.limit:,} params, space "
+                      f"{escape(prep.space.name)}, {s.trials} trials × {s.epochs} epochs"
+                      + (f" ({done} already finished or running)" if done else ""), highlight=False)
+        progress = SearchProgress(s.trials, s.epochs, prep.budget.limit, console, offset=done)
+        run(prep, study, remaining, callbacks=[progress])
     settings, records = st.load_records(s.study, prep.storage_url)
     return Outcome(settings=settings, records=records, storage=prep.storage_url)

@@ -2,8 +2,9 @@
 Optuna RDB storage that holds the study.
 
 The storage is the durable state of a study: every trial's plan, parameters, curve, cost, status and failure reason
-are written there as the trial ends, so `--resume` continues from it after any crash (trials left RUNNING are marked
-FAIL and re-run), and `results`, `export` and `report` read it without Ray.
+are written there as the trial ends, so `--resume` continues from it after any crash (trials whose driver died are
+marked FAIL and re-run, see `liveness`), and `results`, `export` and `report` read it without Ray. Several drivers
+may share a study; each stops once the study holds the requested number of trials.
 
 Early stopping: ASHA stops a trial after some epochs with its low-fidelity accuracy; OptunaSearch would tell Optuna
 that trial as COMPLETE with those values, putting under-trained plans on the Pareto front. `FidelityAwareSearch`
@@ -12,6 +13,7 @@ tells such trials as PRUNED instead, so only full-fidelity trials carry objectiv
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import shutil
@@ -21,18 +23,24 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import optuna
-from optuna.trial import TrialState
+from optuna.storages._heartbeat import BaseHeartbeat
+from optuna.trial import FrozenTrial, TrialState
 
 from autopeft.backbones import BackboneSpec
 from autopeft.budget import Budget
 from autopeft.errors import AutopeftError
 from autopeft.plan import PeftPlan
 from autopeft.search import storage as st
+from autopeft.search.cluster import check_resources, ray_session  # noqa: F401  (check_resources: also here)
+from autopeft.search.liveness import ATTR_DRIVER, Heartbeat, interrupted, this_driver
 from autopeft.search.settings import OBJECTIVES, SearchSettings
 from autopeft.search.trainable import TrialSettings, run_trial
 from autopeft.space import SearchSpace, plan_overhead, sample_hparams, sample_plan
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
+logger = logging.getLogger(__name__)
+# set on a trial whose driver died: it is FAIL (kept for the record) and not counted, and a copy is re-run
+ATTR_INTERRUPTED = "interrupted"
 
 
 @dataclass
@@ -48,6 +56,7 @@ class SamplePlan:
     epochs: int
 
     def __call__(self, trial: Any) -> dict[str, Any]:
+        trial.set_user_attr(ATTR_DRIVER, this_driver())  # first: a RUNNING trial without it counts as orphaned
         preset = trial.user_attrs.get(st.ATTR_PLAN)
         if preset is not None:
             plan = PeftPlan.from_dict(preset)
@@ -66,14 +75,46 @@ class SamplePlan:
 
 
 def _searcher_class():
+    from ray.tune.search import Searcher
     from ray.tune.search.optuna import OptunaSearch
 
     class FidelityAwareSearch(OptunaSearch):
-        """OptunaSearch that records early-stopped trials as PRUNED and failures with their reason."""
+        """OptunaSearch that records early-stopped trials as PRUNED and failures with their reason.
 
-        def __init__(self, *args, max_epochs: int, **kwargs):
+        With `target`, it stops proposing trials once the study holds that many finished or running trials, counted
+        in the storage: several drivers sharing one study (`--resume` on a second machine) end at the requested
+        count together. Every write is retried (`retry`), and no outcome is dropped silently.
+        """
+
+        def __init__(self, *args, max_epochs: int, target: int | None = None, **kwargs):
             super().__init__(*args, **kwargs)
             self.max_epochs = max_epochs
+            self.target = target
+
+        def running_trial_ids(self) -> list[int]:
+            """Storage ids of the trials this driver asked and has not told yet (the heartbeat's list)."""
+            done = set(self._completed_trials)
+            return [t._trial_id for tid, t in list(self._ot_trials.items()) if tid not in done]
+
+        def suggest(self, trial_id: str) -> dict | None:
+            if self.target is not None and trial_id not in self._ot_trials:
+                finished, running = st.retry(lambda: tally(self._ot_study.get_trials(deepcopy=False)))
+                if finished + running >= self.target:
+                    return Searcher.FINISHED
+            for attempt in range(3):
+                try:
+                    config = st.retry(lambda: super(FidelityAwareSearch, self).suggest(trial_id))
+                    break
+                except optuna.exceptions.UpdateFinishedTrialError:
+                    # another driver took the trial for orphaned in the instant before it was stamped: ask anew
+                    self._ot_trials.pop(trial_id, None)
+                    if attempt == 2:
+                        raise
+            ot_trial = self._ot_trials.get(trial_id)
+            storage = self._ot_study._storage
+            if ot_trial is not None and isinstance(storage, BaseHeartbeat):  # RDB storages (Optuna wraps them)
+                st.retry(lambda: storage.record_heartbeat(ot_trial._trial_id))
+            return config
 
         def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
             ot_trial = self._ot_trials.get(trial_id)
@@ -81,21 +122,34 @@ def _searcher_class():
                 return super().on_trial_complete(trial_id, result, error)
             r = result or {}
             epochs = int(r.get("epoch", 0) or 0)
-            ot_trial.set_user_attr(st.ATTR_CURVE, list(r.get("curve") or []))
-            ot_trial.set_user_attr(st.ATTR_EPOCHS, epochs)
-            ot_trial.set_user_attr(st.ATTR_SECONDS, float(r.get("seconds", 0.0) or 0.0))
-            ot_trial.set_user_attr(st.ATTR_NODE, str(r.get("node", "")))
+            attrs = {st.ATTR_CURVE: list(r.get("curve") or []), st.ATTR_EPOCHS: epochs,
+                     st.ATTR_SECONDS: float(r.get("seconds", 0.0) or 0.0), st.ATTR_NODE: str(r.get("node", ""))}
             reason = r.get("fail_reason") or ("the trial's worker process failed; see the Ray logs" if error else None)
+            values = None
             if reason:
-                ot_trial.set_user_attr(st.ATTR_REASON, str(reason))
-                self._tell(trial_id, ot_trial, TrialState.FAIL)
+                attrs[st.ATTR_REASON] = str(reason)
+                state = TrialState.FAIL
             elif epochs < self.max_epochs or r.get("val_acc") is None:
-                self._tell(trial_id, ot_trial, TrialState.PRUNED)  # stopped early: low-fidelity values are not kept
+                state = TrialState.PRUNED  # stopped early: low-fidelity values are not kept
             else:
-                super().on_trial_complete(trial_id, result, error)
+                state = TrialState.COMPLETE
+                values = [r.get(m) for m in self.metric] if isinstance(self.metric, list) else r.get(self.metric)
 
-        def _tell(self, trial_id: str, ot_trial: Any, state: TrialState) -> None:
-            self._ot_study.tell(ot_trial, None, state=state)
+            def record() -> None:
+                for key, value in attrs.items():
+                    ot_trial.set_user_attr(key, value)
+                try:
+                    self._ot_study.tell(ot_trial, values, state=state)
+                except (ValueError, TypeError) as exc:  # objective values Optuna refuses: keep the trial, as FAIL
+                    ot_trial.set_user_attr(st.ATTR_REASON, f"invalid objective values {values}: {exc}"[:300])
+                    self._ot_study.tell(ot_trial, None, state=TrialState.FAIL)
+
+            try:
+                st.retry(record)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                # another driver took this trial for interrupted (this one was frozen past the grace period)
+                logger.warning("trial %s was already finished by another driver; its result here is dropped",
+                               ot_trial.number)
             self._completed_trials.add(trial_id)
 
         # The Optuna storage is the durable state; Ray's searcher checkpoints are not needed to resume.
@@ -106,6 +160,13 @@ def _searcher_class():
             return None
 
     return FidelityAwareSearch
+
+
+def tally(trials: list[FrozenTrial]) -> tuple[int, int]:
+    """(finished, running) trials: finished are COMPLETE, PRUNED and FAIL except the interrupted ones (re-run)."""
+    finished = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) or
+                   (t.state == TrialState.FAIL and not t.user_attrs.get(ATTR_INTERRUPTED)) for t in trials)
+    return finished, sum(t.state == TrialState.RUNNING for t in trials)
 
 
 def _quiet(factory, **kwargs):
@@ -163,9 +224,8 @@ def create_or_resume(prep: Prepared) -> tuple[optuna.Study, int]:
                                                                     st.ATTR_BASELINE: name})
         if s.warm_start:
             enqueue_warm_start(study, prep)
-    finished = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) or (t.state == TrialState.FAIL and
-                   not t.user_attrs.get("interrupted")) for t in study.get_trials(deepcopy=False))
-    return study, max(0, s.trials - finished)
+    finished, running = tally(study.get_trials(deepcopy=False))  # running: other live drivers' trials
+    return study, max(0, s.trials - finished - running)
 
 
 def _baseline_params(prep: Prepared) -> dict[str, Any]:
@@ -178,18 +238,29 @@ def _baseline_params(prep: Prepared) -> dict[str, Any]:
     return out
 
 
-def requeue_interrupted(study: optuna.Study) -> list[int]:
-    """Mark trials left RUNNING by a dead driver as FAIL and enqueue the same trials again."""
+def requeue_interrupted(study: optuna.Study, unstamped_after_s: float = 0.0) -> list[int]:
+    """Mark the trials whose driver died (see `liveness`) FAIL and enqueue the same trials again.
+
+    Trials of drivers that still run are left alone. Marking is one state change per trial, so two drivers
+    re-queueing at once re-run each trial once: the second one's change fails and it enqueues nothing. A running
+    driver passes `unstamped_after_s` so that a trial asked an instant ago, not yet stamped (its own), is spared.
+    """
     redo = []
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        study._storage.set_trial_user_attr(t._trial_id, "interrupted", True)
-        study._storage.set_trial_user_attr(t._trial_id, st.ATTR_REASON, "interrupted; re-run on resume")
-        study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
-        attrs = {k: t.user_attrs[k] for k in (st.ATTR_BASELINE,) if k in t.user_attrs}
-        if st.ATTR_BASELINE in attrs:
+    storage = study._storage
+    for t in interrupted(study, unstamped_after_s=unstamped_after_s):
+        try:  # attributes first: a finished trial takes none
+            storage.set_trial_user_attr(t._trial_id, ATTR_INTERRUPTED, True)
+            storage.set_trial_user_attr(t._trial_id, st.ATTR_REASON, "interrupted (its driver stopped); re-run")
+            storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue  # it finished, or another driver re-queued it, since we looked
+        attrs = {k: t.user_attrs[k] for k in (st.ATTR_BASELINE, "warm_start") if k in t.user_attrs}
+        if st.ATTR_PLAN in t.user_attrs and attrs:  # a preset plan (baseline, warm start) is trained as it was
             attrs[st.ATTR_PLAN] = t.user_attrs[st.ATTR_PLAN]
-        study.enqueue_trial(dict(t.params), user_attrs=attrs, skip_if_exists=False)
+        study.enqueue_trial(dict(t.params), user_attrs={**attrs, "rerun_of": t.number}, skip_if_exists=False)
         redo.append(t.number)
+    if redo:
+        logger.warning("trials %s were left running by a driver that stopped; marked FAIL and queued again", redo)
     return redo
 
 
@@ -214,8 +285,11 @@ def enqueue_warm_start(study: optuna.Study, prep: Prepared) -> int:
 
 
 def run(prep: Prepared, study: optuna.Study, remaining: int, callbacks: list | None = None) -> None:
-    """Run `remaining` trials on Ray Tune (a local instance, or the cluster at `settings.address`)."""
-    import ray
+    """Run up to `remaining` trials on Ray Tune, until the study holds `settings.trials` finished trials.
+
+    While it runs, a heartbeat marks this driver's trials as alive in the storage and re-queues trials whose
+    driver died meanwhile (another driver of the same study).
+    """
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
@@ -224,33 +298,28 @@ def run(prep: Prepared, study: optuna.Study, remaining: int, callbacks: list | N
         return
     # a failing trial's final report carries its reason and no accuracy; the scheduler must accept it
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
-    started = False
-    if not ray.is_initialized():
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        kwargs: dict[str, Any] = dict(include_dashboard=False, log_to_driver=False, configure_logging=False)
-        if s.address:
-            ray.init(address=s.address, **kwargs)
-        else:
-            ray.init(num_cpus=s.local_cpus(), num_gpus=None, **kwargs)
-        started = True
-    try:
-        check_resources(s, ray.cluster_resources())
+    with ray_session(s):
         trial_settings = TrialSettings(dataset=s.dataset, backbone=s.backbone, epochs=s.epochs, weights=s.weights,
                                        data_root=s.data_root, seed=s.seed)
+        storage = st.open_storage(prep.storage_url)  # a plain RDBStorage: Ray pickles the searcher
         searcher = _searcher_class()(
             space=SamplePlan(prep.space, prep.spec, prep.budget, s.epochs),
             metric=[OBJECTIVES[o][0] for o in s.objectives],
             mode=[OBJECTIVES[o][1] for o in s.objectives],
             sampler=make_sampler(s.sampler, s.seed),
             study_name=s.study,
-            storage=st.open_storage(prep.storage_url),  # a plain RDBStorage: Ray pickles the searcher
+            storage=storage,
             max_epochs=s.epochs,
+            target=s.trials,
         )
         scheduler = ASHAScheduler(time_attr="training_iteration", metric="val_acc", mode="max", max_t=s.epochs,
                                   grace_period=min(s.grace_epochs, s.epochs), reduction_factor=s.reduction_factor)
         trainable = tune.with_resources(tune.with_parameters(run_trial, settings=trial_settings),
                                         {"cpu": s.cpus_per_trial, "gpu": s.gpus_per_trial})
+        heartbeat = Heartbeat(storage, searcher.running_trial_ids,
+                              tick=lambda: requeue_interrupted(study, unstamped_after_s=60.0))
         workdir = tempfile.mkdtemp(prefix=f"autopeft-{s.study}-")
+        heartbeat.start()
         try:
             tuner = tune.Tuner(
                 trainable,
@@ -261,17 +330,5 @@ def run(prep: Prepared, study: optuna.Study, remaining: int, callbacks: list | N
             )
             tuner.fit()
         finally:
+            heartbeat.stop()
             shutil.rmtree(workdir, ignore_errors=True)
-    finally:
-        if started:
-            ray.shutdown()
-
-
-def check_resources(s: SearchSettings, resources: dict[str, float]) -> None:
-    gpus, cpus = resources.get("GPU", 0.0), resources.get("CPU", 0.0)
-    if s.gpus_per_trial > gpus:
-        raise AutopeftError(f"--gpus-per-trial {s.gpus_per_trial:g} is more than the {gpus:g} GPU(s) the Ray "
-                            "cluster has; lower it (fractions like 0.5 share a GPU) or add GPU nodes")
-    if s.cpus_per_trial > cpus:
-        raise AutopeftError(f"--cpus-per-trial {s.cpus_per_trial:g} is more than the {cpus:g} CPU(s) the Ray "
-                            "cluster has; lower it")

@@ -6,6 +6,7 @@ from typing import Any
 
 from ray.tune import Callback
 from rich.console import Console
+from rich.markup import escape
 
 
 class SearchProgress(Callback):
@@ -49,7 +50,7 @@ class SearchProgress(Callback):
         epochs = int(r.get("epoch", 0) or 0)
         if error or r.get("fail_reason"):
             self.counts["failed"] += 1
-            status = f"[red]FAIL[/] {r.get('fail_reason', 'worker failed')}"
+            status = f"[red]FAIL[/] {escape(str(r.get('fail_reason', 'worker failed')))}"  # text, not markup
         elif epochs < self.max_epochs:
             self.counts["pruned"] += 1
             status = f"[yellow]stopped at epoch {epochs}[/] val_acc {r.get('val_acc', float('nan')):.4f}"

@@ -1,0 +1,204 @@
+"""Study -> Recipe: pick a trial (best under the budget, the Pareto knee, or a number), optionally confirm the top
+Pareto plans with fresh seeds, and describe its final training run.
+
+Studies are read through autopeft.search.storage only (no Ray). The recipe trains the space's full schedule (e.g.
+100 epochs, VTAB's), not the search fidelity, on the dataset's final protocol (train_full: VTAB train800val200,
+Flowers102 train+val), with the trial's hyper-parameters and the study's split seed, so the test set stays unseen.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from autopeft.backbones import backbone_spec
+from autopeft.budget import parse_budget
+from autopeft.errors import AutopeftError
+from autopeft.pareto import best_under_budget, eligible, knee, pareto_front
+from autopeft.plan import PeftPlan
+from autopeft.recipe import TRAINING_KEYS, Recipe, load_data, train_recipe
+from autopeft.records import TrialRecord
+from autopeft.runs import versions
+from autopeft.search import storage as st
+from autopeft.search.settings import OBJECTIVES
+
+PICKS = ("best", "knee")
+
+
+@dataclass
+class Study:
+    """A stored study as export needs it: settings, records and each trial's training hyper-parameters."""
+
+    name: str
+    storage: str
+    settings: dict[str, Any]
+    records: list[TrialRecord]
+    hparams: dict[int, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def objectives(self) -> list[str]:
+        return [OBJECTIVES[o][0] for o in self.settings.get("objectives", ["acc", "params"])]
+
+    def record(self, number: int) -> TrialRecord:
+        for r in self.records:
+            if r.number == number:
+                return r
+        span = f"trials 0-{len(self.records) - 1}" if self.records else "no trials"
+        raise AutopeftError(f"study '{self.name}' has no trial {number} (it has {span})")
+
+
+def read_study(name: str, storage: str | None = None) -> Study:
+    url = storage or st.default_storage(name)
+    study = st.load_study(name, url)
+    settings = st.study_settings(study)
+    if not settings.get("backbone") or not settings.get("dataset"):
+        raise AutopeftError(f"study '{name}' holds no autopeft search settings; export reads studies made by "
+                            "`autopeft search`")
+    trials = sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
+    return Study(name=name, storage=url, settings=settings, records=[st.record_of(t) for t in trials],
+                 hparams={t.number: dict(t.user_attrs.get(st.ATTR_HPARAMS) or {}) for t in trials})
+
+
+def _merges(record: TrialRecord) -> bool:
+    return PeftPlan.from_dict(record.plan).mergeable
+
+
+def candidates(study: Study, limit: int, mergeable: bool = False) -> list[TrialRecord]:
+    """Eligible trials (full fidelity, with a val accuracy) within `limit` parameters (and merging, if asked)."""
+    return [r for r in eligible(study.records) if r.peft_params <= limit and (not mergeable or _merges(r))]
+
+
+def _check_trial(study: Study, number: int, limit: int, mergeable: bool) -> TrialRecord:
+    r = study.record(number)
+    where = f"trial {number} of study '{study.name}'"
+    if r.status == "FAIL":
+        raise AutopeftError(f"{where} failed ({r.tags.get('fail_reason', 'no reason recorded')}); pick a completed "
+                            f"trial (autopeft results --study {study.name})")
+    if r.status == "RUNNING":
+        raise AutopeftError(f"{where} is still running (or its search was interrupted); pick a finished trial")
+    if not r.full_fidelity or r.val_acc is None:
+        raise AutopeftError(f"{where} was stopped early after {r.epochs} of {r.max_epochs} epochs; only "
+                            f"full-fidelity trials can be exported (autopeft results --study {study.name} --pareto)")
+    if r.peft_params > limit:
+        raise AutopeftError(f"{where} has {r.peft_params:,} parameters, over the budget of {limit:,}")
+    if mergeable and not _merges(r):
+        names = ", ".join(PeftPlan.from_dict(r.plan).non_mergeable())
+        raise AutopeftError(f"{where} does not merge ({names} stay at inference); drop --mergeable or pick another")
+    return r
+
+
+def pick_trial(study: Study, pick: str, limit: int, mergeable: bool = False) -> TrialRecord:
+    """The trial `pick` names: `best` (highest val accuracy under `limit`), `knee` (of the Pareto front) or a number."""
+    if pick.isdigit():
+        return _check_trial(study, int(pick), limit, mergeable)
+    if pick not in PICKS:
+        raise AutopeftError(f"--pick '{pick}' is not valid; use best, knee or a trial number")
+    pool = candidates(study, limit, mergeable)
+    chosen = best_under_budget(pool, limit) if pick == "best" else knee(pool, study.objectives)
+    if chosen is None:
+        counts = {s: sum(r.status == s for r in study.records) for s in ("COMPLETE", "PRUNED", "FAIL")}
+        full = len(eligible(study.records))
+        raise AutopeftError(
+            f"study '{study.name}' has no full-fidelity trial within {limit:,} parameters"
+            f"{' whose plan merges' if mergeable else ''} ({len(study.records)} trials: {full} at full fidelity, "
+            f"{counts['PRUNED']} stopped early, {counts['FAIL']} failed); run more trials with "
+            f"`autopeft search --study {study.name} --resume --trials N`")
+    return chosen
+
+
+def recipe_of(study: Study, record: TrialRecord, epochs: int | None = None, pick: str = "best",
+              limit: int | None = None) -> Recipe:
+    """The final-training recipe of one trial: its plan and hyper-parameters on the space's full schedule."""
+    s = study.settings
+    hp = study.hparams.get(record.number, {})
+    search_epochs = int(s.get("epochs") or record.max_epochs or 1)
+    schedule = int(hp.get("epochs") or search_epochs)
+    training = {k: v for k, v in hp.items() if k in TRAINING_KEYS}
+    recipe = Recipe(backbone=s["backbone"], dataset=s["dataset"], plan=PeftPlan.from_dict(record.plan),
+                    epochs=schedule, weights=s.get("weights"), data_root=s.get("data_root"),
+                    num_classes=s.get("num_classes"), protocol="final", split_seed=int(s.get("seed", 0)),
+                    seed=int(s.get("seed", 0)), training=training)
+    notes = []
+    if schedule != search_epochs:
+        notes.append(f"trials ran {search_epochs} epochs (the search fidelity); this recipe trains the space's "
+                     f"schedule of {schedule} epochs (warm-up {hp.get('warmup_epochs', 'default')})")
+    if epochs is not None and epochs != recipe.epochs:
+        recipe = recipe.with_epochs(epochs)
+        warmup = recipe.training.get("warmup_epochs")
+        notes.append(f"epochs set to {epochs} by --epochs (warm-up {'default' if warmup is None else f'{warmup:g}'})")
+    if not hp:
+        notes.append("the study stored no hyper-parameters for this trial; TrainConfig defaults apply")
+    spec = backbone_spec(recipe.backbone)
+    provenance = {
+        "study": study.name, "storage": st.mask_url(study.storage), "trial": record.number, "pick": pick,
+        "val_acc": record.val_acc, "curve": record.curve, "peft_params": record.peft_params,
+        "percent": 100.0 * record.peft_params / spec.backbone_params, "budget": s.get("budget"),
+        "budget_limit": limit if limit is not None else s.get("budget_limit"), "space": s.get("space"),
+        "search_epochs": search_epochs, "baseline": record.tags.get("baseline"), "hparams": hp,
+        "exported": datetime.now(timezone.utc).isoformat(timespec="seconds"), "versions": versions(), "notes": notes,
+    }
+    count = recipe.check()
+    if count != record.peft_params:
+        raise AutopeftError(f"trial {record.number}'s plan counts {count:,} parameters now but "
+                            f"{record.peft_params:,} in the study; the methods changed since the search")
+    return recipe.replace(provenance=provenance)
+
+
+def confirm(study: Study, pool: list[TrialRecord], k: int, seeds: int, device: str = "auto",
+            log: Callable[[str], None] | None = None) -> tuple[TrialRecord, dict[str, Any]]:
+    """Re-train the top-k Pareto plans of `pool` with `seeds` fresh seeds at the search fidelity, on train/val.
+
+    The pick is the highest mean val accuracy (ties: fewer parameters); the test split is never touched.
+    """
+    if k < 1 or seeds < 1:
+        raise AutopeftError(f"--confirm and --confirm-seeds must be >= 1, got {k} and {seeds}")
+    front = sorted(pareto_front(pool, study.objectives), key=lambda r: (-float(r.val_acc), r.peft_params, r.number))
+    top = front[:k]
+    if not top:
+        raise AutopeftError(f"study '{study.name}' has no Pareto plan to confirm")
+    base_seed = int(study.settings.get("seed", 0))
+    seed_list = [base_seed + 1 + i for i in range(seeds)]  # fresh seeds: the trial's own seed is the lucky one
+    search_epochs = int(study.settings.get("epochs") or top[0].max_epochs)
+    results, data_by_augment = [], {}
+    for r in top:
+        recipe = recipe_of(study, r).replace(protocol="search").with_epochs(search_epochs)
+        if recipe.augment not in data_by_augment:
+            data_by_augment[recipe.augment] = load_data(recipe)
+        accs = []
+        for seed in seed_list:
+            result = train_recipe(recipe.replace(seed=seed), data_by_augment[recipe.augment], test=False,
+                                  device=device)
+            accs.append(float(result.val_acc))
+            if log:
+                log(f"confirm trial {r.number} seed {seed}: val_acc {accs[-1]:.4f}")
+        results.append({"trial": r.number, "search_val_acc": r.val_acc, "peft_params": r.peft_params,
+                        "val_acc": accs, "mean": statistics.fmean(accs),
+                        "std": statistics.stdev(accs) if len(accs) > 1 else 0.0})
+    best = min(results, key=lambda x: (-x["mean"], x["peft_params"], x["trial"]))
+    info = {"k": k, "seeds": seed_list, "epochs": search_epochs, "split": "val", "candidates": results,
+            "picked": best["trial"]}
+    return study.record(best["trial"]), info
+
+
+def export_recipe(name: str, storage: str | None = None, pick: str = "best", budget: str | None = None,
+                  mergeable: bool = False, epochs: int | None = None, confirm_k: int = 0, confirm_seeds: int = 3,
+                  device: str = "auto", log: Callable[[str], None] | None = None) -> Recipe:
+    """The recipe of the trial `pick` selects in study `name` (see the CLI's `autopeft export`)."""
+    study = read_study(name, storage)
+    spec = backbone_spec(study.settings["backbone"])
+    limit = int(study.settings.get("budget_limit") or 2**62)
+    if budget is not None:
+        limit = parse_budget(budget, spec).limit
+    if confirm_k:
+        if pick != "best":
+            raise AutopeftError("--confirm re-ranks the best Pareto plans by their mean over seeds; use it with "
+                                "--pick best (the default)")
+        pick_trial(study, "best", limit, mergeable)  # one clear line when nothing is eligible
+        record, info = confirm(study, candidates(study, limit, mergeable), confirm_k, confirm_seeds, device, log)
+        recipe = recipe_of(study, record, epochs, "confirm", limit)
+        return recipe.replace(provenance={**recipe.provenance, "confirm": info})
+    record = pick_trial(study, pick, limit, mergeable)
+    return recipe_of(study, record, epochs, "trial" if pick.isdigit() else pick, limit)

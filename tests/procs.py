@@ -1,0 +1,42 @@
+"""Finding and stopping the Ray processes a test's own `autopeft search` drivers started, by their process ids.
+
+A driver run with RAY_TMPDIR=<a temp dir of the test's> starts a Ray instance whose processes name that dir in their
+command lines; a driver started with `start_new_session=True` leads a process group of its own. Either identifies
+exactly the test's processes (never `ray stop` or a broad pkill: other Ray instances may run on the machine).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+
+def ray_pids(marker: str, groups: set[int] | frozenset[int] = frozenset()) -> list[int]:
+    """Processes with `marker` in their command line or in one of the process `groups`."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            group = os.getpgid(int(proc.name))
+        except (OSError, ProcessLookupError):
+            continue
+        if marker in cmdline or group in groups:
+            pids.append(int(proc.name))
+    return pids
+
+
+def stop(marker: str, groups: set[int] | frozenset[int] = frozenset()) -> None:
+    """SIGTERM those processes, then SIGKILL what is left after a short grace (SIGTERM alone leaves some)."""
+    for sig, wait in ((signal.SIGTERM, 3.0), (signal.SIGKILL, 3.0)):
+        for pid in ray_pids(marker, groups):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.time() + wait
+        while ray_pids(marker, groups) and time.time() < deadline:
+            time.sleep(0.2)
