@@ -6,6 +6,7 @@ a local logger), so search and final training cannot drift apart.
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 import time
@@ -211,8 +212,16 @@ def train(
     steps_per_epoch = math.ceil(len(train_src) / config.batch_size)
     total = steps_per_epoch * config.epochs
     warmup = min(int(config.warmup_epochs * steps_per_epoch), max(total - 1, 0))
-    scheduler = CosineLRScheduler(optimizer, t_initial=total, warmup_t=warmup, warmup_lr_init=config.lr * 1e-2,
-                                  warmup_prefix=True, lr_min=config.lr * 1e-3, t_in_epochs=False)
+    # warm-up first, then a cosine over the remaining steps that reaches lr_min at the last one
+    timm_log = logging.getLogger("timm.scheduler.cosine_lr")
+    level = timm_log.level
+    timm_log.setLevel(logging.ERROR)  # a 1-step cosine is a constant, which timm logs a warning about
+    try:
+        scheduler = CosineLRScheduler(optimizer, t_initial=max(total - warmup, 1), warmup_t=warmup,
+                                      warmup_lr_init=config.lr * 1e-2, warmup_prefix=True, lr_min=config.lr * 1e-3,
+                                      t_in_epochs=False)
+    finally:
+        timm_log.setLevel(level)
     criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     frozen_prefix = prefix_modules(model, k) if k and supports_cache(model) else []
     autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")

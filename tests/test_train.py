@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 
@@ -116,6 +118,22 @@ def test_fidelity_knobs(digits, tmp_path) -> None:
     assert [m["epoch"] for m in seen] == [1, 2, 3]
     assert set(seen[0]) >= {"epoch", "train_loss", "val_loss", "val_acc", "seconds"}
     assert result.test_acc is None and result.peft_params == plan.count(backbone_spec(TINY))
+
+
+def test_schedule_warms_up_then_ends_at_lr_min(digits, tmp_path) -> None:
+    """Linear warm-up over the first epoch, then a cosine that reaches lr_min (lr / 1000) at the very last step."""
+    plan = PeftPlan.single(make_spec("bitfit"), [])
+    lrs = [m["lr"] for m in _run(digits, plan, tmp_path, epochs=4, lr=1e-2, warmup_epochs=1).history]
+    assert lrs[0] == pytest.approx(1e-2, rel=1e-6)  # warm-up ends at the peak
+    assert lrs[0] > lrs[1] > lrs[2] > lrs[3] and lrs[3] == pytest.approx(1e-5, rel=1e-6)
+
+
+def test_a_one_step_run_trains_quietly(digits, tmp_path, caplog) -> None:
+    plan = PeftPlan.single(make_spec("bitfit"), [])
+    with caplog.at_level(logging.WARNING):
+        result = _run(digits, plan, tmp_path, epochs=1, batch_size=1000, train_fraction=1.0, warmup_epochs=0)
+    assert len(result.history) == 1
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
 
 
 @pytest.mark.parametrize("bad", [dict(epochs=0), dict(lr=0), dict(lr=float("nan")), dict(train_fraction=0),
