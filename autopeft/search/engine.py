@@ -298,6 +298,8 @@ def run(prep: Prepared, study: optuna.Study, remaining: int, callbacks: list | N
         return
     # a failing trial's final report carries its reason and no accuracy; the scheduler must accept it
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+    # Ray's new console output prints an experiment table even at verbose=0; progress is ours (SearchProgress)
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     with ray_session(s):
         trial_settings = TrialSettings(dataset=s.dataset, backbone=s.backbone, epochs=s.epochs, weights=s.weights,
                                        data_root=s.data_root, seed=s.seed)
