@@ -38,6 +38,8 @@ def test_same_spec_on_several_blocks_forms_one_group() -> None:
     plan = PeftPlan.single(make_spec("lora", {"rank": 2}), [0, 1, 2, 5])
     assert [(s.name, b) for s, b in plan.groups()] == [("lora", (0, 1, 2, 5))]
     assert plan.short() == "lora(rank=2)@0-2,5"
+    assert make_spec("lora", {"targets": ["q", "k"]}).short() == "lora(targets=qk)"
+    assert make_spec("lora", {"targets": ["q", "fc1"]}).short() == "lora(targets=q+fc1)"  # not `qfc1`
 
 
 def test_global_method_ignores_layers() -> None:

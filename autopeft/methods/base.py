@@ -88,7 +88,9 @@ class MethodSpec:
             value = getattr(self, f.name)
             if f.default is not dataclasses.MISSING and value == f.default:
                 continue
-            parts.append(f"{f.name}={''.join(value) if isinstance(value, tuple) else value}")
+            if isinstance(value, tuple):  # q,v targets read `qv`; longer names keep a separator: `fc1+fc2`
+                value = ("" if all(len(str(v)) == 1 for v in value) else "+").join(map(str, value))
+            parts.append(f"{f.name}={value}")
         return f"{self.name}({','.join(parts)})" if parts else self.name
 
 
