@@ -10,7 +10,7 @@ their split protocols and the backbone's preprocessing.
 
 from __future__ import annotations
 
-from autopeft.data import arrays, cifar, flowers, folder, vtab  # noqa: F401  (imported to register)
+from autopeft.data import arrays, cifar, flowers, folder, synthetic, vtab  # noqa: F401  (imported to register)
 from autopeft.data.base import (
     DataSplits,
     Request,
