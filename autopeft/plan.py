@@ -21,6 +21,7 @@ from torch import nn
 from autopeft.backbones import BackboneSpec, is_head_param
 from autopeft.errors import AutopeftError
 from autopeft.methods.base import MethodSpec, Wrapper, spec_from_dict
+from autopeft.yamlfile import read_yaml
 
 PLAN_VERSION = 1
 
@@ -188,12 +189,7 @@ class PeftPlan:
     @classmethod
     def load(cls, path: str | Path) -> PeftPlan:
         path = Path(path)
-        if not path.is_file():
-            raise AutopeftError(f"plan file '{path}' does not exist")
-        try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
-            raise AutopeftError(f"plan file '{path}' is not valid YAML: {str(exc).splitlines()[0]}") from None
+        data = read_yaml(path, "plan file")
         try:
             return cls.from_dict(data)
         except AutopeftError as exc:

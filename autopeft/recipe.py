@@ -32,6 +32,7 @@ import yaml
 
 from autopeft.errors import AutopeftError
 from autopeft.plan import PeftPlan
+from autopeft.yamlfile import read_yaml
 
 RECIPE_VERSION = 1
 PROTOCOLS = {"final": ("train_full", None), "search": ("train", "val")}  # protocol -> (train split, eval split)
@@ -176,12 +177,7 @@ class Recipe:
     def load(cls, path: str | Path) -> Recipe:
         """Read a recipe file; relative `weights` and `data_root` paths are taken from the file's folder."""
         path = Path(path)
-        if not path.is_file():
-            raise AutopeftError(f"recipe file '{path}' does not exist")
-        try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
-            raise AutopeftError(f"recipe file '{path}' is not valid YAML: {str(exc).splitlines()[0]}") from None
+        data = read_yaml(path, "recipe file")
         if isinstance(data, dict):
             for key in ("weights", "data_root"):
                 value = data.get(key)

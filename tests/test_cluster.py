@@ -18,6 +18,7 @@ from pathlib import Path
 import optuna
 import pytest
 import torch
+from procs import ray_pids
 from safetensors.torch import save_file
 
 from autopeft.backbones import create_backbone
@@ -31,30 +32,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _cluster_pids(marker: str) -> list[int]:
-    pids = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) == os.getpid():
-            continue
-        try:
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if marker in cmdline:
-            pids.append(int(proc.name))
-    return pids
-
-
 def _stop(marker: str) -> None:
     """SIGTERM the cluster's processes, then SIGKILL what is left after a short grace (SIGTERM alone leaves some)."""
     for sig, wait in ((signal.SIGTERM, 3.0), (signal.SIGKILL, 2.0)):
-        for pid in _cluster_pids(marker):
+        for pid in ray_pids(marker):
             try:
                 os.kill(pid, sig)
             except ProcessLookupError:
                 pass
         deadline = time.time() + wait
-        while _cluster_pids(marker) and time.time() < deadline:
+        while ray_pids(marker) and time.time() < deadline:
             time.sleep(0.2)
 
 
@@ -90,4 +77,4 @@ def test_search_spreads_trials_over_two_nodes(tmp_path) -> None:
         assert len(nodes) == 2 and "" not in nodes, nodes
     finally:
         _stop(temp_dir)
-        assert not _cluster_pids(temp_dir)
+        assert not ray_pids(temp_dir)

@@ -9,10 +9,9 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from autopeft.backbones import DEFAULT_BACKBONE
 from autopeft.errors import AutopeftError
+from autopeft.yamlfile import read_yaml
 
 # objective name on the command line -> (metric reported by trials, direction)
 OBJECTIVES = {"acc": ("val_acc", "max"), "params": ("peft_params", "min"), "overhead": ("overhead", "min")}
@@ -95,12 +94,7 @@ class SearchSettings:
 def load_recipe(path: str | Path) -> dict[str, Any]:
     """A study recipe (YAML mapping of SearchSettings fields), validated key by key."""
     p = Path(path)
-    if not p.is_file():
-        raise AutopeftError(f"study recipe '{p}' does not exist")
-    try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise AutopeftError(f"study recipe '{p}' is not valid YAML: {str(exc).splitlines()[0]}") from None
+    data = read_yaml(p, "study recipe") or {}
     if not isinstance(data, dict):
         raise AutopeftError(f"study recipe '{p}' must be a mapping of settings")
     valid = {f.name for f in fields(SearchSettings)} - {"resume", "storage", "address"}

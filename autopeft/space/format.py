@@ -16,11 +16,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from autopeft.errors import AutopeftError
 from autopeft.methods import MethodSpec, get_method, make_spec
 from autopeft.space.domain import Domain, number, parse_range
+from autopeft.yamlfile import read_yaml
 
 FORMAT_VERSION = 1
 NONE = "none"
@@ -116,10 +115,7 @@ def load_space(ref: str | Path) -> SearchSpace:
         if not path.is_file():
             raise AutopeftError(f"unknown search space '{text}'; shipped spaces: {', '.join(list_spaces())}, "
                                 "or pass a YAML file")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise AutopeftError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from None
+    data = read_yaml(path, "search space file")
     return parse_space(data, str(path), default_name=path.stem)
 
 
