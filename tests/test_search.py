@@ -172,3 +172,21 @@ def test_existing_study_needs_resume(study_dir, monkeypatch, capsys) -> None:
     monkeypatch.chdir(study_dir)
     assert main([*SEARCH, "--trials", "8", "--study", "e2e"]) == 2
     assert "already exists" in capsys.readouterr().err
+
+
+def test_progress_prints_one_unwrapped_line_per_trial(capsys) -> None:
+    """Logs of a search (stderr to a file, not a terminal) keep one line per trial however long it is."""
+    from types import SimpleNamespace
+
+    from autopeft.search.progress import SearchProgress
+
+    progress = SearchProgress(total=12, max_epochs=3, budget_limit=10_000)
+    for number, result in enumerate([{"epoch": 3, "val_acc": 0.5}, {"epoch": 1, "val_acc": 0.25},
+                                     {"epoch": 2, "fail_reason": "CUDA out of memory " * 8}]):
+        trial = SimpleNamespace(trial_id=f"t{number}", last_result=result,
+                                config={"autopeft": {"peft_params": 1234, "number": number}})
+        progress.on_trial_start(0, [], trial)
+        progress.on_trial_complete(0, [], trial)
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["trial 0", "trial 1", "trial 2"], lines
+    assert "best under budget 0.5000 (trial 0, 1,234 params)" in lines[2] and "3/12 finished" in lines[2]

@@ -95,7 +95,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from autopeft.recipe import load_data
     from autopeft.runs import check_out_dir, staged_dir, write_summary
 
-    console = Console(stderr=True)
+    console = Console(stderr=True, soft_wrap=True)
     recipe = recipe_from_args(args)
     recipe.check()  # the plan against the backbone, before any data is read
     check_pretrained(recipe.backbone, recipe.weights)

@@ -132,7 +132,7 @@ def search(s: SearchSettings, console: Console | None = None) -> Outcome:
     from autopeft.search.cluster import ray_session
     from autopeft.search.engine import create_or_resume, run
 
-    console = console or Console(stderr=True)
+    console = console or Console(stderr=True, soft_wrap=True)
     prep = prepare(s)
     from autopeft.search.progress import SearchProgress  # imports Ray (seconds): not before the input is checked
     with ray_session(s):  # Ray first: a request the cluster cannot serve fails before the study exists

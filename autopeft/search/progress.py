@@ -15,7 +15,7 @@ class SearchProgress(Callback):
     def __init__(self, total: int, max_epochs: int, budget_limit: int, console: Console | None = None,
                  offset: int = 0):
         self.total, self.max_epochs, self.limit = total, max_epochs, budget_limit
-        self.console = console or Console(stderr=True)
+        self.console = console or Console(stderr=True, soft_wrap=True)
         self.counts = {"done": 0, "pruned": 0, "failed": 0}
         self.offset = offset
         self.best: tuple[float, int, str] | None = None
@@ -28,7 +28,7 @@ class SearchProgress(Callback):
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
-        self.console = self.console or Console(stderr=True)
+        self.console = self.console or Console(stderr=True, soft_wrap=True)
 
     @staticmethod
     def _info(trial: Any) -> dict:
