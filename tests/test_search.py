@@ -74,6 +74,16 @@ def test_storage_holds_every_trial_with_names_and_attrs(study_dir) -> None:
     assert any(name.startswith(("block", "group", "global", "noah")) for t in searched for name in t.params)
 
 
+def test_without_early_stopping_every_trial_trains_all_epochs(tmp_path, monkeypatch, ray_instance) -> None:
+    """`--no-early-stopping`: ASHA is off (a plain random search over the space, for instance), no trial is cut."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("AUTOPEFT_CACHE", str(tmp_path / "cache"))
+    assert main([*SEARCH, "--trials", "4", "--study", "fifo", "--no-early-stopping", "--no-baselines",
+                 "--sampler", "random"]) == 0
+    _, records = st.load_records("fifo", f"sqlite:///{tmp_path}/studies/fifo.db")
+    assert len(records) == 4 and all(r.status == "COMPLETE" and r.epochs == 3 for r in records), records
+
+
 def test_early_stopped_trials_are_pruned_and_never_on_the_front(study_dir) -> None:
     settings, records = st.load_records("e2e", f"sqlite:///{study_dir}/studies/e2e.db")
     stopped = [r for r in records if r.epochs < 3]

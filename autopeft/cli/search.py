@@ -19,6 +19,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--trials", type=int, help="number of trials (baselines included)")
     p.add_argument("--epochs", type=int, help="epochs of a full-fidelity trial")
     p.add_argument("--grace-epochs", type=int, help="epochs before ASHA may stop a trial")
+    p.add_argument("--no-early-stopping", dest="early_stopping", action="store_false", default=None,
+                   help="train every trial for all --epochs (no ASHA), e.g. for a plain random search")
     p.add_argument("--sampler", help="tpe (default), nsga2, gp or random")
     p.add_argument("--objectives", help="acc,params (default) or acc,params,overhead")
     p.add_argument("--gpus-per-trial", type=float, help="GPUs per trial (fractions share a GPU)")
@@ -57,9 +59,9 @@ def cmd_search(args: argparse.Namespace) -> int:
     from autopeft.search.results import frame
 
     flags = {k: getattr(args, k) for k in ("dataset", "budget", "backbone", "weights", "data_root", "space", "trials",
-                                             "epochs", "grace_epochs", "sampler", "objectives", "gpus_per_trial",
-                                             "cpus_per_trial", "concurrency", "address", "storage", "study",
-                                             "resume", "warm_start", "seed", "baselines")}
+                                             "epochs", "grace_epochs", "early_stopping", "sampler", "objectives",
+                                             "gpus_per_trial", "cpus_per_trial", "concurrency", "address", "storage",
+                                             "study", "resume", "warm_start", "seed", "baselines")}
     recipe = args.recipe
     if recipe is None and args.dataset is None:
         recipe = _default_recipe()

@@ -284,6 +284,17 @@ def enqueue_warm_start(study: optuna.Study, prep: Prepared) -> int:
     return n
 
 
+def make_scheduler(s: SearchSettings):
+    """ASHA on val_acc (stops weak trials after `grace_epochs`), or, with early stopping off, first-in first-out:
+    every trial trains all `epochs`."""
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    if not s.early_stopping:
+        return FIFOScheduler()
+    return ASHAScheduler(time_attr="training_iteration", metric="val_acc", mode="max", max_t=s.epochs,
+                         grace_period=min(s.grace_epochs, s.epochs), reduction_factor=s.reduction_factor)
+
+
 def run(prep: Prepared, study: optuna.Study, remaining: int, callbacks: list | None = None) -> None:
     """Run up to `remaining` trials on Ray Tune, until the study holds `settings.trials` finished trials.
 
@@ -291,7 +302,6 @@ def run(prep: Prepared, study: optuna.Study, remaining: int, callbacks: list | N
     driver died meanwhile (another driver of the same study).
     """
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
 
     s = prep.settings
     if remaining <= 0:
@@ -314,8 +324,7 @@ def run(prep: Prepared, study: optuna.Study, remaining: int, callbacks: list | N
             max_epochs=s.epochs,
             target=s.trials,
         )
-        scheduler = ASHAScheduler(time_attr="training_iteration", metric="val_acc", mode="max", max_t=s.epochs,
-                                  grace_period=min(s.grace_epochs, s.epochs), reduction_factor=s.reduction_factor)
+        scheduler = make_scheduler(s)
         trainable = tune.with_resources(tune.with_parameters(run_trial, settings=trial_settings),
                                         {"cpu": s.cpus_per_trial, "gpu": s.gpus_per_trial})
         heartbeat = Heartbeat(storage, searcher.running_trial_ids,

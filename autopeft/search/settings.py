@@ -32,6 +32,7 @@ class SearchSettings:
     trials: int = 20
     epochs: int = 10
     grace_epochs: int = 2
+    early_stopping: bool = True  # False: every trial trains all `epochs` (no ASHA)
     reduction_factor: int = 2
     sampler: str = "tpe"
     objectives: tuple[str, ...] = ("acc", "params")
