@@ -147,6 +147,20 @@ def test_fidelity_aware_searcher_marks_states() -> None:
     assert "worker" in trials[3].user_attrs["fail_reason"]
 
 
+def test_the_pickled_searcher_holds_no_storage_url(tmp_path) -> None:
+    """Ray pickles the searcher into its work dir (tuner.pkl); the study URL (a password, for PostgreSQL) stays out."""
+    import ray.cloudpickle as cloudpickle
+
+    url = f"sqlite:///{tmp_path}/secret-s3cr3t.db"
+    searcher = _searcher_class()(space=lambda t: {"x": t.suggest_float("x", 0, 1)}, metric=["val_acc", "peft_params"],
+                                 mode=["max", "min"], storage=st.open_storage(url), study_name="s", max_epochs=4)
+    searcher.suggest("a")
+    blob = cloudpickle.dumps(searcher)
+    assert b"s3cr3t" not in blob
+    searcher.on_trial_complete("a", {"val_acc": 0.5, "peft_params": 3, "epoch": 4, "curve": [0.5] * 4})
+    assert optuna.load_study(study_name="s", storage=url).trials[0].values == [0.5, 3]  # the live one still works
+
+
 @pytest.mark.parametrize(
     "extra,needle",
     [

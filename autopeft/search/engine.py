@@ -156,6 +156,14 @@ def _searcher_class():
         def save(self, checkpoint_path: str) -> None:
             return None
 
+        def __getstate__(self) -> dict:
+            # Ray writes the tuner, this searcher included, to tuner.pkl in its work dir for Tuner.restore, which
+            # autopeft never uses. The storage, the study and the trials (which hold it) stay out of that file, so a
+            # database URL and its password never reach the disk; a copy made this way cannot run a search.
+            state = self.__dict__.copy()
+            state.update(_storage=None, _ot_study=None, _ot_trials={})
+            return state
+
         def restore(self, checkpoint_path: str) -> None:
             return None
 
