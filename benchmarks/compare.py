@@ -17,7 +17,7 @@ epochs, and its test accuracy is measured once. Hypervolume: 2-D (val accuracy u
 the reference (0, budget), divided by the budget (so it is in accuracy units, 1.0 at most).
 
 In-process runs use `autopeft.train.train`, the function every search trial calls, with the hyper-parameters built
-as the trainable builds them (`train_config`).
+as the trainable builds them (`autopeft.search.trainable.trial_config`).
 """
 
 from __future__ import annotations
@@ -64,26 +64,17 @@ class Arm:
     wall_s: float = 0.0
 
 
-def train_config(hparams: dict[str, Any], epochs: int, seed: int):
-    """The TrainConfig a search trial builds from its hyper-parameters (as autopeft.search.trainable.run_trial)."""
-    from autopeft.train import TrainConfig
-
-    hp = {"batch_size": 32, **hparams}
-    if "warmup_epochs" in hp and hp.get("epochs"):
-        hp["warmup_epochs"] = float(hp["warmup_epochs"]) * epochs / float(hp["epochs"])
-    known = set(TrainConfig.__dataclass_fields__)
-    return TrainConfig(**{**{k: v for k, v in hp.items() if k in known}, "epochs": epochs, "seed": seed})
-
-
 def run_job(job: Job) -> dict[str, Any]:
     """One in-process training run (a search-phase trial on train/val, or a final run on train_full with test)."""
     from autopeft.data import data_config, load_dataset
     from autopeft.plan import PeftPlan
+    from autopeft.search.trainable import TrialSettings, trial_config
     from autopeft.train import train
 
     start = time.perf_counter()
     data = load_dataset(job["task"], job.get("data_root"), seed=job["seed"], **data_config(job["backbone"]))
-    cfg = train_config(job["hparams"], job["epochs"], job["seed"])
+    # exactly as a search trial builds it (TrialSettings' default batch size, the space's settings, the sampled ones)
+    cfg = trial_config({"batch_size": TrialSettings.batch_size, **job["hparams"]}, job["epochs"], job["seed"])
     final = bool(job.get("final"))
     try:
         result = train(job["backbone"], PeftPlan.from_dict(job["plan"]), data, cfg, weights=job.get("weights"),

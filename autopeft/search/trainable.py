@@ -24,6 +24,19 @@ class TrialSettings:
     fixed: dict[str, Any] = field(default_factory=dict)  # fixed training settings from the space (warmup, …)
 
 
+def trial_config(hparams: dict[str, Any], epochs: int, seed: int):
+    """The TrainConfig of a trial from its hyper-parameters (the space's fixed training settings and the sampled
+    ones) at the study's fidelity: `epochs` and `seed` win over a space's defaults, and a space's warm-up (e.g. 10
+    of 100 epochs) keeps its share of the schedule."""
+    from autopeft.train import TrainConfig
+
+    hp = dict(hparams)
+    if "warmup_epochs" in hp and hp.get("epochs"):
+        hp["warmup_epochs"] = float(hp["warmup_epochs"]) * epochs / float(hp["epochs"])
+    known = set(TrainConfig.__dataclass_fields__)
+    return TrainConfig(**{**{k: v for k, v in hp.items() if k in known}, "epochs": epochs, "seed": seed})
+
+
 def _failure(exc: BaseException) -> str:
     if isinstance(exc, AutopeftError):
         return str(exc)
@@ -54,7 +67,7 @@ def run_trial(config: dict, settings: TrialSettings) -> None:
 
     from autopeft.data import data_config, load_dataset
     from autopeft.plan import PeftPlan
-    from autopeft.train import TrainConfig, train
+    from autopeft.train import train
 
     info = config["autopeft"]
     start = time.perf_counter()
@@ -63,13 +76,7 @@ def run_trial(config: dict, settings: TrialSettings) -> None:
     try:
         plan = PeftPlan.from_dict(info["plan"])
         hp = {"batch_size": settings.batch_size, **settings.fixed, **info.get("hparams", {})}
-        known = set(TrainConfig.__dataclass_fields__)
-        if "warmup_epochs" in hp and hp.get("epochs"):
-            # a space's schedule (e.g. 10 of 100 epochs) keeps its shape at the study's fidelity
-            hp["warmup_epochs"] = float(hp["warmup_epochs"]) * settings.epochs / float(hp["epochs"])
-        # the study's fidelity and seed win over a space's defaults
-        cfg = TrainConfig(**{**{k: v for k, v in hp.items() if k in known}, "epochs": settings.epochs,
-                             "seed": settings.seed})
+        cfg = trial_config(hp, settings.epochs, settings.seed)
         augment = bool(hp.get("augment", False))
         data = load_dataset(settings.dataset, settings.data_root, augment=augment, seed=settings.seed,
                             **data_config(settings.backbone))
