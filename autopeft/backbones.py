@@ -20,7 +20,7 @@ from autopeft.errors import AutopeftError
 
 FAMILIES = ("vit", "swin")
 # The bundled tiny ViT pretrained on Fashion-MNIST (autopeft/bundled): the offline default of every command.
-DEFAULT_BACKBONE = "autopeft_tiny_vit"
+from autopeft.defaults import DEFAULT_BACKBONE  # noqa: E402,F401  (re-exported)
 
 # Parameters whose names start with one of these belong to the classifier, which is always trained and reported
 # apart from the PEFT parameters (as the benchmark tables count them).

@@ -1,7 +1,7 @@
 """Run many `autopeft` command lines cheaply, each in a process of its own.
 
-`python -m autopeft` spends ~7 CPU-seconds importing torch, timm and optuna before it looks at its arguments; a table
-of 35 bad inputs would spend minutes there. This script is started once as a subprocess (a fresh interpreter, not
+`python -m autopeft COMMAND` spends ~7 CPU-seconds importing torch, timm and optuna before it can act; a table of 35
+bad inputs would spend minutes there. This script is started once as a subprocess (a fresh interpreter, not
 the pytest process): it imports autopeft once, then forks one child per command line. Each child runs the package's
 real `__main__` (as `python -m autopeft ARGS` does) in its own working directory, with its stdout and stderr in
 files, and ends like an interpreter: the exit status of `sys.exit`, or 1 and a traceback on an uncaught exception.

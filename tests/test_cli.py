@@ -16,6 +16,39 @@ def run(*args: str) -> subprocess.CompletedProcess:
                           env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
 
 
+def test_help_and_version_import_no_heavy_package() -> None:
+    """`--help`, `--version` and every command's --help answer without importing torch, timm, optuna or Ray."""
+    code = ("import contextlib, io, sys\n"
+            "from autopeft.cli import main\n"
+            "for argv in (['--version'], ['--help'], ['search', '--help'], ['train', '--help'], ['space', 'show', "
+            "'--help'], ['params', '--help'], ['export', '--help']):\n"
+            "    with contextlib.redirect_stdout(io.StringIO()):\n"
+            "        try:\n"
+            "            main(argv)\n"
+            "        except SystemExit as exc:\n"
+            "            assert exc.code == 0, (argv, exc.code)\n"
+            "print(sorted(m for m in ('torch', 'timm', 'optuna', 'ray', 'pandas') if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_package_names_load_on_first_use() -> None:
+    code = ("import sys, autopeft\n"
+            "assert 'torch' not in sys.modules\n"
+            "assert 'PeftPlan' in dir(autopeft) and 'PeftPlan' in autopeft.__all__\n"
+            "from autopeft import PeftPlan, create_backbone\n"
+            "assert PeftPlan.__module__ == 'autopeft.plan' and 'torch' in sys.modules\n"
+            "import timm\n"
+            "assert 'autopeft_tiny_vit' in timm.list_models('autopeft_*')\n"
+            "try:\n"
+            "    autopeft.nothing_here\n"
+            "except AttributeError as exc:\n"
+            "    print(exc)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True,
+                         env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}).stdout
+    assert out.strip() == "module 'autopeft' has no attribute 'nothing_here'"
+
+
 def test_methods_json(capsys) -> None:
     assert main(["methods", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)

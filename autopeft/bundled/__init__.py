@@ -18,7 +18,7 @@ from typing import Any
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
-BUNDLED_BACKBONE = "autopeft_tiny_vit"
+from autopeft.defaults import BUNDLED_BACKBONE
 
 _HERE = Path(__file__).resolve().parent
 WEIGHTS_FILE = _HERE / f"{BUNDLED_BACKBONE}.safetensors"

@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from autopeft.defaults import BUNDLED_BACKBONE
 from autopeft.errors import AutopeftError
 
 
@@ -144,6 +145,8 @@ def cmd_export_peft(args: argparse.Namespace) -> int:
                                 "nothing was kept; please report this")
         print(f"checked: peft.PeftModel.from_pretrained gives autopeft's logits (max difference {diff:.1e})")
     k = int(run.recipe.num_classes or run.metrics["num_classes"])
-    print(f"load it: PeftModel.from_pretrained(timm.create_model('{run.recipe.backbone}', pretrained=True, "
+    # timm knows the bundled backbone once autopeft.bundled is imported
+    register = "import autopeft.bundled; " if run.recipe.backbone == BUNDLED_BACKBONE else ""
+    print(f"load it: {register}PeftModel.from_pretrained(timm.create_model('{run.recipe.backbone}', pretrained=True, "
           f"num_classes={k}), '{out}')")
     return 0

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+from typing import TYPE_CHECKING
 
-from autopeft.backbones import backbone_spec
 from autopeft.errors import AutopeftError
-from autopeft.methods import list_methods, make_spec
-from autopeft.plan import PeftPlan, parse_layers
+
+if TYPE_CHECKING:
+    from autopeft.plan import PeftPlan
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -35,6 +36,9 @@ def add_plan_arguments(p: argparse.ArgumentParser, required: bool) -> None:
 
 
 def plan_from_args(args: argparse.Namespace, num_blocks: int) -> PeftPlan:
+    from autopeft.methods import make_spec
+    from autopeft.plan import PeftPlan, parse_layers
+
     if args.plan:
         if args.options or args.layers != "all":
             raise AutopeftError("--set and --layers go with --method; a --plan file already holds its options")
@@ -50,6 +54,8 @@ def plan_from_args(args: argparse.Namespace, num_blocks: int) -> PeftPlan:
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
+    from autopeft.methods import list_methods
+
     rows = [
         {
             "name": cls.name,
@@ -78,6 +84,8 @@ def cmd_methods(args: argparse.Namespace) -> int:
 
 
 def cmd_params(args: argparse.Namespace) -> int:
+    from autopeft.backbones import backbone_spec
+
     if args.num_classes < 0:
         raise AutopeftError(f"--num-classes must be >= 0, got {args.num_classes}")
     spec = backbone_spec(args.backbone)

@@ -7,10 +7,6 @@ import json
 import textwrap
 from typing import Any
 
-from autopeft.backbones import backbone_spec
-from autopeft.budget import parse_budget
-from autopeft.space import describe, list_spaces, load_space
-
 DEFAULT_BACKBONE = "vit_base_patch16_224"
 
 
@@ -31,6 +27,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
+    from autopeft.space import list_spaces, load_space
+
     for name in list_spaces():
         space = load_space(name)
         print(f"{name:<12} {space.description}")
@@ -38,6 +36,10 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
+    from autopeft.backbones import backbone_spec
+    from autopeft.budget import parse_budget
+    from autopeft.space import describe, load_space
+
     space = load_space(args.space)
     spec = backbone_spec(args.backbone)
     budget = parse_budget(args.budget, spec) if args.budget is not None else None

@@ -5,11 +5,14 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from autopeft.backbones import DEFAULT_BACKBONE, backbone_spec, check_pretrained
 from autopeft.cli.methods import add_plan_arguments, plan_from_args
+from autopeft.defaults import DEFAULT_BACKBONE
 from autopeft.errors import AutopeftError
-from autopeft.recipe import Recipe
+
+if TYPE_CHECKING:
+    from autopeft.recipe import Recipe
 
 # defaults of the hyper-parameter flags without --config; with --config a flag given overrides the recipe
 DEFAULTS = {"epochs": 10, "batch_size": 32, "lr": 1e-3, "weight_decay": 1e-4, "warmup_epochs": 1.0,
@@ -53,6 +56,9 @@ def _absolute(path: str | None) -> str | None:
 
 def recipe_from_args(args: argparse.Namespace) -> Recipe:
     """The recipe this command line asks for: --config with the flags given on top, or the flags alone."""
+    from autopeft.backbones import backbone_spec
+    from autopeft.recipe import Recipe
+
     given = {k: getattr(args, k) for k in TRAINING_FLAGS if getattr(args, k) is not None}
     if args.augment:
         given["augment"] = True
@@ -92,6 +98,7 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
 def cmd_train(args: argparse.Namespace) -> int:
     from rich.console import Console
 
+    from autopeft.backbones import check_pretrained
     from autopeft.recipe import load_data
     from autopeft.runs import check_out_dir, staged_dir, write_summary
 
@@ -146,6 +153,7 @@ def _one_run(recipe: Recipe, data, run_dir: Path, args: argparse.Namespace, cons
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+    from autopeft.backbones import backbone_spec
     from autopeft.recipe import train_recipe
     from autopeft.runs import METRICS, merged_state_dict, update_metrics, write_merged, write_run
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from autopeft.backbones import DEFAULT_BACKBONE
+from autopeft.defaults import DEFAULT_BACKBONE
 from autopeft.errors import AutopeftError
 from autopeft.yamlfile import read_yaml
 
