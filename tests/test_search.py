@@ -74,6 +74,33 @@ def test_storage_holds_every_trial_with_names_and_attrs(study_dir) -> None:
     assert any(name.startswith(("block", "group", "global", "noah")) for t in searched for name in t.params)
 
 
+def test_a_trial_in_a_reused_worker_equals_a_fresh_run(study_dir) -> None:
+    """Workers run trial after trial (Ray's reuse_actors): the last full trial, which ran in a worker that had run
+    others before it, has the val curve of the same plan and hyper-parameters trained afresh in this process."""
+    from autopeft.data import data_config, load_dataset
+    from autopeft.plan import PeftPlan
+    from autopeft.search.trainable import TrialSettings, trial_config
+    from autopeft.train import train
+
+    study = optuna.load_study(study_name="e2e", storage=f"sqlite:///{study_dir}/studies/e2e.db")
+    done = [t for t in study.get_trials() if t.state == optuna.trial.TrialState.COMPLETE and t.number >= 2]
+    assert done, "no full trial after the first two (one per worker)"
+    t = max(done, key=lambda t: t.number)
+    hp = {"batch_size": TrialSettings.batch_size, **t.user_attrs[st.ATTR_HPARAMS]}
+    cfg = trial_config(hp, 3, 0)
+    data = load_dataset("digits", None, augment=bool(hp.get("augment", False)), seed=0,
+                        **data_config("autopeft_test_vit"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in a 1-CPU trial
+    try:
+        curve = []
+        train("autopeft_test_vit", PeftPlan.from_dict(t.user_attrs[st.ATTR_PLAN]), data, cfg, weights=str(WEIGHTS),
+              report=lambda m: curve.append(m["val_acc"]))
+    finally:
+        torch.set_num_threads(threads)
+    assert curve == pytest.approx(t.user_attrs["curve"], abs=1e-9), (t.number, curve, t.user_attrs["curve"])
+
+
 def test_without_early_stopping_every_trial_trains_all_epochs(tmp_path, monkeypatch, ray_instance) -> None:
     """`--no-early-stopping`: ASHA is off (a plain random search over the space, for instance), no trial is cut."""
     monkeypatch.chdir(tmp_path)

@@ -342,8 +342,10 @@ def run(prep: Prepared, study: optuna.Study, remaining: int, callbacks: list | N
         try:
             tuner = tune.Tuner(
                 trainable,
+                # reuse_actors: a worker process runs trial after trial, so torch/timm imports and CUDA set-up are
+                # paid once per worker, not once per trial (a stopped trial ends at its report, nothing lingers)
                 tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=remaining,
-                                            max_concurrent_trials=s.concurrency),
+                                            max_concurrent_trials=s.concurrency, reuse_actors=True),
                 run_config=tune.RunConfig(name=s.study, storage_path=workdir, verbose=0, callbacks=callbacks or [],
                                           log_to_file=True),
             )

@@ -90,3 +90,17 @@ def run_trial(config: dict, settings: TrialSettings) -> None:
     except Exception as exc:  # noqa: BLE001  a bad trial must never end the study
         tune.report({**base, "fail_reason": _failure(exc), "epoch": len(curve), "curve": list(curve),
                      "seconds": time.perf_counter() - start})
+    finally:
+        _release_memory()
+
+
+def _release_memory() -> None:
+    """The worker process runs the next trial too (Ray reuses it): hand back what this one held, on the GPU as
+    well (a trial that ran out of memory leaves cached blocks a GPU-sharing neighbour may need)."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
