@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pickle
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -198,3 +199,46 @@ def test_network_probe_gives_up_quickly():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # bound but not listening: the connection is refused at once
     assert REAL_PROBE("127.0.0.1", port, timeout=2.0) is False
+
+
+def test_decoded_images_are_shared_by_later_datasets_of_the_process(tmp_path, monkeypatch) -> None:
+    """A reused search worker's next trial loads the dataset anew and decodes no file again; a changed file, another
+    input size or augmentation misses; AUTOPEFT_IMAGE_CACHE_MB=0 keeps nothing."""
+    import os
+
+    import autopeft.data.datasets as ds
+
+    folder = write_image_folder(tmp_path / "imgs", {"a": 6, "b": 6})
+    monkeypatch.setattr(ds, "PIXELS", ds.PixelCache())
+    reads = []
+    real = ds.read_image
+    monkeypatch.setattr(ds, "read_image", lambda path, mode="RGB": reads.append(str(path)) or real(path, mode))
+
+    def items(**kw) -> list[torch.Tensor]:
+        splits = load_dataset(str(folder), seed=0, **{**PX32, **kw})
+        return [splits.train[i][0] for i in range(len(splits.train))]
+
+    first = items()
+    n = len(reads)
+    assert n == len(first) > 0 and len(ds.PIXELS) == n
+    second = items()
+    assert len(reads) == n  # nothing read again
+    assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
+    items(input_size=(3, 24, 24))
+    assert len(reads) == 2 * n  # another size is another entry
+    changed = reads[0]  # a train image, rewritten with other pixels
+    write_jpeg(Path(changed), seed=999)
+    os.utime(changed, ns=(os.stat(changed).st_atime_ns, os.stat(changed).st_mtime_ns + 10**9))
+    before = len(reads)
+    third = items()
+    assert reads[before:] == [changed]  # only the changed file is read again, and its new pixels are served
+    assert not torch.equal(third[0], first[0])
+    assert all(torch.equal(a, b) for a, b in zip(first[1:], third[1:], strict=True))
+    before = len(reads)
+    items(augment=True)
+    assert len(reads) == before + n  # augmented images are never cached
+    monkeypatch.setenv("AUTOPEFT_IMAGE_CACHE_MB", "0")
+    monkeypatch.setattr(ds, "PIXELS", ds.PixelCache())
+    items()
+    items()
+    assert len(ds.PIXELS) == 0

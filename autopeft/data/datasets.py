@@ -25,6 +25,54 @@ def cache_budget() -> int:
         raise AutopeftError("AUTOPEFT_DATA_CACHE_MB must be a number of megabytes") from None
 
 
+class PixelCache:
+    """Files' decoded and resized images (uint8, before normalisation), shared by every dataset of the process.
+
+    A search worker runs trial after trial (Ray reuses it) and each trial loads the dataset anew: the next trial
+    finds the images the previous one decoded. Entries are keyed by the file (path, size, modification time) and
+    the preprocessing, so a changed file or another input size misses. Filled first come, first kept, up to
+    $AUTOPEFT_IMAGE_CACHE_MB (default 1024) per process; 0 turns it off.
+    """
+
+    def __init__(self) -> None:
+        self._items: dict[tuple, torch.Tensor] = {}
+        self.bytes = 0
+
+    @staticmethod
+    def limit() -> int:
+        try:
+            return int(float(os.environ.get("AUTOPEFT_IMAGE_CACHE_MB", "1024")) * 2**20)
+        except ValueError:
+            raise AutopeftError("AUTOPEFT_IMAGE_CACHE_MB must be a number of megabytes") from None
+
+    @staticmethod
+    def key(path: str, preprocessing: tuple) -> tuple | None:
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None  # read_image says what is wrong with it
+        return (path, st.st_size, st.st_mtime_ns, *preprocessing)
+
+    def get(self, key: tuple | None) -> torch.Tensor | None:
+        return None if key is None else self._items.get(key)
+
+    def put(self, key: tuple | None, pixels: torch.Tensor) -> None:
+        size = pixels.numel() * pixels.element_size()
+        if key is not None and key not in self._items and self.bytes + size <= self.limit():
+            self._items[key] = pixels
+            self.bytes += size
+
+    def clear(self) -> None:
+        self._items.clear()
+        self.bytes = 0
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+PIXELS = PixelCache()
+
+
 def read_image(path: str | Path, mode: str = "RGB") -> Image.Image:
     """Decode an image fully (so truncation shows now, not mid-batch) and convert it to `mode`."""
     try:
@@ -39,8 +87,8 @@ def read_image(path: str | Path, mode: str = "RGB") -> Image.Image:
 class ImageFileDataset(Dataset):
     """Images read from files with a timm.data pipeline, yielding (normalised C×H×W float tensor, label).
 
-    Without augmentation the resized uint8 image is cached (within `cache_budget()`), so search trials decode
-    each JPEG once per process rather than once per epoch.
+    Without augmentation the resized uint8 image is kept in the process's `PIXELS` cache, so search trials decode
+    each file once per process (worker), not once per epoch or per trial.
     """
 
     def __init__(
@@ -52,33 +100,24 @@ class ImageFileDataset(Dataset):
         self.transform = pil_transform(settings, train=train, hflip=hflip)
         self.normalize = Normalizer(settings)
         self._mode = "RGB" if settings.channels == 3 else "L"
-        self._cache: dict[int, torch.Tensor] | None = None if self.augment else {}
-        self._cache_left = cache_budget()
+        self._preprocessing = (settings.input_size, settings.interpolation, self._mode, bool(train), bool(hflip))
 
     @property
     def targets(self) -> list[int]:
         return [y for _, y in self.samples]
-
-    def __getstate__(self) -> dict:
-        # Ship datasets to Ray workers or DataLoader processes without their caches; each rebuilds its own.
-        state = dict(self.__dict__)
-        state["_cache"] = None if self.augment else {}
-        state["_cache_left"] = cache_budget()
-        return state
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         path, label = self.samples[index]
-        pixels = self._cache.get(index) if self._cache is not None else None
+        key = None if self.augment else PIXELS.key(path, self._preprocessing)
+        pixels = PIXELS.get(key)
         if pixels is None:
             pixels = self.transform(read_image(path, self._mode))
             if pixels.ndim == 2:  # MaybePILToTensor drops the channel axis of greyscale images
                 pixels = pixels.unsqueeze(0)
-            if self._cache is not None and self._cache_left >= pixels.numel():
-                self._cache[index] = pixels
-                self._cache_left -= pixels.numel()
+            PIXELS.put(key, pixels)
         return self.normalize(pixels), label
 
 
