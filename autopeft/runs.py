@@ -40,11 +40,21 @@ RECIPE, METRICS, SUMMARY = "recipe.yaml", "metrics.json", "summary.json"
 ADAPTER, MERGED = "adapter.safetensors", "merged.safetensors"
 
 
-def versions() -> dict[str, str]:
+def versions(extra: tuple[str, ...] = ()) -> dict[str, str]:
+    """Versions a result depends on: python, autopeft, torch, timm, and the installed `extra` distributions
+    ("absent" when one is not installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
     from autopeft import __version__
 
-    return {"autopeft": __version__, "torch": torch.__version__, "timm": timm.__version__,
-            "python": platform.python_version()}
+    out = {"autopeft": __version__, "torch": torch.__version__, "timm": timm.__version__,
+           "python": platform.python_version()}
+    for name in extra:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "absent"
+    return out
 
 
 def check_out_dir(out: str | Path) -> Path:

@@ -90,18 +90,6 @@ def backbone_record(name: str, weights: str | None) -> dict[str, Any]:
     return out
 
 
-def versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": platform.python_version()}
-    for pkg in ("autopeft", "torch", "timm", "optuna", "ray", "mlxtend", "scikit-learn"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            out[pkg] = "absent"
-    return out
-
-
 def concurrency_figure(mode, weights: str | None, data_root: str | None, storage_dir: str, gpus: float = 0.0
                        ) -> list[dict[str, Any]]:
     """Wall time of the same small search (no early stopping, no baselines) at concurrency 1 and 2."""
@@ -130,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     args = parse(argv)
     from autopeft.errors import AutopeftError
+    from autopeft.runs import versions
 
     try:
         mode = resolve(args)
@@ -143,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"command": command, "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "machine": {"platform": platform.platform(), "machine": platform.machine(), "cpus": os.cpu_count(),
                         "load_before": os.getloadavg(), "gpu": _gpu()},
-            "versions": versions(), "backbone": backbone_record(mode.backbone, weights),
+            "versions": versions(("optuna", "ray", "mlxtend", "scikit-learn")),
+            "backbone": backbone_record(mode.backbone, weights),
             "mode": {k: v for k, v in vars(mode).items()}, "workers": args.workers}
     result: dict[str, Any] = {"meta": meta, "cells": [], "speed": None}
 
