@@ -18,9 +18,10 @@ import sys
 import tempfile
 import time
 from datetime import date
-from pathlib import Path
 
 import torch
+
+from benchmarks import write_result
 
 
 def measure(backbone: str, dataset: str, epochs: int, threads: int) -> list[dict]:
@@ -88,9 +89,7 @@ def main() -> None:
     rows = measure(args.backbone, args.dataset, args.epochs, args.threads)
     print(table(rows, args))
     if args.write:
-        out = Path(__file__).parent / "results"
-        out.mkdir(exist_ok=True)
-        (out / "cache_speed.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
+        write_result("cache_speed.json", {"args": vars(args), "rows": rows})
 
 
 if __name__ == "__main__":

@@ -28,6 +28,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from benchmarks import write_result
+
 
 @contextlib.contextmanager
 def fresh_workers():
@@ -115,9 +117,7 @@ def main() -> None:
                   f"({fresh:.2f} → {reused:.2f} s)."]
     print("\n".join(lines))
     if args.write:
-        out = Path(__file__).parent / "results"
-        out.mkdir(exist_ok=True)
-        (out / "engine_overhead.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
+        write_result("engine_overhead.json", {"args": vars(args), "rows": rows})
 
 
 if __name__ == "__main__":

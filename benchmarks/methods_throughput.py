@@ -21,7 +21,8 @@ import subprocess
 import sys
 import time
 from datetime import date
-from pathlib import Path
+
+from benchmarks import write_result
 
 CONFIGS: list[tuple[str, str, dict]] = [
     ("full", "full", {}),
@@ -195,11 +196,9 @@ def main() -> None:
     text = table(rows, args)
     print(text)
     if args.write:
-        out = Path(__file__).parent / "results"
-        out.mkdir(exist_ok=True)
-        name = f"methods_throughput_{args.backbone}_{args.size}_{args.device}.json"
-        (out / name).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
-        print(f"wrote {out / name}; paste the table into BENCHMARKS.md", file=sys.stderr)
+        path = write_result(f"methods_throughput_{args.backbone}_{args.size}_{args.device}.json",
+                            {"args": vars(args), "rows": rows})
+        print(f"wrote {path}; paste the table into BENCHMARKS.md", file=sys.stderr)
 
 
 if __name__ == "__main__":

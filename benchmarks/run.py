@@ -23,7 +23,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, NoReturn
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from benchmarks import RESULTS, write_result
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     except AutopeftError as exc:
         print(f"benchmarks.run: error: {exc}", file=sys.stderr)
         return 2
-    out = Path(args.out).expanduser() if args.out else RESULTS / f"suite_{mode.suite}_{mode.mode}.json"
+    out = Path(args.out).expanduser().absolute() if args.out else RESULTS / f"suite_{mode.suite}_{mode.mode}.json"
     weights = str(Path(args.weights).expanduser().absolute()) if args.weights else None
     data_root = str(Path(args.data_root).expanduser().absolute()) if args.data_root else None
     command = "python -m benchmarks.run " + " ".join(argv if argv is not None else sys.argv[1:])
@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
                                           concurrency=args.workers, references=mode.references,
                                           gpus_per_trial=gpus)
                         result["cells"].append(run_cell(cell, pool, tmp, log=lambda m: print(m, file=sys.stderr)))
-                        _write(out, result)  # after every cell: a long run that stops keeps what it measured
+                        write_result(out, result)  # after every cell: a long run that stops keeps what it measured
             if not args.no_speed:
                 result["speed"] = concurrency_figure(mode, weights, data_root, tmp, gpus)
         finally:
@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     meta.update(wall_s=time.perf_counter() - start, load_after=os.getloadavg(),
                 finished=datetime.now(timezone.utc).isoformat(timespec="seconds"))
     result["summary"] = aggregate(result["cells"], mode.budgets)
-    _write(out, result)
+    write_result(out, result)
     text = markdown(result)
     out.with_suffix(".md").write_text(text)
     print(text)
@@ -185,11 +185,6 @@ def _gpu() -> str | None:
     return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
 
 
-def _write(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=str))
-    tmp.replace(path)
 
 
 if __name__ == "__main__":

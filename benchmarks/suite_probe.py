@@ -11,11 +11,11 @@ test accuracy of the same model.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from datetime import datetime, timezone
-from pathlib import Path
+
+from benchmarks import write_result
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,10 +47,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {task} | {data.num_classes} | {data.sizes()['train']} / {data.sizes()['val']} / "
               f"{data.sizes()['test']} | {100 * result.val_acc:.1f} | {100 * result.test_acc:.1f} |", flush=True)
     if args.write:
-        out = Path(__file__).parent / "results" / "suite_probe.json"
-        out.parent.mkdir(exist_ok=True)
-        out.write_text(json.dumps({"args": vars(args), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                                   "backbone": backbone, "rows": rows}, indent=1))
+        write_result("suite_probe.json", {"args": vars(args), "backbone": backbone, "rows": rows,
+                                          "date": datetime.now(timezone.utc).isoformat(timespec="seconds")})
     return 0
 
 
