@@ -7,9 +7,8 @@ import timm
 import torch
 from safetensors.torch import load_file
 
-import autopeft  # noqa: F401  (importing the package registers the bundled backbone)
 from autopeft.bundled import ARCH, BUNDLED_BACKBONE, INFO_FILE, MEAN, STD, WEIGHTS_FILE, bundled_info
-from autopeft.bundled.pretrain import augment, to_input
+from autopeft.bundled.pretrain import DATA_DIR, augment, evaluate, load_split, to_input
 
 
 @pytest.fixture(scope="module")
@@ -17,7 +16,7 @@ def bundled_state() -> dict[str, torch.Tensor]:
     return load_file(str(WEIGHTS_FILE))
 
 
-def test_registered_by_importing_autopeft() -> None:
+def test_registered_by_importing_autopeft_bundled() -> None:
     assert BUNDLED_BACKBONE == "autopeft_tiny_vit"
     assert BUNDLED_BACKBONE in timm.list_models("autopeft_*")
     assert BUNDLED_BACKBONE in timm.list_models(pretrained=True)
@@ -51,6 +50,15 @@ def test_input_is_32px_and_cfg_matches_training() -> None:
     assert model.patch_embed.img_size == (32, 32)
     with torch.no_grad():
         assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 3)
+
+
+@pytest.mark.skipif(not DATA_DIR.is_dir(), reason="Debian's dataset-fashion-mnist is not installed")
+def test_shipped_weights_reach_the_recorded_test_accuracy() -> None:
+    """The packaged weights are the ones the JSON describes: all 10,000 Fashion-MNIST test images, as pretraining
+    evaluated them, give the recorded accuracy (to float noise of a different thread count)."""
+    images, labels = load_split(DATA_DIR, "t10k")
+    model = timm.create_model(BUNDLED_BACKBONE, pretrained=True)
+    assert evaluate(model, images, labels) == pytest.approx(bundled_info()["test_accuracy"], abs=5e-4)
 
 
 def test_recorded_pretraining_is_real() -> None:
