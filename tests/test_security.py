@@ -71,12 +71,15 @@ def test_source_reads_weights_and_yaml_only_in_safe_ways() -> None:
     pickles = [_where(p, c) for name in ("load", "loads") for p, c in _calls(name)
                if isinstance(c.func, ast.Attribute) and getattr(c.func.value, "id", "") == "pickle"]
     assert all(w.startswith("autopeft/data/cifar.py") for w in pickles), pickles
-    # code is imported only from autopeft's own fixed list of command modules, never from an input
+    # code is imported only from autopeft's own fixed lists (the command modules, the package's lazy names), never
+    # from an input
     for name in ("import_module", "__import__", "eval", "exec"):
         for path, call in _calls(name):
             if name in ("eval", "exec") and isinstance(call.func, ast.Attribute):
                 continue  # model.eval(): a method, not the builtin
-            assert path.name == "__init__.py" and path.parent.name == "cli", f"{name} at {_where(path, call)}"
+            assert name == "import_module" and path.name == "__init__.py" and path.parent.name in ("cli", "autopeft"), \
+                f"{name} at {_where(path, call)}"
+    assert all(module.startswith("autopeft.") for module in autopeft._LAZY.values())
 
 
 @pytest.mark.parametrize("suffix", [".pth", ".bin"])
