@@ -63,9 +63,10 @@ def test_shipped_weights_reach_the_recorded_test_accuracy() -> None:
 
 def test_recorded_pretraining_is_real() -> None:
     info = bundled_info()
-    # A real pretrained model: far above chance (0.10). The project's target is >= 0.90; the shipped 10-epoch
-    # weights reach 0.858 and a longer pretraining run is still owed (see the issue notes).
-    assert info["test_accuracy"] >= 0.85
+    # A real pretrained model, not a stand-in: the project's target is >= 0.90 Fashion-MNIST test accuracy (the
+    # shipped 40-epoch weights reach 0.9086; the earlier 10-epoch ones 0.858)
+    assert info["test_accuracy"] >= 0.90
+    assert info["epochs"] >= 40
     assert info["epochs"] >= 1 and info["train_images"] == 60000
     for key in ("seed", "date", "command", "seconds", "versions"):
         assert key in info
