@@ -98,3 +98,22 @@ def test_errors_are_one_line_exit_2(args: list[str], needle: str) -> None:
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0], proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_embedded_default_study_is_the_same_outside_a_checkout(tmp_path, monkeypatch) -> None:
+    """`autopeft search` without arguments runs studies/digits.yaml: from a checkout, and from anywhere else through
+    the copy installed with the package (the built-in defaults are a different, larger study)."""
+    from pathlib import Path
+
+    from autopeft.cli.search import _default_recipe
+    from autopeft.search.settings import settings_from
+
+    repo = Path(__file__).resolve().parent.parent
+    monkeypatch.chdir(repo)
+    in_checkout = settings_from(_default_recipe(), {})
+    monkeypatch.chdir(tmp_path)
+    elsewhere = _default_recipe()
+    assert Path(elsewhere).is_file() and Path(elsewhere).parent.parent.name == "autopeft"
+    assert settings_from(elsewhere, {}) == in_checkout
+    assert (in_checkout.study, in_checkout.trials, in_checkout.epochs) == ("digits", 12, 6)
+    assert settings_from(elsewhere, {}) != settings_from(None, {})

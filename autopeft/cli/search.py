@@ -75,12 +75,13 @@ def cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
-def _default_recipe() -> str | None:
-    """studies/digits.yaml when run from a checkout; else the built-in defaults, which are the same study."""
+def _default_recipe() -> str:
+    """The embedded default study: ./studies/digits.yaml where there is one (a checkout, or the user's own copy),
+    else the copy installed with the package (studies/digits.yaml in the repository links to it)."""
     from pathlib import Path
 
     local = Path("studies/digits.yaml")
-    return str(local) if local.is_file() else None
+    return str(local) if local.is_file() else str(Path(__file__).resolve().parent.parent / "studies" / "digits.yaml")
 
 
 def _storage(args: argparse.Namespace) -> str:
