@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from autopeft.backbones import family_of
+from autopeft.defaults import env_megabytes
 
 FORMAT = 1
 
@@ -31,7 +32,7 @@ def default_cache_dir() -> Path:
 
 
 def max_cache_bytes() -> int:
-    return int(float(os.environ.get("AUTOPEFT_CACHE_MB", "4096")) * 2**20)
+    return env_megabytes("AUTOPEFT_CACHE_MB", 4096)
 
 
 def prefix_modules(model: nn.Module, k: int) -> list[nn.Module]:

@@ -12,6 +12,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from autopeft.data.transforms import Normalizer, TransformSettings, augment_batch, pil_transform, resize_batch
+from autopeft.defaults import env_megabytes
 from autopeft.errors import AutopeftError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -19,19 +20,16 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".t
 
 def cache_budget() -> int:
     """Bytes a split may keep of preprocessed images in memory ($AUTOPEFT_DATA_CACHE_MB, default 256)."""
-    try:
-        return int(float(os.environ.get("AUTOPEFT_DATA_CACHE_MB", "256")) * 2**20)
-    except ValueError:
-        raise AutopeftError("AUTOPEFT_DATA_CACHE_MB must be a number of megabytes") from None
+    return env_megabytes("AUTOPEFT_DATA_CACHE_MB", 256)
 
 
 class PixelCache:
     """Files' decoded and resized images (uint8, before normalisation), shared by every dataset of the process.
 
     A search worker runs trial after trial (Ray reuses it) and each trial loads the dataset anew: the next trial
-    finds the images the previous one decoded. Entries are keyed by the file (path, size, modification time) and
-    the preprocessing, so a changed file or another input size misses. Filled first come, first kept, up to
-    $AUTOPEFT_IMAGE_CACHE_MB (default 1024) per process; 0 turns it off.
+    finds the images the previous one decoded. Entries are keyed by the file (path, size, modification time: read
+    once per file by each dataset) and the preprocessing, so a file changed since or another input size misses.
+    Filled first come, first kept, up to $AUTOPEFT_IMAGE_CACHE_MB (default 1024) per process; 0 turns it off.
     """
 
     def __init__(self) -> None:
@@ -40,10 +38,7 @@ class PixelCache:
 
     @staticmethod
     def limit() -> int:
-        try:
-            return int(float(os.environ.get("AUTOPEFT_IMAGE_CACHE_MB", "1024")) * 2**20)
-        except ValueError:
-            raise AutopeftError("AUTOPEFT_IMAGE_CACHE_MB must be a number of megabytes") from None
+        return env_megabytes("AUTOPEFT_IMAGE_CACHE_MB", 1024)
 
     @staticmethod
     def key(path: str, preprocessing: tuple) -> tuple | None:
@@ -101,6 +96,7 @@ class ImageFileDataset(Dataset):
         self.normalize = Normalizer(settings)
         self._mode = "RGB" if settings.channels == 3 else "L"
         self._preprocessing = (settings.input_size, settings.interpolation, self._mode, bool(train), bool(hflip))
+        self._keys: dict[int, tuple] = {}  # index -> PIXELS key: a file is stat-ed once, not once per epoch
 
     @property
     def targets(self) -> list[int]:
@@ -111,7 +107,11 @@ class ImageFileDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         path, label = self.samples[index]
-        key = None if self.augment else PIXELS.key(path, self._preprocessing)
+        key = None if self.augment else self._keys.get(index)
+        if key is None and not self.augment:
+            key = PIXELS.key(path, self._preprocessing)
+            if key is not None:
+                self._keys[index] = key
         pixels = PIXELS.get(key)
         if pixels is None:
             pixels = self.transform(read_image(path, self._mode))
