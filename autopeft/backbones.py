@@ -6,8 +6,10 @@ import functools
 import os
 import pickle
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import timm
 import torch
@@ -39,14 +41,14 @@ default_cfgs = generate_default_cfgs(
 
 
 @register_model
-def autopeft_test_vit(pretrained: bool = False, **kwargs) -> VisionTransformer:
+def autopeft_test_vit(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
     """A 3-block ViT (32 px, patch 8, dim 32) for fast CPU tests; random weights only."""
     args = dict(img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=2, mlp_ratio=2.0)
     return build_model_with_cfg(VisionTransformer, "autopeft_test_vit", pretrained, **dict(args, **kwargs))
 
 
 @register_model
-def autopeft_test_vit_reg(pretrained: bool = False, **kwargs) -> VisionTransformer:
+def autopeft_test_vit_reg(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
     """Like autopeft_test_vit with 2 register tokens, average pooling and no qkv bias: the less common ViT paths."""
     args = dict(img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=2, mlp_ratio=4.0, reg_tokens=2,
                 global_pool="avg", class_token=True, qkv_bias=False)
@@ -54,7 +56,7 @@ def autopeft_test_vit_reg(pretrained: bool = False, **kwargs) -> VisionTransform
 
 
 @register_model
-def autopeft_test_swin(pretrained: bool = False, **kwargs) -> SwinTransformer:
+def autopeft_test_swin(pretrained: bool = False, **kwargs: Any) -> SwinTransformer:
     """A two-stage Swin small enough for CPU tests (56 px, window 7, dims 16/32); random weights only."""
     args = dict(img_size=56, patch_size=4, window_size=7, embed_dim=16, depths=(2, 2), num_heads=(1, 2))
     return build_model_with_cfg(SwinTransformer, "autopeft_test_swin", pretrained, **dict(args, **kwargs))
@@ -131,17 +133,19 @@ def family_of(model: nn.Module) -> str:
 
 def get_blocks(model: nn.Module) -> list[nn.Module]:
     """The transformer blocks of a supported timm model, in forward order."""
+    m = _dynamic(model)
     if family_of(model) == "vit":
-        return list(model.blocks)
-    return [block for stage in model.layers for block in stage.blocks]
+        return list(m.blocks)
+    return [block for stage in m.layers for block in stage.blocks]
 
 
 def block_path(model: nn.Module, index: int) -> str:
     """The module path of block `index` (e.g. `blocks.3` or `layers.1.blocks.0`)."""
+    m = _dynamic(model)
     if family_of(model) == "vit":
         return f"blocks.{index}"
     i = index
-    for s, stage in enumerate(model.layers):
+    for s, stage in enumerate(m.layers):
         if i < len(stage.blocks):
             return f"layers.{s}.blocks.{i}"
         i -= len(stage.blocks)
@@ -154,7 +158,12 @@ def final_norm_modules(model: nn.Module) -> list[nn.Module]:
     return [m for m in mods if isinstance(m, nn.Module) and any(True for _ in m.parameters())]
 
 
-def _numel(module: nn.Module, predicate=lambda name, p: True) -> int:
+def _dynamic(model: nn.Module) -> Any:
+    """`model` typed for reading timm's submodules by attribute (nn.Module's stubs type each as Tensor | Module)."""
+    return model
+
+
+def _numel(module: nn.Module, predicate: Callable[[str, nn.Parameter], bool] = lambda name, p: True) -> int:
     return sum(p.numel() for n, p in module.named_parameters() if predicate(n, p))
 
 
@@ -178,9 +187,10 @@ def backbone_spec(name: str) -> BackboneSpec:
     return spec_of_model(model, name)
 
 
-def spec_of_model(model: nn.Module, name: str) -> BackboneSpec:
+def spec_of_model(module: nn.Module, name: str) -> BackboneSpec:
+    model = _dynamic(module)
     family = family_of(model)
-    blocks = get_blocks(model)
+    blocks: list[Any] = get_blocks(model)
     dims, heads, hidden, qkv_bias = [], [], [], []
     for b in blocks:
         dims.append(b.attn.qkv.in_features)
@@ -267,7 +277,7 @@ def create_backbone(
     num_classes: int = 1000,
     pretrained: bool = False,
     weights: str | Path | None = None,
-    **kwargs,
+    **kwargs: Any,
 ) -> nn.Module:
     """Create a supported timm backbone, optionally with hub weights or a local weights file.
 

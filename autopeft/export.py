@@ -17,13 +17,12 @@ from typing import Any
 from autopeft.backbones import backbone_spec
 from autopeft.budget import parse_budget
 from autopeft.errors import AutopeftError
-from autopeft.pareto import best_under_budget, eligible, knee, pareto_front
-from autopeft.plan import PeftPlan
+from autopeft.pareto import accuracy_order, best_under_budget, eligible, knee, pareto_front
 from autopeft.recipe import TRAINING_KEYS, Recipe, load_data, train_recipe
-from autopeft.records import TrialRecord
+from autopeft.records import ATTR_BASELINE, ATTR_REASON, TrialRecord
 from autopeft.runs import versions
 from autopeft.search import storage as st
-from autopeft.search.settings import OBJECTIVES
+from autopeft.search.study_settings import StudySettings
 
 PICKS = ("best", "knee")
 
@@ -34,13 +33,13 @@ class Study:
 
     name: str
     storage: str
-    settings: dict[str, Any]
+    settings: StudySettings
     records: list[TrialRecord]
     hparams: dict[int, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def objectives(self) -> list[str]:
-        return [OBJECTIVES[o][0] for o in self.settings.get("objectives", ["acc", "params"])]
+        return self.settings.metrics
 
     def record(self, number: int) -> TrialRecord:
         for r in self.records:
@@ -53,17 +52,14 @@ class Study:
 def read_study(name: str, storage: str | None = None) -> Study:
     url = storage or st.default_storage(name)
     study = st.load_study(name, url)
-    settings = st.study_settings(study)
-    if not settings.get("backbone") or not settings.get("dataset"):
-        raise AutopeftError(f"study '{name}' holds no autopeft search settings; export reads studies made by "
-                            "`autopeft search`")
+    settings = st.read_settings(study)
     trials = sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
-    return Study(name=name, storage=url, settings=settings, records=[st.record_of(t) for t in trials],
+    return Study(name=name, storage=url, settings=settings, records=st.records_of(study),
                  hparams={t.number: dict(t.user_attrs.get(st.ATTR_HPARAMS) or {}) for t in trials})
 
 
 def _merges(record: TrialRecord) -> bool:
-    return PeftPlan.from_dict(record.plan).mergeable
+    return record.peft_plan.mergeable
 
 
 def candidates(study: Study, limit: int, mergeable: bool = False) -> list[TrialRecord]:
@@ -75,7 +71,7 @@ def _check_trial(study: Study, number: int, limit: int, mergeable: bool) -> Tria
     r = study.record(number)
     where = f"trial {number} of study '{study.name}'"
     if r.status == "FAIL":
-        raise AutopeftError(f"{where} failed ({r.tags.get('fail_reason', 'no reason recorded')}); pick a completed "
+        raise AutopeftError(f"{where} failed ({r.tags.get(ATTR_REASON, 'no reason recorded')}); pick a completed "
                             f"trial (autopeft results --study {study.name})")
     if r.status == "RUNNING":
         raise AutopeftError(f"{where} is still running (or its search was interrupted); pick a finished trial")
@@ -85,7 +81,7 @@ def _check_trial(study: Study, number: int, limit: int, mergeable: bool) -> Tria
     if r.peft_params > limit:
         raise AutopeftError(f"{where} has {r.peft_params:,} parameters, over the budget of {limit:,}")
     if mergeable and not _merges(r):
-        names = ", ".join(PeftPlan.from_dict(r.plan).non_mergeable())
+        names = ", ".join(r.peft_plan.non_mergeable())
         raise AutopeftError(f"{where} does not merge ({names} stay at inference); drop --mergeable or pick another")
     return r
 
@@ -112,15 +108,14 @@ def pick_trial(study: Study, pick: str, limit: int, mergeable: bool = False) -> 
 def recipe_of(study: Study, record: TrialRecord, epochs: int | None = None, pick: str = "best",
               limit: int | None = None) -> Recipe:
     """The final-training recipe of one trial: its plan and hyper-parameters on the space's full schedule."""
-    s = study.settings
+    s = study.settings.search
     hp = study.hparams.get(record.number, {})
-    search_epochs = int(s.get("epochs") or record.max_epochs or 1)
+    search_epochs = s.epochs
     schedule = int(hp.get("epochs") or search_epochs)
     training = {k: v for k, v in hp.items() if k in TRAINING_KEYS}
-    recipe = Recipe(backbone=s["backbone"], dataset=s["dataset"], plan=PeftPlan.from_dict(record.plan),
-                    epochs=schedule, weights=s.get("weights"), data_root=s.get("data_root"),
-                    num_classes=s.get("num_classes"), protocol="final", split_seed=int(s.get("seed", 0)),
-                    seed=int(s.get("seed", 0)), training=training)
+    recipe = Recipe(backbone=s.backbone, dataset=s.dataset, plan=record.peft_plan, epochs=schedule,
+                    weights=s.weights, data_root=s.data_root, num_classes=study.settings.num_classes,
+                    protocol="final", split_seed=s.seed, seed=s.seed, training=training)
     notes = []
     if schedule != search_epochs:
         notes.append(f"trials ran {search_epochs} epochs (the search fidelity); this recipe trains the space's "
@@ -131,13 +126,12 @@ def recipe_of(study: Study, record: TrialRecord, epochs: int | None = None, pick
         notes.append(f"epochs set to {epochs} by --epochs (warm-up {'default' if warmup is None else f'{warmup:g}'})")
     if not hp:
         notes.append("the study stored no hyper-parameters for this trial; TrainConfig defaults apply")
-    spec = backbone_spec(recipe.backbone)
     provenance = {
         "study": study.name, "storage": st.mask_url(study.storage), "trial": record.number, "pick": pick,
         "val_acc": record.val_acc, "curve": record.curve, "peft_params": record.peft_params,
-        "percent": 100.0 * record.peft_params / spec.backbone_params, "budget": s.get("budget"),
-        "budget_limit": limit if limit is not None else s.get("budget_limit"), "space": s.get("space"),
-        "search_epochs": search_epochs, "baseline": record.tags.get("baseline"), "hparams": hp,
+        "percent": study.settings.percent(record.peft_params), "budget": s.budget,
+        "budget_limit": limit if limit is not None else study.settings.budget_limit, "space": s.space,
+        "search_epochs": search_epochs, "baseline": record.tags.get(ATTR_BASELINE), "hparams": hp,
         "exported": datetime.now(timezone.utc).isoformat(timespec="seconds"), "versions": versions(), "notes": notes,
     }
     count = recipe.check()
@@ -155,13 +149,13 @@ def confirm(study: Study, pool: list[TrialRecord], k: int, seeds: int, device: s
     """
     if k < 1 or seeds < 1:
         raise AutopeftError(f"--confirm and --confirm-seeds must be >= 1, got {k} and {seeds}")
-    front = sorted(pareto_front(pool, study.objectives), key=lambda r: (-float(r.val_acc), r.peft_params, r.number))
+    front = sorted(pareto_front(pool, study.objectives), key=accuracy_order)
     top = front[:k]
     if not top:
         raise AutopeftError(f"study '{study.name}' has no Pareto plan to confirm")
-    base_seed = int(study.settings.get("seed", 0))
+    base_seed = study.settings.search.seed
     seed_list = [base_seed + 1 + i for i in range(seeds)]  # fresh seeds: the trial's own seed is the lucky one
-    search_epochs = int(study.settings.get("epochs") or top[0].max_epochs)
+    search_epochs = study.settings.search.epochs
     results, data_by_augment = [], {}
     for r in top:
         recipe = recipe_of(study, r).replace(protocol="search").with_epochs(search_epochs)
@@ -188,10 +182,9 @@ def export_recipe(name: str, storage: str | None = None, pick: str = "best", bud
                   device: str = "auto", log: Callable[[str], None] | None = None) -> Recipe:
     """The recipe of the trial `pick` selects in study `name` (see the CLI's `autopeft export`)."""
     study = read_study(name, storage)
-    spec = backbone_spec(study.settings["backbone"])
-    limit = int(study.settings.get("budget_limit") or 2**62)
+    limit = study.settings.budget_limit
     if budget is not None:
-        limit = parse_budget(budget, spec).limit
+        limit = parse_budget(budget, backbone_spec(study.settings.search.backbone)).limit
     if confirm_k:
         if pick != "best":
             raise AutopeftError("--confirm re-ranks the best Pareto plans by their mean over seeds; use it with "

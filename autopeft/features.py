@@ -14,6 +14,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -37,8 +38,9 @@ def max_cache_bytes() -> int:
 
 def prefix_modules(model: nn.Module, k: int) -> list[nn.Module]:
     """The modules that compute the input of block k in a timm ViT (embedding, pre-norm and blocks 0..k-1)."""
-    mods = [model.patch_embed, model.pos_drop, model.patch_drop, model.norm_pre]
-    return mods + list(model.blocks[:k])
+    vit: Any = model
+    mods = [vit.patch_embed, vit.pos_drop, vit.patch_drop, vit.norm_pre]
+    return mods + list(vit.blocks[:k])
 
 
 def supports_cache(model: nn.Module) -> bool:
@@ -46,7 +48,8 @@ def supports_cache(model: nn.Module) -> bool:
 
 
 @torch.no_grad()
-def prefix_forward(model: nn.Module, x: torch.Tensor, k: int) -> torch.Tensor:
+def prefix_forward(module: nn.Module, x: torch.Tensor, k: int) -> torch.Tensor:
+    model: Any = module
     x = model.patch_embed(x)
     x = model._pos_embed(x)
     x = model.patch_drop(x)
@@ -56,8 +59,9 @@ def prefix_forward(model: nn.Module, x: torch.Tensor, k: int) -> torch.Tensor:
     return x
 
 
-def suffix_forward(model: nn.Module, x: torch.Tensor, k: int) -> torch.Tensor:
+def suffix_forward(module: nn.Module, x: torch.Tensor, k: int) -> torch.Tensor:
     """Logits from the block-k input: the rest of `VisionTransformer.forward`."""
+    model: Any = module
     for block in model.blocks[k:]:
         x = block(x)
     x = model.norm(x)

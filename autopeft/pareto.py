@@ -1,9 +1,10 @@
 """Pareto selection over trial records: non-dominated sorting, hypervolume, knee point, best under a budget.
 
 Pure functions. The point-level functions take plain sequences of objective vectors and a direction per objective
-("max"/"maximize" or "min"/"minimize"); the record-level ones read the objectives off TrialRecords by name
-(OBJECTIVES: val_acc up, peft_params down, overhead down) and consider only *eligible* records: full-fidelity
-(COMPLETE and trained for every epoch; early-stopped trials report low-fidelity accuracies) with a val accuracy.
+("max"/"maximize" or "min"/"minimize"); the record-level ones read the objectives off TrialRecords by metric name
+(autopeft.objectives: val_acc up, peft_params down, overhead down) and consider only *eligible* records: full
+fidelity (COMPLETE and trained for every epoch; early-stopped trials report low-fidelity accuracies) with a val
+accuracy.
 """
 
 from __future__ import annotations
@@ -13,9 +14,9 @@ from collections.abc import Sequence
 
 from autopeft.budget import Budget
 from autopeft.errors import AutopeftError
+from autopeft.objectives import BY_METRIC, OBJECTIVES  # noqa: F401  (OBJECTIVES re-exported)
 from autopeft.records import TrialRecord
 
-OBJECTIVES = {"val_acc": "max", "peft_params": "min", "overhead": "min"}
 DEFAULT_OBJECTIVES = ("val_acc", "peft_params")
 
 Point = Sequence[float]
@@ -170,14 +171,14 @@ def eligible(records: Sequence[TrialRecord]) -> list[TrialRecord]:
 
 def objective_values(records: Sequence[TrialRecord], objectives: Sequence[str]) -> list[tuple[float, ...]]:
     for name in objectives:
-        if name not in OBJECTIVES:
-            raise AutopeftError(f"unknown objective '{name}'; choose from {', '.join(OBJECTIVES)}")
+        if name not in BY_METRIC:
+            raise AutopeftError(f"unknown objective metric '{name}'; choose from {', '.join(BY_METRIC)}")
     return [tuple(float(getattr(r, name)) for name in objectives) for r in records]
 
 
 def directions_of(objectives: Sequence[str]) -> list[str]:
     objective_values([], objectives)
-    return [OBJECTIVES[name] for name in objectives]
+    return [BY_METRIC[name].direction for name in objectives]
 
 
 def pareto_front(records: Sequence[TrialRecord], objectives: Sequence[str] = DEFAULT_OBJECTIVES) -> list[TrialRecord]:
@@ -220,4 +221,10 @@ def best_under_budget(records: Sequence[TrialRecord], budget: int | Budget) -> T
     fitting = [r for r in eligible(records) if r.peft_params <= limit]
     if not fitting:
         return None
-    return min(fitting, key=lambda r: (-float(r.val_acc), r.peft_params, r.number))
+    return min(fitting, key=accuracy_order)
+
+
+def accuracy_order(record: TrialRecord) -> tuple[float, int, int]:
+    """Sort key of records ranked by accuracy: highest val accuracy, then fewer parameters, then lower number."""
+    acc = record.val_acc if record.val_acc is not None else -math.inf
+    return (-acc, record.peft_params, record.number)

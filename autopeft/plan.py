@@ -66,7 +66,7 @@ class PeftPlan:
             return cls(global_parts=(spec,))
         return cls(blocks={i: (spec,) for i in layers})
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         for i, specs in self.blocks.items():
             names = [s.to_dict() for s in specs]
             if any(names.count(n) > 1 for n in names):
@@ -203,15 +203,16 @@ class PeftPlan:
 
 
 def _ranges(blocks: Sequence[int]) -> str:
-    out, start, prev = [], None, None
-    for b in list(blocks) + [None]:
-        if start is None:
-            start = prev = b
-        elif b is not None and b == prev + 1:
-            prev = b
-        else:
-            out.append(str(start) if start == prev else f"{start}-{prev}")
-            start = prev = b
+    """Block indices as runs: [0, 1, 2, 5] -> '0-2,5'."""
+    out: list[str] = []
+    ordered = list(blocks)
+    i = 0
+    while i < len(ordered):
+        j = i
+        while j + 1 < len(ordered) and ordered[j + 1] == ordered[j] + 1:
+            j += 1
+        out.append(str(ordered[i]) if i == j else f"{ordered[i]}-{ordered[j]}")
+        i = j + 1
     return ",".join(out)
 
 

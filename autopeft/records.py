@@ -4,11 +4,22 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from functools import cached_property
+from typing import TYPE_CHECKING, Any
 
 from autopeft.errors import AutopeftError
 
+if TYPE_CHECKING:
+    from autopeft.plan import PeftPlan
+
 STATUSES = ("COMPLETE", "PRUNED", "FAIL", "RUNNING")
+
+# The user attributes a stored trial carries (set by the sampler and by the engine when the trial ends), the names
+# every writer and reader uses. ATTR_BASELINE and ATTR_REASON also name a record's tags.
+ATTR_PLAN, ATTR_PARAMS, ATTR_PERCENT, ATTR_BASELINE = "plan", "peft_params", "percent", "baseline"
+ATTR_CURVE, ATTR_EPOCHS, ATTR_MAX_EPOCHS, ATTR_SECONDS = "curve", "epochs", "max_epochs", "seconds"
+ATTR_STATUS, ATTR_REASON, ATTR_OVERHEAD, ATTR_HPARAMS = "status", "fail_reason", "overhead", "hparams"
+ATTR_NODE, ATTR_WARM_START, ATTR_RERUN_OF = "node", "warm_start", "rerun_of"
 
 
 @dataclass
@@ -26,7 +37,7 @@ class TrialRecord:
         status: COMPLETE, PRUNED, FAIL or RUNNING.
         seconds: wall-clock cost of the trial.
         overhead: added inference cost relative to the plain backbone (0 for a fully merged plan).
-        tags: free labels, e.g. {"baseline": "lora"}.
+        tags: free labels, e.g. {ATTR_BASELINE: "lora"} or {ATTR_REASON: "out of memory ..."}.
         test_acc: test accuracy when the trial was evaluated on the test split.
         params: the sampled hyper-parameters (optuna parameter names to values).
     """
@@ -45,7 +56,7 @@ class TrialRecord:
     test_acc: float | None = None
     params: dict[str, Any] = field(default_factory=dict)
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.status not in STATUSES:
             raise AutopeftError(f"trial {self.number}: status {self.status!r} is not one of {', '.join(STATUSES)}")
         if self.val_acc is not None and math.isnan(self.val_acc):
@@ -55,6 +66,13 @@ class TrialRecord:
     def full_fidelity(self) -> bool:
         """Completed and trained for the full number of epochs (early-stopped trials report low-fidelity values)."""
         return self.status == "COMPLETE" and self.epochs >= self.max_epochs
+
+    @cached_property
+    def peft_plan(self) -> PeftPlan:
+        """The plan, parsed once (AutopeftError for a plan this version cannot read)."""
+        from autopeft.plan import PeftPlan
+
+        return PeftPlan.from_dict(self.plan)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

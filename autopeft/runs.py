@@ -20,6 +20,7 @@ import platform
 import shutil
 import statistics
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -66,7 +67,7 @@ def check_out_dir(out: str | Path) -> Path:
 
 
 @contextmanager
-def staged_dir(out: Path):
+def staged_dir(out: Path) -> Iterator[Path]:
     """Yield a temporary sibling directory that replaces `out` only when the block finishes without error."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))

@@ -23,6 +23,7 @@ from autopeft.cli import main
 from autopeft.records import TrialRecord
 from autopeft.report import FIGURES, build_report, report_figures, write_report
 from autopeft.search import storage as st
+from autopeft.search.study_settings import StudySettings
 
 CHROMIUM = Path("/usr/bin/chromium")
 N_FIGURES = len(FIGURES)
@@ -201,7 +202,7 @@ def test_report_of_one_trial_and_of_an_empty_study(tmp_path) -> None:
 def test_report_from_records_without_a_study() -> None:
     records = [TrialRecord(number=0, plan=RICH[0]["plan"], peft_params=1536, val_acc=0.6, curve=[0.5, 0.6],
                               epochs=2, max_epochs=2)]
-    html = build_report({}, records)
+    html = build_report(StudySettings.from_stored(SETTINGS), records)
     assert newplot_count(html) == N_FIGURES and "built without its Optuna study" in html
 
 

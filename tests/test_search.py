@@ -118,7 +118,7 @@ def test_early_stopped_trials_are_pruned_and_never_on_the_front(study_dir) -> No
     assert all(r.status == "PRUNED" for r in stopped)
     front = pareto_front(records)
     assert front and all(r.epochs == 3 and r.status == "COMPLETE" for r in front)
-    assert all(r.peft_params <= settings["budget_limit"] for r in records)
+    assert all(r.peft_params <= settings.budget_limit for r in records)
 
 
 def test_results_formats(study_dir, capsys) -> None:

@@ -228,16 +228,14 @@ def test_storage_passwords_are_masked(url, secret) -> None:
 def test_the_storage_url_is_not_kept_in_the_study(tmp_path) -> None:
     """The study's settings attribute (read by export, report, dashboards) holds no storage URL or cluster address."""
 
-    class _Prep:
-        class budget:  # noqa: N801
-            limit, percent = 100, 1.0
+    from autopeft.backbones import backbone_spec
+    from autopeft.budget import parse_budget
+    from autopeft.search.study_settings import StudySettings
 
-        class spec:  # noqa: N801
-            backbone_params = 1000
-
-        num_classes = 10
-
-    stored = SearchSettings(storage="postgresql+psycopg://u:s3cret@h/db", address="10.0.0.1:6379").stored(_Prep)
+    spec = backbone_spec("autopeft_test_vit")
+    search = SearchSettings(backbone="autopeft_test_vit", storage="postgresql+psycopg://u:s3cret@h/db",
+                            address="10.0.0.1:6379", warm_storage="postgresql+psycopg://u:s3cret@h/other")
+    stored = StudySettings.of(search, spec, parse_budget("5%", spec), num_classes=10).to_stored()
     assert "s3cret" not in repr(stored) and "10.0.0.1" not in repr(stored)
 
 

@@ -11,6 +11,7 @@ import argparse
 import importlib
 import os
 import sys
+from typing import NoReturn
 
 from autopeft.errors import AutopeftError
 
@@ -19,7 +20,7 @@ COMMAND_MODULES = ["autopeft.cli.methods", "autopeft.cli.train", "autopeft.cli.s
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line and exit 2, as for every other user error
+    def error(self, message: str) -> NoReturn:  # one line and exit 2, as for every other user error
         self.exit(2, f"autopeft: error: {message} (see --help)\n")
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from autopeft.errors import AutopeftError
 
@@ -56,7 +56,7 @@ def plan_from_args(args: argparse.Namespace, num_blocks: int) -> PeftPlan:
 def cmd_methods(args: argparse.Namespace) -> int:
     from autopeft.methods import list_methods
 
-    rows = [
+    rows: list[dict[str, Any]] = [
         {
             "name": cls.name,
             "category": cls.category,

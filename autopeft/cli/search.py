@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
 from autopeft.errors import AutopeftError
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -66,12 +70,12 @@ def cmd_search(args: argparse.Namespace) -> int:
     if recipe is None and args.dataset is None:
         recipe = _default_recipe()
     outcome = search(settings_from(recipe, flags))
-    table = frame(outcome.settings, outcome.records, pareto=True)
-    _print_table(table, f"Pareto configs under {outcome.settings.get('budget')} "
-                        f"({outcome.settings.get('budget_limit', 0):,} params)")
+    settings = outcome.settings
+    table = frame(settings, outcome.records, pareto=True)
+    _print_table(table, f"Pareto configs under {settings.search.budget} ({settings.budget_limit:,} params)")
     from autopeft.search.storage import mask_url
 
-    print(f"study '{outcome.settings.get('study')}' stored in {mask_url(outcome.storage)}")
+    print(f"study '{settings.study}' stored in {mask_url(outcome.storage)}")
     return 0
 
 
@@ -107,7 +111,7 @@ def cmd_results(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_table(table, title: str) -> None:
+def _print_table(table: pd.DataFrame, title: str) -> None:
     from rich.console import Console
     from rich.table import Table
     from rich.text import Text

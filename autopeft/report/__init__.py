@@ -21,18 +21,18 @@ from __future__ import annotations
 import re
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
 
 import optuna
 import pandas as pd
 import plotly.graph_objects as go
 
 from autopeft.pareto import best_under_budget, record_hypervolume
-from autopeft.records import TrialRecord
+from autopeft.records import ATTR_REASON, TrialRecord
 from autopeft.report.cost import compute_figure, curves_figure, importance_figure
 from autopeft.report.figures import family_figure, layer_map_figure, pareto_figure
 from autopeft.report.page import page, table_html
 from autopeft.search.results import frame, plan_short, summary
+from autopeft.search.study_settings import StudySettings
 
 __all__ = ["FIGURES", "build_report", "report_figures", "write_report"]
 
@@ -47,7 +47,7 @@ FIGURES = [
 ]
 
 
-def report_figures(settings: dict[str, Any], records: list[TrialRecord], study: optuna.Study | None = None,
+def report_figures(settings: StudySettings, records: list[TrialRecord], study: optuna.Study | None = None,
                    top_k: int = 8) -> dict[str, go.Figure]:
     """The report's figures by anchor (see FIGURES)."""
     return {
@@ -60,32 +60,30 @@ def report_figures(settings: dict[str, Any], records: list[TrialRecord], study: 
     }
 
 
-def _summary_table(name: str, settings: dict[str, Any], records: list[TrialRecord], date: str) -> pd.DataFrame:
+def _summary_table(name: str, settings: StudySettings, records: list[TrialRecord], date: str) -> pd.DataFrame:
     counts = summary(records)
-    limit = settings.get("budget_limit")
-    best = best_under_budget(records, int(limit)) if limit is not None else None
+    limit, search = settings.budget_limit, settings.search
+    best = best_under_budget(records, limit)
     facts = [
         ("study", name),
-        ("dataset", settings.get("dataset", "?")),
-        ("backbone", f"{settings.get('backbone', '?')} ({int(settings.get('backbone_params', 0)):,} params "
-                     "without head)"),
-        ("budget", f"{settings.get('budget', '?')} = {int(limit):,} trainable params" if limit is not None else "?"),
-        ("search", f"space {settings.get('space', '?')} · sampler {settings.get('sampler', '?')} · objectives "
-                   f"{', '.join(settings.get('objectives', []))} · {settings.get('epochs', '?')} epochs per trial"),
+        ("dataset", search.dataset),
+        ("backbone", f"{search.backbone} ({settings.backbone_params:,} params without head)"),
+        ("budget", f"{search.budget} = {limit:,} trainable params"),
+        ("search", f"space {search.space} · sampler {search.sampler} · objectives {', '.join(search.objectives)} · "
+                   f"{search.epochs} epochs per trial"),
         ("trials", f"{len(records)}: {counts['COMPLETE']} complete · {counts['PRUNED']} stopped early · "
                    f"{counts['FAIL']} failed · {counts['RUNNING']} queued or running"),
         ("epochs spent", f"{counts['epochs']} ({sum(r.seconds for r in records):.0f} s of training)"),
         ("best under budget", "none yet" if best is None else
-         f"trial {best.number}: val acc {best.val_acc:.4f} with {best.peft_params:,} params — {plan_short(best.plan)}"),
+         f"trial {best.number}: val acc {best.val_acc:.4f} with {best.peft_params:,} params — {plan_short(best)}"),
     ]
-    if limit is not None:
-        hv = record_hypervolume(records, (0.0, float(limit)))
-        facts.append(("hypervolume", f"{hv:,.1f} (val acc × params saved below the budget, full-length trials)"))
+    hv = record_hypervolume(records, (0.0, float(limit)))
+    facts.append(("hypervolume", f"{hv:,.1f} (val acc × params saved below the budget, full-length trials)"))
     facts.append(("generated", date))
     return pd.DataFrame(facts, columns=["", "value"])
 
 
-def _pareto_table(settings: dict[str, Any], records: list[TrialRecord]) -> pd.DataFrame:
+def _pareto_table(settings: StudySettings, records: list[TrialRecord]) -> pd.DataFrame:
     table = frame(settings, records, pareto=True)
     if table.empty:
         return table
@@ -104,24 +102,24 @@ def _pareto_table(settings: dict[str, Any], records: list[TrialRecord]) -> pd.Da
 
 
 def _failed_table(records: list[TrialRecord]) -> pd.DataFrame:
-    rows = [{"trial": r.number, "epochs": r.epochs, "reason": r.tags.get("fail_reason", ""), "plan": plan_short(r.plan)}
+    rows = [{"trial": r.number, "epochs": r.epochs, "reason": r.tags.get(ATTR_REASON, ""), "plan": plan_short(r)}
             for r in records if r.status == "FAIL"]
     return pd.DataFrame(rows, columns=["trial", "epochs", "reason", "plan"])
 
 
-def build_report(settings: dict[str, Any], records: list[TrialRecord], study: optuna.Study | None = None,
+def build_report(settings: StudySettings, records: list[TrialRecord], study: optuna.Study | None = None,
                  name: str | None = None, top_k: int = 8, now: datetime | None = None) -> str:
     """The report of one study as an HTML document (a string).
 
     Args:
-        settings: the study's search settings (`study_settings`).
+        settings: the study's settings (`storage.read_settings`).
         records: its TrialRecords.
         study: the Optuna study, for hyper-parameter importance (a placeholder says so when it is None).
-        name: the study's name (default: settings["study"]).
+        name: the study's name (default: the settings' study name).
         top_k: plans shown in the layer map.
         now: the date written on the page (default: now, UTC).
     """
-    name = name or str(settings.get("study", "study"))
+    name = name or settings.study
     date = (now or datetime.now(timezone.utc)).strftime("%Y-%m-%d %H:%M UTC")
     figures = report_figures(settings, records, study, top_k)
     sections: list[tuple[str, str, go.Figure | str]] = [(key, heading, figures[key]) for key, heading in FIGURES]
@@ -131,10 +129,10 @@ def build_report(settings: dict[str, Any], records: list[TrialRecord], study: op
     failed = _failed_table(records)
     if not failed.empty:
         sections.append(("failed", "Failed trials", table_html(failed, "")))
-    title = (f"autopeft report · {name} · {settings.get('dataset', '?')} · {settings.get('backbone', '?')} · "
-             f"budget {settings.get('budget', '?')} · {date}")
-    subtitle = (f"study {name}: {settings.get('dataset', '?')} on {settings.get('backbone', '?')}, budget "
-                f"{settings.get('budget', '?')}, {len(records)} trials — generated {date}")
+    search = settings.search
+    title = f"autopeft report · {name} · {search.dataset} · {search.backbone} · budget {search.budget} · {date}"
+    subtitle = (f"study {name}: {search.dataset} on {search.backbone}, budget {search.budget}, {len(records)} trials "
+                f"— generated {date}")
     footer = ("Hover a point for its plan; click legend entries to hide series. Only trials trained to full length "
               "enter the front; trials stopped early are drawn at their low-fidelity accuracy. "
               "Generated by autopeft report.")
@@ -152,8 +150,8 @@ def write_report(study: str, storage: str, out: str | Path | None = None, top_k:
     from autopeft.search import storage as st
 
     loaded = st.load_study(study, storage)
-    records = [st.record_of(t) for t in sorted(loaded.get_trials(deepcopy=False), key=lambda t: t.number)]
-    html = build_report(st.study_settings(loaded), records, loaded, name=study, top_k=top_k, now=now)
+    records = st.records_of(loaded)
+    html = build_report(st.read_settings(loaded), records, loaded, name=study, top_k=top_k, now=now)
     path = Path(out) if out is not None else default_output(study)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(html, encoding="utf-8")

@@ -9,7 +9,7 @@ from typing import Any
 
 import plotly.graph_objects as go
 
-from autopeft.records import TrialRecord
+from autopeft.records import ATTR_BASELINE, ATTR_REASON, TrialRecord
 from autopeft.search.results import plan_short
 
 # The state a trial is drawn with. COMPLETE means trained to full length; a trial told COMPLETE with fewer epochs
@@ -41,10 +41,10 @@ def ran(records: Sequence[TrialRecord]) -> list[TrialRecord]:
     return [r for r in records if r.status != "RUNNING"]
 
 
-def plan_lines(plan: dict, width: int = 70) -> str:
-    """The plan in short form, escaped, broken into lines of about `width` characters at its ' + ' joints."""
+def plan_lines(record: TrialRecord, width: int = 70) -> str:
+    """The record's plan in short form, escaped, broken into lines of about `width` characters at its ' + ' joints."""
     lines, line = [], ""
-    for part in plan_short(plan).split(" + "):
+    for part in plan_short(record).split(" + "):
         if line and len(line) + 3 + len(part) > width:
             lines.append(line)
             line = part
@@ -59,11 +59,11 @@ def hover(r: TrialRecord, total_params: int) -> str:
     acc = "-" if r.val_acc is None else f"{r.val_acc:.4f}"
     pct = 100.0 * r.peft_params / max(total_params, 1)
     out = (f"<b>trial {r.number}</b> · {STATE_LABELS[state_of(r)]} · {r.epochs}/{r.max_epochs} epochs<br>"
-           f"val acc {acc} · {r.peft_params:,} params ({pct:.3g} %)<br>{plan_lines(r.plan)}")
-    if r.tags.get("baseline"):
-        out += f"<br>baseline: {esc(r.tags['baseline'])}"
-    if r.tags.get("fail_reason"):
-        out += f"<br>failed: {esc(r.tags['fail_reason'][:300])}"
+           f"val acc {acc} · {r.peft_params:,} params ({pct:.3g} %)<br>{plan_lines(r)}")
+    if r.tags.get(ATTR_BASELINE):
+        out += f"<br>baseline: {esc(r.tags[ATTR_BASELINE])}"
+    if r.tags.get(ATTR_REASON):
+        out += f"<br>failed: {esc(r.tags[ATTR_REASON][:300])}"
     return out
 
 

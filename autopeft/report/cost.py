@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import warnings
-from typing import Any
 
 import optuna
 import plotly.graph_objects as go
@@ -21,11 +20,14 @@ from autopeft.report._common import (
     ran,
     state_of,
 )
+from autopeft.search.study_settings import StudySettings
 
 
-def _rungs(settings: dict[str, Any], max_epochs: int) -> list[int]:
+def _rungs(settings: StudySettings, max_epochs: int) -> list[int]:
     """Epochs at which ASHA compares trials: grace · reduction_factor^k below the full length."""
-    grace, factor = int(settings.get("grace_epochs", 0) or 0), int(settings.get("reduction_factor", 2) or 2)
+    if not settings.search.early_stopping:
+        return []
+    grace, factor = settings.search.grace_epochs, settings.search.reduction_factor
     out, t = [], grace
     while 0 < t < max_epochs and factor >= 2:
         out.append(t)
@@ -33,14 +35,14 @@ def _rungs(settings: dict[str, Any], max_epochs: int) -> list[int]:
     return out
 
 
-def curves_figure(settings: dict[str, Any], records: list[TrialRecord]) -> go.Figure:
+def curves_figure(settings: StudySettings, records: list[TrialRecord]) -> go.Figure:
     """Val accuracy per epoch for every trial; ASHA's stops are marked and its rungs drawn."""
     title = "Learning curves: val accuracy per epoch (× marks where ASHA stopped a trial)"
     drawn = [r for r in ran(records) if r.curve]
     if not drawn:
         return placeholder(title, "no trial has reported an epoch yet")
-    total = int(settings.get("backbone_params", 0))
-    max_epochs = max([int(settings.get("epochs", 0) or 0)] + [r.max_epochs for r in drawn] + [len(r.curve)
+    total = settings.backbone_params
+    max_epochs = max([settings.search.epochs] + [r.max_epochs for r in drawn] + [len(r.curve)
                                                                                           for r in drawn])
     fig = go.Figure()
     shown: set[str] = set()
@@ -73,20 +75,20 @@ def curves_figure(settings: dict[str, Any], records: list[TrialRecord]) -> go.Fi
     return fig
 
 
-def compute_figure(settings: dict[str, Any], records: list[TrialRecord]) -> go.Figure:
+def compute_figure(settings: StudySettings, records: list[TrialRecord]) -> go.Figure:
     """Epochs spent per trial and in total, against training every trial to full length."""
     title = "Compute: epochs spent per trial and in total"
     done = ran(records)
     if not done:
         return placeholder(title, "no trial has finished yet")
-    full = max([int(settings.get("epochs", 0) or 0)] + [r.max_epochs for r in done])
+    full = max([settings.search.epochs] + [r.max_epochs for r in done])
     spent = sum(r.epochs for r in done)
     budget = full * len(done)
     seconds = sum(r.seconds for r in done)
     saved = 100.0 * (1 - spent / budget) if budget else 0.0
     fig = make_subplots(rows=1, cols=2, column_widths=[0.72, 0.28], horizontal_spacing=0.1,
                         subplot_titles=("epochs per trial", f"in total ({saved:.0f} % saved)"))
-    total = int(settings.get("backbone_params", 0))
+    total = settings.backbone_params
     for state in ("COMPLETE", "PRUNED", "FAIL"):
         group = [r for r in done if state_of(r) == state]
         if group:

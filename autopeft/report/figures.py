@@ -6,8 +6,8 @@ from typing import Any
 
 import plotly.graph_objects as go
 
-from autopeft.pareto import best_under_budget, eligible, pareto_front
-from autopeft.records import TrialRecord
+from autopeft.pareto import DEFAULT_OBJECTIVES, accuracy_order, best_under_budget, eligible, pareto_front
+from autopeft.records import ATTR_BASELINE, TrialRecord
 from autopeft.report._common import (
     BEST_COLOR,
     FIG_HEIGHT,
@@ -28,20 +28,18 @@ from autopeft.report._common import (
     state_of,
     zero_note,
 )
+from autopeft.search.study_settings import StudySettings
 
 X_TITLE = "trainable parameters, head excluded (log scale)"
 # marker per category of the survey's taxonomy (a category is a registry attribute, not a method name)
 CATEGORY_SYMBOLS = {"partial": "circle", "addition": "diamond"}
 
 
-def _budget(settings: dict[str, Any]) -> tuple[int | None, str]:
-    limit = settings.get("budget_limit")
-    if limit is None:
-        return None, ""
-    return int(limit), f"budget {esc(settings.get('budget', ''))} = {int(limit):,} params"
+def _budget(settings: StudySettings) -> tuple[int, str]:
+    return settings.budget_limit, f"budget {esc(settings.search.budget)} = {settings.budget_limit:,} params"
 
 
-def pareto_figure(settings: dict[str, Any], records: list[TrialRecord]) -> go.Figure:
+def pareto_figure(settings: StudySettings, records: list[TrialRecord]) -> go.Figure:
     """Val accuracy against trainable parameters for every trial, the front, the budget line, baselines by name.
 
     Trials stopped early are drawn at their last (low-fidelity) accuracy, failed ones at their last accuracy or 0;
@@ -51,7 +49,7 @@ def pareto_figure(settings: dict[str, Any], records: list[TrialRecord]) -> go.Fi
     done = ran(records)
     if not done:
         return placeholder(title, "no trial has finished yet")
-    total = int(settings.get("backbone_params", 0))
+    total = settings.backbone_params
     limit, budget_text = _budget(settings)
     xs, zero = log_x([r.peft_params for r in done])
     x_of = {r.number: x for r, x in zip(done, xs, strict=True)}
@@ -67,7 +65,7 @@ def pareto_figure(settings: dict[str, Any], records: list[TrialRecord]) -> go.Fi
                     "symbol": "x" if state == "FAIL" else "circle", "line": {"width": 0.5, "color": "#444"}},
             hovertext=[hover(r, total) for r in group], hoverinfo="text",
         ))
-    front = pareto_front(done, ("val_acc", "peft_params"))
+    front = pareto_front(done, DEFAULT_OBJECTIVES)
     if front:
         fig.add_trace(go.Scatter(
             x=[x_of[r.number] for r in front], y=[r.val_acc for r in front], mode="lines+markers",
@@ -75,23 +73,22 @@ def pareto_figure(settings: dict[str, Any], records: list[TrialRecord]) -> go.Fi
             marker={"color": FRONT_COLOR, "size": 11, "line": {"width": 1, "color": "white"}},
             hovertext=[hover(r, total) for r in front], hoverinfo="text",
         ))
-    best = best_under_budget(done, limit) if limit is not None else None
+    best = best_under_budget(done, limit)
     if best is not None:
         fig.add_trace(go.Scatter(
             x=[x_of[best.number]], y=[best.val_acc], mode="markers", name=f"best under budget (trial {best.number})",
             marker={"color": BEST_COLOR, "size": 18, "symbol": "star", "line": {"width": 1, "color": "#333"}},
             hovertext=[hover(best, total)], hoverinfo="text",
         ))
-    named = [r for r in done if r.tags.get("baseline")]
+    named = [r for r in done if r.tags.get(ATTR_BASELINE)]
     if named:
         fig.add_trace(go.Scatter(
             x=[x_of[r.number] for r in named], y=[r.val_acc if r.val_acc is not None else 0.0 for r in named],
-            mode="text", text=[esc(r.tags["baseline"]) for r in named], textposition="top center",
+            mode="text", text=[esc(r.tags[ATTR_BASELINE]) for r in named], textposition="top center",
             textfont={"size": 11, "color": "#333"}, name="baselines", hoverinfo="skip",
         ))
     y_range = acc_range([r.val_acc if r.val_acc is not None else 0.0 for r in done])
-    if limit is not None:
-        fig.add_trace(budget_trace(limit, y_range, budget_text))
+    fig.add_trace(budget_trace(limit, y_range, budget_text))
     zero_note(fig, [r.peft_params for r in done], zero)
     fig.update_layout(title=title, height=FIG_HEIGHT + 60, template="plotly_white", hovermode="closest",
                       xaxis={"type": "log", "title": X_TITLE}, yaxis={"title": "val accuracy", "range": y_range},
@@ -99,7 +96,7 @@ def pareto_figure(settings: dict[str, Any], records: list[TrialRecord]) -> go.Fi
     return fig
 
 
-def family_figure(settings: dict[str, Any], records: list[TrialRecord]) -> go.Figure:
+def family_figure(settings: StudySettings, records: list[TrialRecord]) -> go.Figure:
     """Val accuracy against parameters of the full-length trials, one series per method.
 
     A plan that mixes methods appears in the series of each method it uses, so a legend entry shows every plan
@@ -109,7 +106,7 @@ def family_figure(settings: dict[str, Any], records: list[TrialRecord]) -> go.Fi
     pool = eligible(records)
     if not pool:
         return placeholder(title, "no trial has been trained to full length yet")
-    total = int(settings.get("backbone_params", 0))
+    total = settings.backbone_params
     xs, zero = log_x([r.peft_params for r in pool])
     series: dict[str, list[tuple[TrialRecord, float]]] = {}
     for r, x in zip(pool, xs, strict=True):
@@ -129,31 +126,25 @@ def family_figure(settings: dict[str, Any], records: list[TrialRecord]) -> go.Fi
     zero_note(fig, [r.peft_params for r in pool], zero)
     limit, budget_text = _budget(settings)
     y_range = acc_range([r.val_acc for r in pool])
-    if limit is not None:
-        fig.add_trace(budget_trace(limit, y_range, budget_text))
+    fig.add_trace(budget_trace(limit, y_range, budget_text))
     fig.update_layout(title=title, height=FIG_HEIGHT, template="plotly_white", hovermode="closest",
                       xaxis={"type": "log", "title": X_TITLE}, yaxis={"title": "val accuracy", "range": y_range},
                       legend={"groupclick": "toggleitem"})
     return fig
 
 
-def _num_blocks(settings: dict[str, Any], plans: list[dict]) -> int:
-    """Blocks of the study's backbone (from its architecture), or as many as the plans use when it is unknown."""
+def _num_blocks(settings: StudySettings, plans: list[dict]) -> int:
+    """Blocks of the study's backbone (as the study stores it), or more if a plan names a later block."""
     seen = [i for p in plans for i, _ in entries(p) if i is not None]
-    try:
-        from autopeft.backbones import backbone_spec
-
-        return max(backbone_spec(str(settings.get("backbone"))).num_blocks, max(seen, default=-1) + 1)
-    except Exception:  # noqa: BLE001  a backbone this install cannot build still gets a map of the used blocks
-        return max(seen, default=-1) + 1
+    return max(settings.num_blocks, max(seen, default=-1) + 1)
 
 
 def top_records(records: list[TrialRecord], k: int) -> list[TrialRecord]:
     """The k best full-length trials: highest val accuracy, then fewer parameters, then lower trial number."""
-    return sorted(eligible(records), key=lambda r: (-float(r.val_acc), r.peft_params, r.number))[:k]
+    return sorted(eligible(records), key=accuracy_order)[:k]
 
 
-def layer_map_figure(settings: dict[str, Any], records: list[TrialRecord], k: int = 8) -> go.Figure:
+def layer_map_figure(settings: StudySettings, records: list[TrialRecord], k: int = 8) -> go.Figure:
     """Block index × method for the top-k plans, coloured by each entry's size (rank, dim or length).
 
     One row per (plan, method); columns are the backbone's blocks plus `global` for whole-model parts. Entries
@@ -179,8 +170,8 @@ def layer_map_figure(settings: dict[str, Any], records: list[TrialRecord], k: in
             z_row: list[float | None] = []
             t_row: list[str] = []
             for col in [None, *range(n_blocks)]:
-                entry = placed.get(col)
-                size = None if entry is None else (size_of(entry) or 0.0)
+                placed_entry = placed.get(col)
+                size = None if placed_entry is None else (size_of(placed_entry) or 0.0)
                 z_row.append(size)
                 options = "" if entry is None else ", ".join(f"{esc(k_)}={esc(v)}" for k_, v in entry.items()
                                                              if k_ != "method") or "no options"

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.markup import escape
@@ -18,19 +18,23 @@ from autopeft.errors import AutopeftError
 from autopeft.records import TrialRecord
 from autopeft.search import storage as st
 from autopeft.search.baselines import baseline_plans
-from autopeft.search.settings import OBJECTIVES, SearchSettings, load_recipe, settings_from
+from autopeft.search.settings import SearchSettings, load_recipe, settings_from
+from autopeft.search.study_settings import StudySettings
 
-__all__ = ["OBJECTIVES", "Outcome", "SearchSettings", "load_recipe", "prepare", "search", "settings_from"]
+if TYPE_CHECKING:
+    from autopeft.search.engine import Prepared
+
+__all__ = ["Outcome", "SearchSettings", "StudySettings", "load_recipe", "prepare", "search", "settings_from"]
 
 
 @dataclass
 class Outcome:
-    settings: dict[str, Any]
+    settings: StudySettings
     records: list[TrialRecord]
     storage: str
 
 
-def prepare(s: SearchSettings):
+def prepare(s: SearchSettings) -> Prepared:
     """Validate everything a search needs (backbone, budget, space, data, storage) without creating anything."""
     import optuna
 

@@ -28,12 +28,14 @@ from optuna.trial import FrozenTrial, TrialState
 
 from autopeft.backbones import BackboneSpec
 from autopeft.budget import Budget
-from autopeft.errors import AutopeftError
+from autopeft.errors import AutopeftError, UnsupportedBackbone
+from autopeft.objectives import objectives_of
 from autopeft.plan import PeftPlan
 from autopeft.search import storage as st
 from autopeft.search.cluster import check_resources, ray_session  # noqa: F401  (check_resources: also here)
 from autopeft.search.liveness import ATTR_DRIVER, Heartbeat, interrupted, this_driver
-from autopeft.search.settings import OBJECTIVES, SearchSettings
+from autopeft.search.settings import SearchSettings
+from autopeft.search.study_settings import StudySettings
 from autopeft.search.trainable import TrialSettings, run_trial
 from autopeft.space import SearchSpace, plan_overhead, sample_hparams, sample_plan
 
@@ -209,13 +211,19 @@ class Prepared:
     num_classes: int
     baselines: list[tuple[str, PeftPlan]] = field(default_factory=list)
 
+    @property
+    def study_settings(self) -> StudySettings:
+        """What the study stores about itself (written once, when it is created)."""
+        return StudySettings.of(self.settings, self.spec, self.budget, self.num_classes)
+
 
 def create_or_resume(prep: Prepared) -> tuple[optuna.Study, int]:
     """Create the study (new) or reopen it (resume); return it and how many trials remain to run."""
     s = prep.settings
     store = st.open_storage(prep.storage_url)
-    metrics = [OBJECTIVES[o][0] for o in s.objectives]
-    directions = ["maximize" if OBJECTIVES[o][1] == "max" else "minimize" for o in s.objectives]
+    objectives = objectives_of(s.objectives)
+    metrics = [o.metric for o in objectives]
+    directions = [o.optuna_direction for o in objectives]
     if s.resume:
         study = optuna.load_study(study_name=s.study, storage=store)
         if study.directions != [optuna.study.StudyDirection[d.upper()] for d in directions]:
@@ -226,7 +234,7 @@ def create_or_resume(prep: Prepared) -> tuple[optuna.Study, int]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             study.set_metric_names(metrics)
-        study.set_user_attr(st.STUDY_SETTINGS, prep.settings.stored(prep))
+        st.write_settings(study, prep.study_settings)
         for name, plan in prep.baselines[: s.trials]:  # a short study runs only the first baselines
             study.enqueue_trial(_baseline_params(prep), user_attrs={st.ATTR_PLAN: plan.to_dict(),
                                                                     st.ATTR_BASELINE: name})
@@ -262,10 +270,10 @@ def requeue_interrupted(study: optuna.Study, unstamped_after_s: float = 0.0) -> 
             storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
         except optuna.exceptions.UpdateFinishedTrialError:
             continue  # it finished, or another driver re-queued it, since we looked
-        attrs = {k: t.user_attrs[k] for k in (st.ATTR_BASELINE, "warm_start") if k in t.user_attrs}
+        attrs = {k: t.user_attrs[k] for k in (st.ATTR_BASELINE, st.ATTR_WARM_START) if k in t.user_attrs}
         if st.ATTR_PLAN in t.user_attrs and attrs:  # a preset plan (baseline, warm start) is trained as it was
             attrs[st.ATTR_PLAN] = t.user_attrs[st.ATTR_PLAN]
-        study.enqueue_trial(dict(t.params), user_attrs={**attrs, "rerun_of": t.number}, skip_if_exists=False)
+        study.enqueue_trial(dict(t.params), user_attrs={**attrs, st.ATTR_RERUN_OF: t.number}, skip_if_exists=False)
         redo.append(t.number)
     if redo:
         logger.warning("trials %s were left running by a driver that stopped; marked FAIL and queued again", redo)
@@ -280,14 +288,15 @@ def enqueue_warm_start(study: optuna.Study, prep: Prepared) -> int:
     _, records = st.load_records(s.warm_start, prep.storage_url if not s.warm_storage else s.warm_storage)
     n = 0
     for r in pareto_front(records):
-        plan = PeftPlan.from_dict(r.plan)
+        plan = r.peft_plan
         try:
             if plan.count(prep.spec) > prep.budget.limit:
                 continue
-        except AutopeftError:
+        except UnsupportedBackbone:  # a plan of another backbone family
             continue
         hp = {k: v for k, v in r.params.items() if k in dict(prep.space.training)}
-        study.enqueue_trial(hp, user_attrs={st.ATTR_PLAN: plan.to_dict(), "warm_start": f"{s.warm_start}#{r.number}"})
+        study.enqueue_trial(hp, user_attrs={st.ATTR_PLAN: plan.to_dict(),
+                                            st.ATTR_WARM_START: f"{s.warm_start}#{r.number}"})
         n += 1
     return n
 
@@ -322,10 +331,11 @@ def run(prep: Prepared, study: optuna.Study, remaining: int, callbacks: list | N
         trial_settings = TrialSettings(dataset=s.dataset, backbone=s.backbone, epochs=s.epochs, weights=s.weights,
                                        data_root=s.data_root, seed=s.seed)
         storage = st.open_storage(prep.storage_url)  # a plain RDBStorage: Ray pickles the searcher
+        objectives = objectives_of(s.objectives)
         searcher = _searcher_class()(
             space=SamplePlan(prep.space, prep.spec, prep.budget, s.epochs),
-            metric=[OBJECTIVES[o][0] for o in s.objectives],
-            mode=[OBJECTIVES[o][1] for o in s.objectives],
+            metric=[o.metric for o in objectives],
+            mode=[o.direction for o in objectives],
             sampler=make_sampler(s.sampler, s.seed),
             study_name=s.study,
             storage=storage,

@@ -79,7 +79,7 @@ def heartbeat_ages(storage: optuna.storages.RDBStorage, study_id: int) -> dict[i
 
     session = storage.scoped_session()
     try:
-        now = session.execute(sqlalchemy.func.now()).scalar()
+        now: datetime | str = session.execute(sqlalchemy.func.now()).scalar_one()
         rows = (session.query(models.TrialHeartbeatModel.trial_id, models.TrialHeartbeatModel.heartbeat)
                 .join(models.TrialModel, models.TrialModel.trial_id == models.TrialHeartbeatModel.trial_id)
                 .filter(models.TrialModel.study_id == study_id, models.TrialModel.state == TrialState.RUNNING)

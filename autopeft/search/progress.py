@@ -34,13 +34,13 @@ class SearchProgress(Callback):
     def _info(trial: Any) -> dict:
         return (trial.config or {}).get("autopeft", {})
 
-    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info) -> None:
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self.running.add(trial.trial_id)
 
-    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info) -> None:
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._finish(trial, trial.last_result or {}, error=False)
 
-    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info) -> None:
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._finish(trial, trial.last_result or {}, error=True)
 
     def _finish(self, trial: Any, r: dict, error: bool) -> None:

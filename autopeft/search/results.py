@@ -2,54 +2,48 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import pandas as pd
 
+from autopeft.errors import AutopeftError
 from autopeft.pareto import best_under_budget, pareto_front
-from autopeft.plan import PeftPlan
-from autopeft.records import TrialRecord
-from autopeft.search.settings import OBJECTIVES
+from autopeft.records import ATTR_BASELINE, ATTR_REASON, TrialRecord
+from autopeft.search.study_settings import StudySettings
 
 
-def plan_short(plan: dict) -> str:
+def plan_short(record: TrialRecord) -> str:
+    """The record's plan on one line; '-' for none, '?' for a plan this version cannot read (it still gets a row)."""
+    if not record.plan:
+        return "-"
     try:
-        return PeftPlan.from_dict(plan).short() if plan else "-"
-    except Exception:  # noqa: BLE001  a plan written by another version still gets a row
+        return record.peft_plan.short()
+    except AutopeftError:
         return "?"
 
 
-def objectives_of(settings: dict[str, Any]) -> list[str]:
-    return [OBJECTIVES[o][0] for o in settings.get("objectives", ["acc", "params"])]
-
-
-def pareto_records(settings: dict[str, Any], records: list[TrialRecord]) -> list[TrialRecord]:
+def pareto_records(settings: StudySettings, records: list[TrialRecord]) -> list[TrialRecord]:
     """Full-fidelity Pareto configs that fit the study's budget."""
-    limit = int(settings.get("budget_limit", 2**62))
-    return [r for r in pareto_front(records, objectives_of(settings)) if r.peft_params <= limit]
+    return [r for r in pareto_front(records, settings.metrics) if r.peft_params <= settings.budget_limit]
 
 
-def frame(settings: dict[str, Any], records: list[TrialRecord], pareto: bool = False) -> pd.DataFrame:
+def frame(settings: StudySettings, records: list[TrialRecord], pareto: bool = False) -> pd.DataFrame:
     """One row per trial (or per Pareto config): number, status, val_acc, params, %, epochs, seconds, tags, plan."""
     rows = pareto_records(settings, records) if pareto else records
-    total = max(int(settings.get("backbone_params", 0)), 1)
-    limit = int(settings.get("budget_limit", 2**62))
-    best = best_under_budget(records, limit)
+    best = best_under_budget(records, settings.budget_limit)
     front = {r.number for r in pareto_records(settings, records)}
     data = [{
         "trial": r.number,
         "status": r.status if r.full_fidelity or r.status != "COMPLETE" else "PRUNED",
         "val_acc": r.val_acc,
         "peft_params": r.peft_params,
-        "percent": 100.0 * r.peft_params / total,
+        "percent": settings.percent(r.peft_params),
         "overhead": r.overhead,
         "epochs": r.epochs,
         "seconds": round(r.seconds, 2),
         "pareto": r.number in front,
         "best": best is not None and r.number == best.number,
-        "baseline": r.tags.get("baseline", ""),
-        "fail_reason": r.tags.get("fail_reason", ""),
-        "plan": plan_short(r.plan),
+        "baseline": r.tags.get(ATTR_BASELINE, ""),
+        "fail_reason": r.tags.get(ATTR_REASON, ""),
+        "plan": plan_short(r),
     } for r in rows]
     columns = ["trial", "status", "val_acc", "peft_params", "percent", "overhead", "epochs", "seconds", "pareto",
                "best", "baseline", "fail_reason", "plan"]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
 from dataclasses import dataclass, fields
@@ -11,10 +10,9 @@ from typing import Any
 
 from autopeft.defaults import DEFAULT_BACKBONE
 from autopeft.errors import AutopeftError
+from autopeft.objectives import OBJECTIVES
 from autopeft.yamlfile import read_yaml
 
-# objective name on the command line -> (metric reported by trials, direction)
-OBJECTIVES = {"acc": ("val_acc", "max"), "params": ("peft_params", "min"), "overhead": ("overhead", "min")}
 SAMPLERS = ("tpe", "nsga2", "gp", "random")
 
 
@@ -47,7 +45,7 @@ class SearchSettings:
     seed: int = 0
     baselines: bool = True
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if isinstance(self.objectives, str):
             self.objectives = tuple(o.strip() for o in self.objectives.split(",") if o.strip())
         self.objectives = tuple(self.objectives)
@@ -80,16 +78,6 @@ class SearchSettings:
     def local_cpus(self) -> int:
         """CPUs of a local Ray instance: the machine's, but at least what the requested concurrency needs."""
         return max(int(os.cpu_count() or 1), int(self.cpus_per_trial * self.concurrency + 0.999))
-
-    def stored(self, prep: Any) -> dict[str, Any]:
-        """The settings as kept in the study (no storage URL: it may hold a password)."""
-        data = dataclasses.asdict(self)
-        for k in ("storage", "resume", "address", "warm_storage"):
-            data.pop(k)
-        data["objectives"] = list(self.objectives)
-        data.update(budget_limit=prep.budget.limit, budget_percent=prep.budget.percent,
-                    backbone_params=prep.spec.backbone_params, num_classes=prep.num_classes)
-        return data
 
 
 def load_recipe(path: str | Path) -> dict[str, Any]:

@@ -18,14 +18,27 @@ import sqlalchemy
 from optuna.trial import FrozenTrial, TrialState
 
 from autopeft.errors import AutopeftError
-from autopeft.records import TrialRecord
+from autopeft.records import (  # noqa: F401  (the trial attribute names, also here for the storage's users)
+    ATTR_BASELINE,
+    ATTR_CURVE,
+    ATTR_EPOCHS,
+    ATTR_HPARAMS,
+    ATTR_MAX_EPOCHS,
+    ATTR_NODE,
+    ATTR_OVERHEAD,
+    ATTR_PARAMS,
+    ATTR_PERCENT,
+    ATTR_PLAN,
+    ATTR_REASON,
+    ATTR_RERUN_OF,
+    ATTR_SECONDS,
+    ATTR_STATUS,
+    ATTR_WARM_START,
+    TrialRecord,
+)
+from autopeft.search.study_settings import StudySettings
 
-# user attributes every trial carries (set by the sampler and by the engine when the trial ends)
-ATTR_PLAN, ATTR_PARAMS, ATTR_PERCENT, ATTR_BASELINE = "plan", "peft_params", "percent", "baseline"
-ATTR_CURVE, ATTR_EPOCHS, ATTR_MAX_EPOCHS, ATTR_SECONDS = "curve", "epochs", "max_epochs", "seconds"
-ATTR_STATUS, ATTR_REASON, ATTR_OVERHEAD, ATTR_HPARAMS = "status", "fail_reason", "overhead", "hparams"
-ATTR_NODE = "node"
-# study attribute holding the search settings (dataset, backbone, budget, space, epochs, objectives, …)
+# study attribute holding the StudySettings (search settings, budget, backbone facts, classes)
 STUDY_SETTINGS = "autopeft"
 
 _STATE_NAMES = {TrialState.COMPLETE: "COMPLETE", TrialState.PRUNED: "PRUNED", TrialState.FAIL: "FAIL",
@@ -149,8 +162,14 @@ def load_study(study: str, storage: str) -> optuna.Study:
     return optuna.load_study(study_name=study, storage=store)
 
 
-def study_settings(study: optuna.Study) -> dict[str, Any]:
-    return dict(study.user_attrs.get(STUDY_SETTINGS) or {})
+def write_settings(study: optuna.Study, settings: StudySettings) -> None:
+    """Keep `settings` in the study (once, when the engine creates it)."""
+    study.set_user_attr(STUDY_SETTINGS, settings.to_stored())
+
+
+def read_settings(study: optuna.Study) -> StudySettings:
+    """The study's StudySettings, from any stored format (one line when it holds none)."""
+    return StudySettings.from_stored(study.user_attrs.get(STUDY_SETTINGS), study.study_name)
 
 
 def record_of(trial: FrozenTrial) -> TrialRecord:
@@ -159,9 +178,9 @@ def record_of(trial: FrozenTrial) -> TrialRecord:
     state = _STATE_NAMES.get(trial.state, "FAIL")
     values = trial.values or []
     val_acc = a.get(ATTR_CURVE, [None])[-1] if a.get(ATTR_CURVE) else (values[0] if values else None)
-    tags = {"baseline": a[ATTR_BASELINE]} if a.get(ATTR_BASELINE) else {}
+    tags = {ATTR_BASELINE: str(a[ATTR_BASELINE])} if a.get(ATTR_BASELINE) else {}
     if a.get(ATTR_REASON):
-        tags["fail_reason"] = str(a[ATTR_REASON])
+        tags[ATTR_REASON] = str(a[ATTR_REASON])
     return TrialRecord(
         number=trial.number,
         plan=a.get(ATTR_PLAN) or {},
@@ -178,10 +197,15 @@ def record_of(trial: FrozenTrial) -> TrialRecord:
     )
 
 
-def load_records(study: str, storage: str) -> tuple[dict[str, Any], list[TrialRecord]]:
-    """(search settings, TrialRecords in trial-number order) of a stored study."""
+def records_of(study: optuna.Study) -> list[TrialRecord]:
+    """The study's TrialRecords in trial-number order."""
+    return [record_of(t) for t in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)]
+
+
+def load_records(study: str, storage: str) -> tuple[StudySettings, list[TrialRecord]]:
+    """(settings, TrialRecords in trial-number order) of a stored study."""
     st = load_study(study, storage)
-    return study_settings(st), [record_of(t) for t in sorted(st.get_trials(deepcopy=False), key=lambda t: t.number)]
+    return read_settings(st), records_of(st)
 
 
 def retry(fn: Callable[[], T], attempts: int = 4, wait_s: float = 2.0) -> T:

@@ -34,6 +34,7 @@ from autopeft.backbones import BackboneSpec
 from autopeft.budget import Budget
 from autopeft.errors import AutopeftError
 from autopeft.plan import PeftPlan
+from autopeft.records import ATTR_PARAMS, ATTR_PLAN
 from autopeft.space.bound import BoundSpace, Part, bind
 from autopeft.space.format import SearchSpace
 from autopeft.space.repair import repair
@@ -95,8 +96,8 @@ def sample_parts(trial: Any, space: SearchSpace, spec: BackboneSpec, budget: Bud
     repaired = {k: v for k, v in after.items() if before.get(k) != v}
     repaired.update({k: None for k in before if k not in after})
     if hasattr(trial, "set_user_attr"):
-        trial.set_user_attr("plan", bound.plan(parts).to_dict())
-        trial.set_user_attr("peft_params", bound.total(parts))
+        trial.set_user_attr(ATTR_PLAN, bound.plan(parts).to_dict())
+        trial.set_user_attr(ATTR_PARAMS, bound.total(parts))
         trial.set_user_attr("repaired", repaired)
     return parts
 
