@@ -156,7 +156,8 @@ def confirm(study: Study, pool: list[TrialRecord], k: int, seeds: int, device: s
     base_seed = study.settings.search.seed
     seed_list = [base_seed + 1 + i for i in range(seeds)]  # fresh seeds: the trial's own seed is the lucky one
     search_epochs = study.settings.search.epochs
-    results, data_by_augment = [], {}
+    results: list[dict[str, Any]] = []
+    data_by_augment: dict[bool, Any] = {}
     for r in top:
         recipe = recipe_of(study, r).replace(protocol="search").with_epochs(search_epochs)
         if recipe.augment not in data_by_augment:

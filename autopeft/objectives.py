@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 from autopeft.errors import AutopeftError
 
@@ -18,7 +19,8 @@ class Objective:
     direction: str  # "max" or "min"
 
     @property
-    def optuna_direction(self) -> str:
+    def study_direction(self) -> Literal["maximize", "minimize"]:
+        """The direction as Optuna's studies take it."""
         return "maximize" if self.direction == "max" else "minimize"
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -46,7 +47,7 @@ class ModuleLora:
         return self.scale * self.rank  # peft's scaling = lora_alpha / r
 
 
-def _peft():
+def _peft() -> Any:
     try:
         import peft
     except ImportError:
@@ -103,7 +104,7 @@ def module_loras(model: nn.Module) -> list[ModuleLora]:
     return out
 
 
-def lora_config(loras: list[ModuleLora]):
+def lora_config(loras: list[ModuleLora]) -> Any:
     """A peft LoraConfig targeting exactly these Linears with their ranks and alphas."""
     peft = _peft()
     keys = {m.path: re.escape(m.path) for m in loras}  # peft reads pattern keys as regular expressions

@@ -19,8 +19,9 @@ import os
 import shutil
 import tempfile
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import optuna
 from optuna.storages._heartbeat import BaseHeartbeat
@@ -41,6 +42,7 @@ from autopeft.space import SearchSpace, plan_overhead, sample_hparams, sample_pl
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 # set on a trial whose driver died: it is FAIL (kept for the record) and not counted, and a copy is re-run
 ATTR_INTERRUPTED = "interrupted"
 
@@ -76,7 +78,7 @@ class SamplePlan:
                              "hparams": hparams, "number": trial.number}}
 
 
-def _searcher_class():
+def _searcher_class() -> type:
     from ray.tune.search import Searcher
     from ray.tune.search.optuna import OptunaSearch
 
@@ -88,10 +90,16 @@ def _searcher_class():
         count together. Every write is retried (`retry`), and no outcome is dropped silently.
         """
 
-        def __init__(self, *args, max_epochs: int, target: int | None = None, **kwargs):
+        def __init__(self, *args: Any, max_epochs: int, target: int | None = None, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             self.max_epochs = max_epochs
             self.target = target
+
+        @property
+        def study(self) -> optuna.Study:
+            """The Optuna study (set up by OptunaSearch's constructor; None only in a pickled copy)."""
+            assert self._ot_study is not None, "a searcher restored from tuner.pkl cannot run a search"
+            return self._ot_study
 
         def running_trial_ids(self) -> list[int]:
             """Storage ids of the trials this driver asked and has not told yet (the heartbeat's list)."""
@@ -100,9 +108,9 @@ def _searcher_class():
 
         def suggest(self, trial_id: str) -> dict | None:
             if self.target is not None and trial_id not in self._ot_trials:
-                finished, running = st.retry(lambda: tally(self._ot_study.get_trials(deepcopy=False)))
+                finished, running = st.retry(lambda: tally(self.study.get_trials(deepcopy=False)))
                 if finished + running >= self.target:
-                    return Searcher.FINISHED
+                    return Searcher.FINISHED  # type: ignore[return-value]  # Ray's documented end signal, a str
             for attempt in range(3):
                 try:
                     config = st.retry(lambda: super(FidelityAwareSearch, self).suggest(trial_id))
@@ -113,7 +121,7 @@ def _searcher_class():
                     if attempt == 2:
                         raise
             ot_trial = self._ot_trials.get(trial_id)
-            storage = self._ot_study._storage
+            storage = self.study._storage
             if ot_trial is not None and isinstance(storage, BaseHeartbeat):  # RDB storages (Optuna wraps them)
                 st.retry(lambda: storage.record_heartbeat(ot_trial._trial_id))
             return config
@@ -141,10 +149,10 @@ def _searcher_class():
                 for key, value in attrs.items():
                     ot_trial.set_user_attr(key, value)
                 try:
-                    self._ot_study.tell(ot_trial, values, state=state)
+                    self.study.tell(ot_trial, values, state=state)
                 except (ValueError, TypeError) as exc:  # objective values Optuna refuses: keep the trial, as FAIL
                     ot_trial.set_user_attr(st.ATTR_REASON, f"invalid objective values {values}: {exc}"[:300])
-                    self._ot_study.tell(ot_trial, None, state=TrialState.FAIL)
+                    self.study.tell(ot_trial, None, state=TrialState.FAIL)
 
             try:
                 st.retry(record)
@@ -179,7 +187,7 @@ def tally(trials: list[FrozenTrial]) -> tuple[int, int]:
     return finished, sum(t.state == TrialState.RUNNING for t in trials)
 
 
-def _quiet(factory, **kwargs):
+def _quiet(factory: Callable[..., T], **kwargs: Any) -> T:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         return factory(**kwargs)
@@ -188,8 +196,8 @@ def _quiet(factory, **kwargs):
 def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
     factories = {
         # group=True: TPE models each conditional sub-space (a method's options) on the trials that used it
-        "tpe": lambda: _quiet(optuna.samplers.TPESampler,seed=seed, multivariate=True, group=True, constant_liar=True,
-                                                  n_startup_trials=4),
+        "tpe": lambda: _quiet(optuna.samplers.TPESampler, seed=seed, multivariate=True, group=True,
+                              constant_liar=True, n_startup_trials=4),
         "nsga2": lambda: optuna.samplers.NSGAIISampler(seed=seed),
         "gp": lambda: optuna.samplers.GPSampler(seed=seed),
         "random": lambda: optuna.samplers.RandomSampler(seed=seed),
@@ -223,10 +231,10 @@ def create_or_resume(prep: Prepared) -> tuple[optuna.Study, int]:
     store = st.open_storage(prep.storage_url)
     objectives = objectives_of(s.objectives)
     metrics = [o.metric for o in objectives]
-    directions = [o.optuna_direction for o in objectives]
+    directions = [o.study_direction for o in objectives]
     if s.resume:
         study = optuna.load_study(study_name=s.study, storage=store)
-        if study.directions != [optuna.study.StudyDirection[d.upper()] for d in directions]:
+        if study.directions != [optuna.study.StudyDirection[d.upper()] for d in directions]:  # same objectives
             raise AutopeftError(f"study '{s.study}' was created with other objectives; resume with the same ones")
         requeue_interrupted(study)
     else:
@@ -285,6 +293,8 @@ def enqueue_warm_start(study: optuna.Study, prep: Prepared) -> int:
     from autopeft.pareto import pareto_front
 
     s = prep.settings
+    if not s.warm_start:
+        return 0
     _, records = st.load_records(s.warm_start, prep.storage_url if not s.warm_storage else s.warm_storage)
     n = 0
     for r in pareto_front(records):
@@ -301,7 +311,7 @@ def enqueue_warm_start(study: optuna.Study, prep: Prepared) -> int:
     return n
 
 
-def make_scheduler(s: SearchSettings):
+def make_scheduler(s: SearchSettings) -> Any:
     """ASHA on val_acc (stops weak trials after `grace_epochs`), or, with early stopping off, first-in first-out:
     every trial trains all `epochs`."""
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler

@@ -111,13 +111,14 @@ class StudySettings:
             search = SearchSettings(**values)
         except (TypeError, ValueError, AutopeftError) as exc:
             raise AutopeftError(f"study '{study}': its stored search settings are not readable ({exc})") from None
-        facts = {k: data.get(k) for k in FACTS}
+        facts: dict[str, Any] = {k: data.get(k) for k in FACTS}
         if any(facts[k] is None for k in ("budget_limit", "budget_percent", "backbone_params", "num_blocks")):
             facts.update(_derived(search, facts))
+        classes = facts["num_classes"]
         return cls(search=search, budget_limit=int(facts["budget_limit"]),
                    budget_percent=float(facts["budget_percent"]), backbone_params=int(facts["backbone_params"]),
-                   num_blocks=int(facts["num_blocks"]),
-                   num_classes=None if facts["num_classes"] is None else int(facts["num_classes"]), version=version)
+                   num_blocks=int(facts["num_blocks"]), num_classes=None if classes is None else int(classes),
+                   version=version)
 
 
 def _derived(search: SearchSettings, facts: dict[str, Any]) -> dict[str, Any]:

@@ -72,6 +72,7 @@ class Tally:
     def _enter(self, key: int) -> None:
         members = self.members[key]
         spec = self.specs[members[0]]
+        assert spec is not None  # only parts that hold a method enter a group
         blocks = self.placed[members[0]] if len(members) == 1 else tuple(
             sorted({b for i in members for b in self.placed[i]}))
         added, unfrozen = self.bound.count_of(spec, blocks)
@@ -119,10 +120,11 @@ def repair(bound: BoundSpace, parts: list[Part], limit: int) -> list[Part]:
         smaller = shrink(bound, parts[biggest])
         if smaller is None:  # rare: the biggest part is at its floor; try the others, biggest first
             order = sorted(range(len(parts)), key=lambda j: (-counts[j], j))
-            biggest = next((i for i in order if shrink(bound, parts[i]) is not None), None)
-            if biggest is None:  # unreachable once check_feasible passed: the smallest plan fits
+            other = next((i for i in order if shrink(bound, parts[i]) is not None), None)
+            if other is None:  # unreachable once check_feasible passed: the smallest plan fits
                 raise AutopeftError(f"space '{bound.space.name}' cannot fit {limit:,} parameters on {bound.spec.name}")
-            smaller = shrink(bound, parts[biggest])
+            biggest, smaller = other, shrink(bound, parts[other])
+            assert smaller is not None
         parts[biggest], counts[biggest] = smaller, bound.count_part(smaller)
         tally.set(biggest, smaller)
     return parts
