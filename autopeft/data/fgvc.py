@@ -56,8 +56,8 @@ def locate(root: Path, folder: str, required: tuple[str, ...], title: str, downl
     for name in required:
         if not (base / name).exists():
             raise AutopeftError(
-                f"{title} not found: {base / name} is missing; {download} and extract it into {root} "
-                f"(giving {nested}/{', '.join(required)})"
+                f"{title} not found: {base / name} is missing; {download} so that {nested} holds "
+                f"{', '.join(required)}"
             )
     return base
 
@@ -187,7 +187,7 @@ def read_cub_layout(folder: Path, title: str, strip_number: bool) -> Official:
 def load_cub200(req: Request) -> DataSplits:
     """CUB-200-2011 (200 classes, official 5,994 train / 5,794 test) from `ROOT/CUB_200_2011/`."""
     folder = locate(req.root, "CUB_200_2011", (*CUB_FILES, "images"), "CUB-200-2011",
-                    "download CUB_200_2011.tgz (Caltech-UCSD Birds-200-2011, CaltechDATA)")
+                    "download CUB_200_2011.tgz (Caltech-UCSD Birds-200-2011, CaltechDATA) and extract it")
     return fgvc_splits(req, folder, read_cub_layout(folder, "CUB-200-2011", strip_number=True))
 
 
@@ -198,5 +198,5 @@ def load_nabirds(req: Request) -> DataSplits:
     hierarchy.txt (child -> parent class id) ships with it and is left unread: images are labelled at the leaves.
     """
     folder = locate(req.root, "nabirds", (*CUB_FILES, "images"), "NABirds",
-                    "download nabirds.tar.gz (NABirds, the Cornell Lab of Ornithology's dataset page)")
+                    "download nabirds.tar.gz (NABirds, the Cornell Lab of Ornithology's dataset page) and extract it")
     return fgvc_splits(req, folder, read_cub_layout(folder, "NABirds", strip_number=False))

@@ -62,7 +62,7 @@ def load_stanford_dogs(req: Request) -> DataSplits:
     under Images/, e.g. n02085620-Chihuahua/n02085620_5927.jpg) and `labels` (1-based). A breed's name is its
     Images/ folder's without the WordNet id.
     """
-    download = "download images.tar and lists.tar (Stanford Dogs Dataset page)"
+    download = "download images.tar and lists.tar (Stanford Dogs Dataset page) and extract them"
     nested = req.root / "stanford_dogs"
     base = nested if nested.is_dir() else req.root
     lists_dir = "lists" if (base / "lists").is_dir() or not (base / DOGS_LISTS[0]).is_file() else "."
@@ -105,7 +105,7 @@ def load_stanford_cars(req: Request) -> DataSplits:
     layout): devkit/cars_train_annos.mat, cars_test_annos_withlabels.mat (`annotations`: fname, class 1-based),
     devkit/cars_meta.mat (`class_names`), and the images in cars_train/ and cars_test/."""
     download = (f"download cars_train.tgz, cars_test.tgz, car_devkit.tgz and {CARS_TEST} (Stanford Cars Dataset; "
-                "its original page is offline, so from a mirror)")
+                "its original page is offline, so from a mirror) and extract them")
     nested = req.root / "stanford_cars"
     base = nested if nested.is_dir() else req.root
     test_annos = f"devkit/{CARS_TEST}" if (base / "devkit" / CARS_TEST).is_file() else CARS_TEST
