@@ -132,3 +132,114 @@ def check_items(splits, size: tuple[int, int, int]) -> None:
         x, y = splits.split(split)[0]
         assert x.shape == size and x.dtype == torch.float32 and isinstance(y, int)
         assert 0 <= y < splits.num_classes
+
+
+# --- FGVC layouts (CUB-200-2011, NABirds, Stanford Dogs, Stanford Cars) -------------------------------------------
+
+
+def write_png(path: Path, seed: int, size: int = 8) -> Path:
+    """A tiny random RGB PNG."""
+    rng = np.random.default_rng(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8), "RGB").save(path, "PNG")
+    return path
+
+
+def write_cub_layout(folder: Path, class_ids: list[int], names: dict[int, str], train: int, test: int,
+                     image_id=str) -> list[str]:
+    """The CUB / NABirds file set in `folder`: `train` + `test` images per class id, images/<class>/<n>.png.
+
+    `names` is the whole of classes.txt (NABirds' also names classes no image uses); `image_id(n)` makes the id of
+    image n (CUB: numbers, NABirds: UUIDs). Returns the image paths relative to images/, in images.txt order.
+    """
+    rows, rels = [], []
+    n = 0
+    for cid in class_ids:
+        for k in range(train + test):
+            n += 1
+            rel = f"{cid:04d}/{n:05d}.png"
+            write_png(folder / "images" / rel, n)
+            rows.append((image_id(n), rel, cid, 1 if k < train else 0))
+            rels.append(rel)
+    (folder / "images.txt").write_text("".join(f"{i} {rel}\n" for i, rel, _, _ in rows))
+    (folder / "image_class_labels.txt").write_text("".join(f"{i} {c}\n" for i, _, c, _ in rows))
+    (folder / "train_test_split.txt").write_text("".join(f"{i} {t}\n" for i, _, _, t in rows))
+    (folder / "classes.txt").write_text("".join(f"{c} {name}\n" for c, name in names.items()))
+    return rels
+
+
+def write_cub(root: Path, classes: int = 3, train: int = 10, test: int = 2) -> Path:
+    """ROOT/CUB_200_2011 with class ids 1..classes named like CUB's ("001.Black_footed_Albatross")."""
+    folder = root / "CUB_200_2011"
+    names = {c: f"{c:03d}.Bird_{c}" for c in range(1, classes + 1)}
+    write_cub_layout(folder, list(names), names, train, test)
+    return folder
+
+
+def write_nabirds(root: Path, used: tuple[int, ...] = (295, 313, 1010), train: int = 10, test: int = 3) -> Path:
+    """ROOT/nabirds with sparse class ids (`used` by images, plus hierarchy nodes 0 and 1 that none uses), UUID
+    image ids and hierarchy.txt."""
+    folder = root / "nabirds"
+    names = {0: "Birds", 1: "Perching Birds", **{c: f"Species {c} (Adult)" for c in used}}
+    write_cub_layout(folder, list(used), names, train, test, image_id=lambda n: f"{n:08x}-21dc-4d0c-bfe1-4cae3c85c8")
+    (folder / "hierarchy.txt").write_text("1 0\n" + "".join(f"{c} 1\n" for c in used))
+    return folder
+
+
+def write_dogs(root: Path, breeds: tuple[str, ...] = ("n02085620-Chihuahua", "n02085782-Japanese_spaniel",
+                                                      "n02113799-standard_poodle"), train: int = 10, test: int = 2,
+               lists: str = "lists") -> Path:
+    """ROOT/stanford_dogs: Images/<breed>/<n>.png and <lists>/{train,test}_list.mat (file_list, labels 1-based)."""
+    folder = root / "stanford_dogs"
+    entries: dict[str, list[tuple[str, int]]] = {"train": [], "test": []}
+    n = 0
+    for label, breed in enumerate(breeds, 1):
+        for k in range(train + test):
+            n += 1
+            rel = f"{breed}/{breed.split('-')[0]}_{n}.png"
+            write_png(folder / "Images" / rel, n)
+            entries["train" if k < train else "test"].append((rel, label))
+    (folder / lists).mkdir(parents=True, exist_ok=True)
+    for split, rows in entries.items():
+        # as the originals: file_list a cell column of strings, labels an N×1 double column
+        files = np.empty((len(rows), 1), dtype=object)
+        files[:, 0] = [np.array([rel]) for rel, _ in rows]
+        labels = np.array([[float(y)] for _, y in rows])
+        scipy.io.savemat(folder / lists / f"{split}_list.mat", {"file_list": files, "labels": labels})
+    return folder
+
+
+def _cars_annos(rows: list[tuple[str, int]]) -> np.ndarray:
+    fields = ["bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2", "class", "fname"]
+    annos = np.empty((1, len(rows)), dtype=[(f, "O") for f in fields])
+    for i, (fname, label) in enumerate(rows):
+        annos[0, i] = (np.array([[1.0]]), np.array([[1.0]]), np.array([[7.0]]), np.array([[7.0]]),
+                       np.array([[float(label)]]), np.array([fname]))
+    return annos
+
+
+def write_cars(root: Path, classes: int = 3, train: int = 10, test: int = 2) -> Path:
+    """ROOT/stanford_cars in torchvision's layout: devkit/{cars_meta,cars_train_annos}.mat,
+    cars_test_annos_withlabels.mat, cars_train/NNNNN.png, cars_test/NNNNN.png (classes 1-based)."""
+    folder = root / "stanford_cars"
+    rows: dict[str, list[tuple[str, int]]] = {"train": [], "test": []}
+    for split, per_class in (("train", train), ("test", test)):
+        for k in range(classes * per_class):
+            fname = f"{k + 1:05d}.png"
+            write_png(folder / f"cars_{split}" / fname, 7 * k + len(split))
+            rows[split].append((fname, 1 + k % classes))
+    (folder / "devkit").mkdir(parents=True, exist_ok=True)
+    names = np.empty((1, classes), dtype=object)
+    names[0, :] = [f"Make {c} Model {c} 2012" for c in range(1, classes + 1)]
+    scipy.io.savemat(folder / "devkit" / "cars_meta.mat", {"class_names": names})
+    scipy.io.savemat(folder / "devkit" / "cars_train_annos.mat", {"annotations": _cars_annos(rows["train"])})
+    scipy.io.savemat(folder / "cars_test_annos_withlabels.mat", {"annotations": _cars_annos(rows["test"])})
+    return folder
+
+
+def write_vpt_json(folder: Path, splits: dict[str, dict[str, int]]) -> None:
+    """VPT's split files in `folder`: {train,val,test}.json mapping image path -> label."""
+    import json
+
+    for split, table in splits.items():
+        (folder / f"{split}.json").write_text(json.dumps(table))

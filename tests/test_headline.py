@@ -1,6 +1,7 @@
 """The headline command on a Flowers102 folder in torchvision's layout, with the bundled backbone, as a user runs it:
 
-    AUTOPEFT_DATA=... autopeft search --budget 0.5% --dataset flowers102 --trials 3 --epochs 1
+    AUTOPEFT_DATA=... autopeft search --budget 0.5% --dataset flowers102 --trials 3 --epochs 1 \
+        --backbone autopeft_tiny_vit
 """
 
 from __future__ import annotations
@@ -21,8 +22,10 @@ def test_headline_search_on_flowers102_layout(tmp_path) -> None:
     write_flowers(tmp_path / "data", trn=ids[0::3], val=ids[1::3], tst=ids[2::3], labels=labels)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_AUTH_MODE": "disabled", "AUTOPEFT_DATA": str(tmp_path / "data"),
            "AUTOPEFT_CACHE": str(tmp_path / "cache")}
+    # flowers102 brings its recipe (ViT-B/16 IN-21k, 4 at once): the bundled backbone and 2 at once keep it on CPUs
     cmd = [sys.executable, "-m", "autopeft", "search", "--budget", "0.5%", "--dataset", "flowers102",
-           "--trials", "3", "--epochs", "1", "--grace-epochs", "1"]
+           "--trials", "3", "--epochs", "1", "--grace-epochs", "1", "--backbone", "autopeft_tiny_vit",
+           "--concurrency", "2"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Pareto configs under 0.5%" in proc.stdout and "studies/flowers102.db" in proc.stdout

@@ -13,10 +13,12 @@ if TYPE_CHECKING:
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("search", help="search PEFT plans under a parameter budget (Ray Tune + Optuna)")
-    p.add_argument("--recipe", default=None, help="study recipe YAML (default studies/digits.yaml when no --dataset)")
+    p.add_argument("--recipe", default=None, help="study recipe YAML (default: the --dataset's shipped recipe; "
+                   "studies/digits.yaml when no --dataset)")
     p.add_argument("--dataset", help="registered dataset or folder")
     p.add_argument("--budget", help="trainable-parameter budget, head excluded: 0.5%%, 0.2M, 150k, 150000")
-    p.add_argument("--backbone", help="timm model name (default: the bundled tiny ViT)")
+    p.add_argument("--backbone", help="timm model name (default: the recipe's; the bundled tiny ViT for small "
+                   "images, else vit_base_patch16_224.augreg_in21k)")
     p.add_argument("--weights", help="local weights file for the backbone")
     p.add_argument("--data-root", help="where datasets live (default $AUTOPEFT_DATA or ~/.cache/autopeft/data)")
     p.add_argument("--space", help="search space name (autopeft space list) or YAML file")
@@ -66,10 +68,11 @@ def cmd_search(args: argparse.Namespace) -> int:
                                              "epochs", "grace_epochs", "early_stopping", "sampler", "objectives",
                                              "gpus_per_trial", "cpus_per_trial", "concurrency", "address", "storage",
                                              "study", "resume", "warm_start", "seed", "baselines")}
-    recipe = args.recipe
-    if recipe is None and args.dataset is None:
-        recipe = _default_recipe()
-    outcome = search(settings_from(recipe, flags))
+    from autopeft.data.recipes import choose_recipe
+
+    choice = choose_recipe(args.recipe, args.dataset)  # the dataset's own recipe, or defaults that suit it
+    print(choice.line, flush=True)
+    outcome = search(settings_from(choice.path, flags, defaults=choice.defaults))
     settings = outcome.settings
     table = frame(settings, outcome.records, pareto=True)
     _print_table(table, f"Pareto configs under {settings.search.budget} ({settings.budget_limit:,} params)")
@@ -82,10 +85,9 @@ def cmd_search(args: argparse.Namespace) -> int:
 def _default_recipe() -> str:
     """The embedded default study: ./studies/digits.yaml where there is one (a checkout, or the user's own copy),
     else the copy installed with the package (studies/digits.yaml in the repository links to it)."""
-    from pathlib import Path
+    from autopeft.data.recipes import EMBEDDED_RECIPE, recipe_file
 
-    local = Path("studies/digits.yaml")
-    return str(local) if local.is_file() else str(Path(__file__).resolve().parent.parent / "studies" / "digits.yaml")
+    return str(recipe_file(EMBEDDED_RECIPE))
 
 
 def _storage(args: argparse.Namespace) -> str:

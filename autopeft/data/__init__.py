@@ -1,5 +1,6 @@
-"""Datasets: a registry of readers (flowers102, vtab1k/<task>, imagefolder, cifar10/100, digits, fashion_mnist),
-their split protocols and the backbone's preprocessing.
+"""Datasets: a registry of readers (flowers102, the FGVC sets cub200 / nabirds / stanford_dogs / stanford_cars,
+vtab1k/<task>, imagefolder, cifar10/100, digits, fashion_mnist), their split protocols and the backbone's
+preprocessing.
 
     splits = load_dataset("digits", **data_config("vit_base_patch16_224"))
     loader = DataLoader(splits.train, batch_size=64, shuffle=True)
@@ -10,10 +11,12 @@ their split protocols and the backbone's preprocessing.
 
 from __future__ import annotations
 
-from autopeft.data import arrays, cifar, flowers, folder, synthetic, vtab  # noqa: F401  (imported to register)
+from autopeft.data import arrays, cifar, fgvc, fgvc_mat, flowers, folder, synthetic, vtab  # noqa: F401  (registering)
 from autopeft.data.base import (
+    DatasetInfo,
     DataSplits,
     Request,
+    dataset_info,
     default_root,
     list_datasets,
     load_dataset,
@@ -25,6 +28,7 @@ from autopeft.data.vtab import GROUPS as VTAB_GROUPS
 from autopeft.data.vtab import TASKS as VTAB_TASKS
 
 __all__ = [
+    "DatasetInfo",
     "DataSplits",
     "ImageFileDataset",
     "Request",
@@ -33,6 +37,7 @@ __all__ = [
     "VTAB_GROUPS",
     "VTAB_TASKS",
     "data_config",
+    "dataset_info",
     "default_root",
     "list_datasets",
     "load_dataset",

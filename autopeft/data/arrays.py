@@ -87,7 +87,7 @@ def vtab_like_splits(
     )
 
 
-@register_dataset("digits")
+@register_dataset("digits", small_images=True)
 def load_digits(req: Request) -> DataSplits:
     """scikit-learn's 1,797 handwritten digits (8×8, values 0-16), shipped inside scikit-learn: no files needed.
 
@@ -140,7 +140,7 @@ def find_fashion(root: Path) -> dict[str, Path] | None:
     return None
 
 
-@register_dataset("fashion_mnist")
+@register_dataset("fashion_mnist", small_images=True)
 def load_fashion_mnist(req: Request) -> DataSplits:
     """Fashion-MNIST (28×28 greyscale, 10 classes): 800 / 200 drawn from the 60,000 train images, official test."""
     files = find_fashion(req.root)

@@ -89,16 +89,42 @@ Reader = Callable[[Request], DataSplits]
 _REGISTRY: dict[str, Reader] = {}
 
 
-def register_dataset(name: str) -> Callable[[Reader], Reader]:
-    """Register a reader under `name` (as timm's `@register_model` does for models)."""
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What a registered dataset declares about itself beyond its reader, so no caller decides by its name.
+
+    Attributes:
+        recipe: the study recipe shipped for it (`autopeft/studies/<recipe>.yaml`), which `autopeft search
+            --dataset NAME` runs; None when it has none.
+        small_images: its images are small (8-32 px: digits, Fashion-MNIST, CIFAR, the mini transfer suite), so
+            the bundled tiny backbone suits it; real-image datasets default to a ViT-B/16 instead.
+    """
+
+    recipe: str | None = None
+    small_images: bool = False
+
+
+_INFO: dict[str, DatasetInfo] = {}
+
+
+def register_dataset(
+    name: str, *, recipe: str | None = None, small_images: bool = False
+) -> Callable[[Reader], Reader]:
+    """Register a reader under `name` (as timm's `@register_model` does for models), with what it declares."""
 
     def wrap(reader: Reader) -> Reader:
         if name in _REGISTRY:
             raise ValueError(f"dataset '{name}' is registered twice")
         _REGISTRY[name] = reader
+        _INFO[name] = DatasetInfo(recipe, small_images)
         return reader
 
     return wrap
+
+
+def dataset_info(name: str) -> DatasetInfo | None:
+    """What the registered dataset `name` declares; None for a name that is not registered (e.g. a folder path)."""
+    return _INFO.get(name)
 
 
 def list_datasets() -> list[str]:

@@ -117,4 +117,4 @@ def load_cifar(key: str, req: Request) -> DataSplits:
 
 
 for _key in LAYOUTS:
-    register_dataset(_key)(functools.partial(load_cifar, _key))
+    register_dataset(_key, small_images=True)(functools.partial(load_cifar, _key))  # 32 px: the bundled size

@@ -48,7 +48,7 @@ def _loadmat(path: Path, keys: tuple[str, ...]) -> dict[str, np.ndarray]:
     return {k: np.atleast_1d(np.asarray(mat[k])).astype(np.int64) for k in keys}
 
 
-@register_dataset("flowers102")
+@register_dataset("flowers102", recipe="flowers102")
 def load_flowers102(req: Request) -> DataSplits:
     """Flowers102: train 1020 / val 1020 for search, train+val (2040) for the final run, test 6149.
 

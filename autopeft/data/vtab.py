@@ -105,5 +105,7 @@ def load_vtab(task: str, req: Request) -> DataSplits:
     )
 
 
-for _task in TASKS:
-    register_dataset(f"vtab1k/{_task}")(functools.partial(load_vtab, _task))
+# Each task brings its group's recipe (studies/vtab1k-<group>.yaml): the survey tunes per group, not per task.
+for _group, _tasks in GROUPS.items():
+    for _task in _tasks:
+        register_dataset(f"vtab1k/{_task}", recipe=f"vtab1k-{_group}")(functools.partial(load_vtab, _task))

@@ -95,11 +95,18 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def settings_from(recipe: str | Path | None, flags: dict[str, Any]) -> SearchSettings:
-    """Defaults, overridden by the recipe, overridden by the flags that were given (not None)."""
-    values: dict[str, Any] = load_recipe(recipe) if recipe else {}
+def settings_from(
+    recipe: str | Path | None, flags: dict[str, Any], defaults: dict[str, Any] | None = None
+) -> SearchSettings:
+    """Defaults (`defaults` over the built-in ones), overridden by the recipe, overridden by the flags that were
+    given (not None). A recipe's study names its dataset: searching another dataset with it names the study after
+    that one (vtab1k/dtd with the natural group's recipe is study vtab1k-dtd)."""
+    values: dict[str, Any] = dict(defaults or {})
+    values.update(load_recipe(recipe) if recipe else {})
     if recipe and "study" not in values:
         values["study"] = Path(recipe).stem
+    if recipe and flags.get("dataset") is not None and values.get("dataset", flags["dataset"]) != flags["dataset"]:
+        values.pop("study", None)
     values.update({k: v for k, v in flags.items() if v is not None})
     if "study" not in values and values.get("dataset"):
         # a search of flowers102 is study `flowers102`, of vtab1k/cifar `vtab1k-cifar`, of a folder its name
