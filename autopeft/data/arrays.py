@@ -66,8 +66,8 @@ def vtab_like_splits(
     full_idx = np.concatenate([train_idx, val_idx])
     test_images, test_labels = test if test is not None else (images[rest_idx], labels[rest_idx])
 
-    def make(x: np.ndarray, y: np.ndarray, train: bool = False) -> TensorImageDataset:
-        x = torch.from_numpy(np.array(x))  # a private, writeable copy (the source may be a shared cache)
+    def make(array: np.ndarray, y: np.ndarray, train: bool = False) -> TensorImageDataset:
+        x = torch.from_numpy(np.array(array))  # a private, writeable copy (the source may be a shared cache)
         return TensorImageDataset(
             x.unsqueeze(1) if x.ndim == 3 else x,
             torch.from_numpy(np.asarray(y, np.int64)),

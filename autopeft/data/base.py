@@ -47,7 +47,7 @@ class DataSplits:
         return getattr(self, name)
 
     def sizes(self) -> dict[str, int]:
-        return {s: len(getattr(self, s)) for s in SPLITS}  # type: ignore[arg-type]
+        return {s: len(getattr(self, s)) for s in SPLITS}
 
 
 @dataclass(frozen=True)
@@ -181,7 +181,8 @@ def load_dataset(
         seed: seed of the stratified splits that are drawn rather than given.
         download: None fetches missing files through torchvision when the network answers, False never does.
     """
-    settings = TransformSettings(tuple(input_size), tuple(mean), tuple(std), interpolation, augment)
+    c, h, w = input_size
+    settings = TransformSettings((int(c), int(h), int(w)), tuple(mean), tuple(std), interpolation, augment)
     reader, name, root_path = _resolve(str(name), root)
     if root_path.exists() and not root_path.is_dir():
         raise AutopeftError(f"data root {root_path} is a file; pass a folder with --data-root (or set AUTOPEFT_DATA)")

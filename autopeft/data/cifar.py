@@ -10,6 +10,7 @@ import functools
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -58,7 +59,7 @@ class _DataOnly(pickle.Unpickler):
     """An unpickler that builds containers, strings, numbers and numpy arrays, and refuses every other global: a
     pickle naming a function (`os.system`, a class with a `__reduce__`) fails before anything runs."""
 
-    def find_class(self, module: str, name: str):
+    def find_class(self, module: str, name: str) -> Any:
         if (module, name) in _ALLOWED:
             return super().find_class(module, name)
         raise pickle.UnpicklingError(f"it names {module}.{name}, which no CIFAR batch holds (refused, not run)")

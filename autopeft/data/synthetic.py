@@ -118,7 +118,8 @@ def make_count(items: np.ndarray, n: int, rng: np.random.Generator) -> tuple[np.
     return images, labels.astype(np.int64)
 
 
-def compose(task: str, items: np.ndarray, classes: np.ndarray, n: int, rng: np.random.Generator):
+def compose(task: str, items: np.ndarray, classes: np.ndarray, n: int,
+            rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     if task == "rot":
         return make_rotation(items, n, rng)
     if task == "loc":

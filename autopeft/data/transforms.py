@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import timm
 import torch
@@ -20,6 +21,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transf
 from timm.models import get_pretrained_cfg
 from torch import nn
 
+import autopeft.backbones  # noqa: F401  (registers the project's models with timm: bundled and test backbones)
 from autopeft.errors import AutopeftError
 
 # PIL resampling names timm understands; the tensor path maps the ones F.interpolate lacks to bicubic.
@@ -120,7 +122,7 @@ def pil_transform(settings: TransformSettings, train: bool, hflip: bool = True) 
     Evaluation (and non-augmented training) squashes the whole image to the input size (crop_pct 1, no crop), as
     VTAB does; augmented training uses timm's random-resized crop with `AUGMENT_SCALE` and no colour jitter.
     """
-    common = dict(
+    common: dict[str, Any] = dict(
         input_size=settings.hw,
         interpolation=settings.interpolation,
         mean=settings.mean,
@@ -128,8 +130,11 @@ def pil_transform(settings: TransformSettings, train: bool, hflip: bool = True) 
         normalize=False,
     )
     if train and settings.augment:
+        # color_jitter=None leaves ColorJitter out (0.0 would add an identity one that still draws random numbers);
+        # timm types the argument without None but reads None as "off"
+        no_jitter: Any = None
         return create_transform(
-            is_training=True, scale=AUGMENT_SCALE, hflip=0.5 if hflip else 0.0, color_jitter=None, **common
+            is_training=True, scale=AUGMENT_SCALE, hflip=0.5 if hflip else 0.0, color_jitter=no_jitter, **common
         )
     return create_transform(is_training=False, crop_pct=1.0, crop_mode="squash", **common)
 
