@@ -21,7 +21,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transf
 from timm.models import get_pretrained_cfg
 from torch import nn
 
-import autopeft.backbones  # noqa: F401  (registers the project's models with timm: bundled and test backbones)
+import autopeft.bundled  # noqa: F401  (registers the bundled backbone with timm, so its name resolves here too)
 from autopeft.errors import AutopeftError
 
 # PIL resampling names timm understands; the tensor path maps the ones F.interpolate lacks to bicubic.
