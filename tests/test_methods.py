@@ -32,7 +32,9 @@ CASES = [
     ("lora", {"rank": 2, "alpha": 3, "targets": "q,k,v,proj,fc1,fc2"}, None),
     ("lora", {"rank": 3, "targets": "k"}, [0, 2]),
     ("ssf", {}, None),
-    ("ssf", {"init": "normal"}, [1, 2]),
+    ("ssf", {"init": "identity"}, None),
+    ("ssf", {"init": "identity"}, [1, 2]),
+    ("ssf", {"init": "normal"}, [0]),
     ("fact_tt", {}, None),
     ("fact_tt", {"rank": 2, "scale": 0.5, "targets": "q,proj,fc1,fc2"}, [0, 1]),
     ("adapter", {}, None),
@@ -54,7 +56,8 @@ MIXED = {
     },
     # everything that merges, stacked on the same linears
     "mergeable-stack": {
-        "blocks": {str(i): [{"method": "lora", "rank": 2, "targets": ["q", "v", "fc1"]}, {"method": "ssf"},
+        "blocks": {str(i): [{"method": "lora", "rank": 2, "targets": ["q", "v", "fc1"]},
+                            {"method": "ssf", "init": "identity"},
                             {"method": "fact_tt", "rank": 2}, {"method": "bitfit"}, {"method": "ln_tune"}]
                    for i in range(3)},
     },
@@ -62,7 +65,7 @@ MIXED = {
     "all-on-one-block": {
         "blocks": {"0": [{"method": "prefix", "length": 2}, {"method": "adapter", "position": "both", "dim": 2},
                          {"method": "convpass", "dim": 2}, {"method": "vpt_deep", "length": 2},
-                         {"method": "lora", "targets": ["q", "proj"]}, {"method": "ssf"}],
+                         {"method": "lora", "targets": ["q", "proj"]}, {"method": "ssf", "init": "identity"}],
                    "2": [{"method": "vpt_deep", "length": 1}, {"method": "adaptformer"}]},
         "global": [{"method": "vpt_shallow", "length": 2}],
     },

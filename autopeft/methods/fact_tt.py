@@ -116,7 +116,7 @@ class FacTTT(MethodSpec):
             model.add_module(SHARED_ATTR, nn.ModuleDict())
         shared: nn.ModuleDict = getattr(model, SHARED_ATTR)
         group = sum(1 for k in shared if k.startswith(self.name))
-        like = model.patch_embed.proj.weight
+        like = unwrap(model.patch_embed.proj).weight  # SSF may wrap the patch embedding
         factors: dict[int, FactFactors] = {}
         for d in sorted({spec.dims[i] for i in blocks}):
             factors[d] = FactFactors(d, self.rank, like)
