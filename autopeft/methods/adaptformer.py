@@ -37,6 +37,7 @@ class AdaptFormer(MethodSpec):
     category = "addition"
     identity_at_init = True
     order = 40
+    size_option = "dim"
 
     dim: int = 8
     scale: float = 0.1

@@ -66,6 +66,7 @@ class Convpass(MethodSpec):
     families = ("vit",)
     identity_at_init = True
     order = 45
+    size_option = "dim"
 
     dim: int = 8
     scale: float = 10.0

@@ -15,7 +15,17 @@ from torch import nn
 
 from autopeft.backbones import BackboneSpec, block_path
 from autopeft.methods._layers import linear_paths
-from autopeft.methods.base import MethodSpec, Wrapper, check_targets, merged_base, register, require, unwrap, wrap
+from autopeft.methods.base import (
+    MethodSpec,
+    Wrapper,
+    check_targets,
+    merged_base,
+    register,
+    require,
+    require_fits,
+    unwrap,
+    wrap,
+)
 
 SHARED_ATTR = "autopeft_shared"
 
@@ -90,6 +100,7 @@ class FacTTT(MethodSpec):
     mergeable = True
     identity_at_init = True
     order = 15
+    size_option = "rank"
 
     rank: int = 8
     scale: float = 1.0
@@ -104,7 +115,7 @@ class FacTTT(MethodSpec):
         super().check(spec, blocks)
         if {"fc1", "fc2"} & set(self.targets):
             bad = [i for i in blocks if spec.mlp_hidden[i] % spec.dims[i]]
-            require(not bad, self.name, f"fc1/fc2 need an MLP width divisible by the block width (blocks {bad})")
+            require_fits(not bad, self.name, f"fc1/fc2 need an MLP width divisible by the block width (blocks {bad})")
 
     def count(self, spec: BackboneSpec, blocks: Sequence[int]) -> int:
         shared = 2 * self.rank * sum({spec.dims[i] for i in blocks})

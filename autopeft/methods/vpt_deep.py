@@ -28,6 +28,7 @@ class VPTDeep(MethodSpec):
     category = "addition"
     families = ("vit",)
     order = 60
+    size_option = "length"
 
     length: int = 10
 

@@ -26,6 +26,7 @@ class VPTShallow(MethodSpec):
     families = ("vit",)
     scope = "global"
     order = 70  # outermost: wraps any VPT-deep wrapper of the first and last blocks
+    size_option = "length"
 
     length: int = 10
 
