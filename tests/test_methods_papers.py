@@ -6,7 +6,10 @@ decimals; SSF's tables add the classifier head averaged over the benchmark's tas
 
 from __future__ import annotations
 
+import math
+
 import pytest
+import torch
 
 from autopeft.backbones import backbone_spec
 from autopeft.methods import make_spec
@@ -56,3 +59,62 @@ def test_ssf_ends_are_needed_for_the_fgvc_figure() -> None:
 ])
 def test_published_counts(method: str, options: dict, published: float) -> None:
     assert round(_count(method, options) / 1e6, 2) == published
+
+
+def test_fact_tt_count_is_the_official_one() -> None:
+    # FacT's official TT code: U and V (2 · 768 · r) plus, per block, r×r cores for q, k, v, proj and r×4r for fc1
+    # and fc2 (12 r² per block)
+    r = 8
+    assert _count("fact_tt", {"rank": r}) == 2 * 768 * r + 12 * 12 * r * r == 21_504
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Initialisation as the official code has it (tiny backbone, no weights needed)
+
+TINY = "autopeft_test_vit"  # 32 px, patch 8, width 32
+
+
+def _applied(method: str, options: dict | None = None):
+    from autopeft.backbones import create_backbone
+
+    spec = backbone_spec(TINY)
+    plan = PeftPlan.single(make_spec(method, options or {}), range(spec.num_blocks))
+    return plan.apply(create_backbone(TINY, num_classes=3), spec)
+
+
+@pytest.mark.parametrize("method", ["vpt_shallow", "vpt_deep"])
+def test_vpt_prompts_start_uniform_at_the_patch_scale(method: str) -> None:
+    torch.manual_seed(0)
+    model = _applied(method, {"length": 50})
+    prompts = torch.cat([p.detach().flatten() for n, p in model.named_parameters() if n.endswith("prompts")])
+    bound = math.sqrt(6.0 / (3 * 8 * 8 + 32))  # VPT: ±sqrt(6 / (3 · patch² + d))
+    assert prompts.abs().max() <= bound and prompts.abs().max() > 0.95 * bound
+
+
+def test_ssf_default_init_is_the_official_normal() -> None:
+    torch.manual_seed(0)
+    model = _applied("ssf")
+    scales = torch.cat([p.detach() for n, p in model.named_parameters() if n.endswith("ssf_scale")])
+    shifts = torch.cat([p.detach() for n, p in model.named_parameters() if n.endswith("ssf_shift")])
+    assert abs(scales.mean().item() - 1) < 0.005 and 0.015 < scales.std().item() < 0.025
+    assert abs(shifts.mean().item()) < 0.005 and 0.015 < shifts.std().item() < 0.025
+    identity = _applied("ssf", {"init": "identity"})
+    assert all(torch.all(p == (1 if n.endswith("scale") else 0)) for n, p in identity.named_parameters()
+               if "ssf_" in n)
+
+
+def test_fact_tt_cores_start_as_linear_layers() -> None:
+    torch.manual_seed(0)
+    model = _applied("fact_tt", {"rank": 4})
+    fc1, fc2 = model.blocks[0].mlp.fc1.fact_cores.detach(), model.blocks[0].mlp.fc2.fact_cores.detach()
+    # MLP width 2d here: fc1 is r → 2r (fan-in r), fc2 2r → r (fan-in 2r), as nn.Linear initialises them
+    assert fc1.abs().max() <= 1 / math.sqrt(4) and fc1.abs().max() > 0.8 / math.sqrt(4)
+    assert fc2.abs().max() <= 1 / math.sqrt(8) and fc2.abs().max() > 0.8 / math.sqrt(8)
+
+
+def test_convpass_uses_quick_gelu() -> None:
+    from autopeft.methods.convpass import quick_gelu
+
+    x = torch.linspace(-3, 3, 7)
+    torch.testing.assert_close(quick_gelu(x), x * torch.sigmoid(1.702 * x))
+    assert not torch.allclose(quick_gelu(x), torch.nn.functional.gelu(x), atol=1e-3)
