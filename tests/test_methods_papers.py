@@ -68,6 +68,32 @@ def test_fact_tt_count_is_the_official_one() -> None:
     assert _count("fact_tt", {"rank": r}) == 2 * 768 * r + 12 * 12 * r * r == 21_504
 
 
+# PETL_Vision (OSU-MLB, CVPR 2025) re-implements every method on ViT-B/16 and prints `inserted_parameters` (head
+# excluded) in tune_output/default_vtab/processed_vtab/dtd/<method>/final_result.json, with the chosen size.
+PETL_VISION = [
+    ("ssf", {}, 205_824),
+    ("ln_tune", {}, 38_400),
+    ("fact_tt", {"rank": 32}, 196_608),
+    ("convpass", {"dim": 8}, 327_552),
+    ("adaptformer", {"dim": 32}, 599_424),
+    ("adapter", {"dim": 8, "position": "both"}, 313_536),  # rand_h_adapter: Houlsby, after attention and MLP
+    ("lora", {"rank": 1, "targets": "q,v"}, 36_864),
+    ("vpt_deep", {"length": 100}, 921_600),
+    ("vpt_shallow", {"length": 200}, 153_600),
+]
+
+
+@pytest.mark.parametrize("method,options,printed", PETL_VISION, ids=[m for m, _, _ in PETL_VISION])
+def test_counts_match_petl_vision(method: str, options: dict, printed: int) -> None:
+    assert _count(method, options) == printed
+
+
+def test_bitfit_leaves_out_the_embedding_and_final_norm_biases() -> None:
+    # PETL_Vision's bitfit prints 102,912: ours (block biases) plus patch_embed.proj.bias and norm.bias (2 × 768),
+    # which lie outside the blocks a per-block method is placed on
+    assert _count("bitfit") == 102_912 - 2 * 768
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Initialisation as the official code has it (tiny backbone, no weights needed)
 
