@@ -42,6 +42,7 @@ CASES = [
     ("adapter", {"dim": 4, "position": "both"}, [1, 2]),
     ("adapter", {"dim": 3, "position": "attn"}, None),
     ("adaptformer", {"dim": 4, "scale": 0.5}, None),
+    ("adaptformer", {"dim": 3, "input": "residual"}, [0, 2]),
     ("convpass", {"dim": 4}, None),
     ("vpt_shallow", {"length": 3}, None),
     ("vpt_deep", {"length": 2}, None),
@@ -66,7 +67,8 @@ MIXED = {
     "all-on-one-block": {
         "blocks": {"0": [{"method": "prefix", "length": 2}, {"method": "adapter", "position": "both", "dim": 2},
                          {"method": "convpass", "dim": 2}, {"method": "vpt_deep", "length": 2},
-                         {"method": "lora", "targets": ["q", "proj"]}, {"method": "ssf", "init": "identity"}],
+                         {"method": "lora", "targets": ["q", "proj"]}, {"method": "ssf", "init": "identity"},
+                         {"method": "adaptformer", "dim": 2, "input": "residual"}],
                    "2": [{"method": "vpt_deep", "length": 1}, {"method": "adaptformer"}]},
         "global": [{"method": "vpt_shallow", "length": 2}],
     },

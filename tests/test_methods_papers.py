@@ -144,3 +144,19 @@ def test_convpass_uses_quick_gelu() -> None:
     x = torch.linspace(-3, 3, 7)
     torch.testing.assert_close(quick_gelu(x), x * torch.sigmoid(1.702 * x))
     assert not torch.allclose(quick_gelu(x), torch.nn.functional.gelu(x), atol=1e-3)
+
+
+@pytest.mark.parametrize("source", ["norm", "residual"])
+def test_adaptformer_input(source: str) -> None:
+    # residual: the official code's adapter reads x (after attention), not LN(x); norm: the paper's LN(x)
+    torch.manual_seed(0)
+    model = _applied("adaptformer", {"dim": 4, "scale": 0.5, "input": source}).eval()
+    block = model.blocks[0]
+    torch.nn.init.normal_(block.mlp.adapter.up.weight)
+    x = torch.randn(2, 17, 32)
+    with torch.no_grad():
+        mid = x + block.attn(block.norm1(x))
+        norm2 = block.norm2.base if source == "residual" else block.norm2
+        h = norm2(mid)
+        expected = mid + block.mlp.base(h) + 0.5 * block.mlp.adapter(mid if source == "residual" else h)
+        torch.testing.assert_close(block(x), expected)
