@@ -274,3 +274,14 @@ def test_size_of_does_not_take_the_first_integer() -> None:
     assert size_of({"method": "ssf", "init": "normal"}) is None
     assert size_of({"method": "no-such-method", "rank": 3}) is None
     assert size_of({"method": "lora", "rank": "4"}) is None
+
+
+def test_ssf_ends_follow_the_first_and_last_block() -> None:
+    spec = backbone_spec(VIT)
+    d = spec.dims[0]
+    inner = make_spec("ssf").count(spec, [1])
+    assert make_spec("ssf").count(spec, [0]) == inner + 2 * d  # the patch embedding with block 0
+    assert make_spec("ssf").count(spec, [2]) == inner + 2 * d  # the final norm with the last block
+    assert make_spec("ssf").first_block(spec, [0, 1]) == -1 and make_spec("ssf").first_block(spec, [1, 2]) == 1
+    model = PeftPlan.single(make_spec("ssf"), [1]).apply(_base(VIT), spec)
+    assert not isinstance(model.patch_embed.proj, Wrapper) and not isinstance(model.norm, Wrapper)
