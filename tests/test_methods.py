@@ -255,7 +255,7 @@ SIZE_OPTIONS = {"lora": "rank", "fact_tt": "rank", "adapter": "dim", "adaptforme
 
 
 @pytest.mark.parametrize("cls", list_methods(), ids=lambda c: c.name)
-def test_size_option(cls) -> None:
+def test_size_option(cls: type) -> None:
     assert cls.size_option == SIZE_OPTIONS.get(cls.name)
     spec = make_spec(cls.name)
     if cls.size_option is None:

@@ -100,7 +100,7 @@ def test_bitfit_leaves_out_the_embedding_and_final_norm_biases() -> None:
 TINY = "autopeft_test_vit"  # 32 px, patch 8, width 32
 
 
-def _applied(method: str, options: dict | None = None):
+def _applied(method: str, options: dict | None = None) -> torch.nn.Module:
     from autopeft.backbones import create_backbone
 
     spec = backbone_spec(TINY)
