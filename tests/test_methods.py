@@ -8,13 +8,14 @@ timm model with the same logits; adapters saved to safetensors reload into a fre
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
 
 from autopeft.backbones import backbone_spec, create_backbone, is_head_param
-from autopeft.errors import AutopeftError
-from autopeft.methods import Wrapper, list_methods, make_spec
+from autopeft.errors import AutopeftError, UnsupportedBackbone
+from autopeft.methods import Wrapper, list_methods, make_spec, size_of
 from autopeft.plan import PeftPlan, load_adapter, merge_model, save_adapter
 
 VIT, VIT_REG, SWIN = "autopeft_test_vit", "autopeft_test_vit_reg", "autopeft_test_swin"
@@ -32,13 +33,16 @@ CASES = [
     ("lora", {"rank": 2, "alpha": 3, "targets": "q,k,v,proj,fc1,fc2"}, None),
     ("lora", {"rank": 3, "targets": "k"}, [0, 2]),
     ("ssf", {}, None),
-    ("ssf", {"init": "normal"}, [1, 2]),
+    ("ssf", {"init": "identity"}, None),
+    ("ssf", {"init": "identity"}, [1, 2]),
+    ("ssf", {"init": "normal"}, [0]),
     ("fact_tt", {}, None),
     ("fact_tt", {"rank": 2, "scale": 0.5, "targets": "q,proj,fc1,fc2"}, [0, 1]),
     ("adapter", {}, None),
     ("adapter", {"dim": 4, "position": "both"}, [1, 2]),
     ("adapter", {"dim": 3, "position": "attn"}, None),
     ("adaptformer", {"dim": 4, "scale": 0.5}, None),
+    ("adaptformer", {"dim": 3, "input": "residual"}, [0, 2]),
     ("convpass", {"dim": 4}, None),
     ("vpt_shallow", {"length": 3}, None),
     ("vpt_deep", {"length": 2}, None),
@@ -54,7 +58,8 @@ MIXED = {
     },
     # everything that merges, stacked on the same linears
     "mergeable-stack": {
-        "blocks": {str(i): [{"method": "lora", "rank": 2, "targets": ["q", "v", "fc1"]}, {"method": "ssf"},
+        "blocks": {str(i): [{"method": "lora", "rank": 2, "targets": ["q", "v", "fc1"]},
+                            {"method": "ssf", "init": "identity"},
                             {"method": "fact_tt", "rank": 2}, {"method": "bitfit"}, {"method": "ln_tune"}]
                    for i in range(3)},
     },
@@ -62,7 +67,8 @@ MIXED = {
     "all-on-one-block": {
         "blocks": {"0": [{"method": "prefix", "length": 2}, {"method": "adapter", "position": "both", "dim": 2},
                          {"method": "convpass", "dim": 2}, {"method": "vpt_deep", "length": 2},
-                         {"method": "lora", "targets": ["q", "proj"]}, {"method": "ssf"}],
+                         {"method": "lora", "targets": ["q", "proj"]}, {"method": "ssf", "init": "identity"},
+                         {"method": "adaptformer", "dim": 2, "input": "residual"}],
                    "2": [{"method": "vpt_deep", "length": 1}, {"method": "adaptformer"}]},
         "global": [{"method": "vpt_shallow", "length": 2}],
     },
@@ -178,7 +184,7 @@ def test_every_method_is_covered() -> None:
 def test_swin_rejects_token_methods(method: str) -> None:
     spec = backbone_spec(SWIN)
     plan = PeftPlan.single(make_spec(method), range(spec.num_blocks))
-    with pytest.raises(AutopeftError, match="does not support swin"):
+    with pytest.raises(UnsupportedBackbone, match="does not support swin"):
         plan.count(spec)
     with pytest.raises(AutopeftError, match="does not support swin"):
         plan.apply(_base(SWIN), spec)
@@ -233,5 +239,49 @@ def test_spec_validation(method: str, options: dict, message: str) -> None:
 
 def test_partial_k_larger_than_depth() -> None:
     spec = backbone_spec(VIT)
-    with pytest.raises(AutopeftError, match="exceeds"):
+    with pytest.raises(UnsupportedBackbone, match="exceeds"):
         PeftPlan.single(make_spec("partial", {"k": 9}), []).count(spec)
+
+
+def test_fact_tt_mlp_width_must_divide() -> None:
+    spec = dataclasses.replace(backbone_spec(VIT), mlp_hidden=(50, 50, 50))
+    with pytest.raises(UnsupportedBackbone, match="divisible"):
+        make_spec("fact_tt", {"targets": "q,fc1"}).check(spec, [0])
+    make_spec("fact_tt", {"targets": "q,v"}).check(spec, [0])  # attention-only targets fit any MLP width
+
+
+SIZE_OPTIONS = {"lora": "rank", "fact_tt": "rank", "adapter": "dim", "adaptformer": "dim", "convpass": "dim",
+                "vpt_shallow": "length", "vpt_deep": "length", "prefix": "length", "partial": "k"}
+
+
+@pytest.mark.parametrize("cls", list_methods(), ids=lambda c: c.name)
+def test_size_option(cls: type) -> None:
+    assert cls.size_option == SIZE_OPTIONS.get(cls.name)
+    spec = make_spec(cls.name)
+    if cls.size_option is None:
+        assert spec.size is None and size_of(spec.to_dict()) is None
+        return
+    # the size option is an integer field, and the size follows it
+    assert isinstance(getattr(spec, cls.size_option), int)
+    bigger = make_spec(cls.name, {cls.size_option: getattr(spec, cls.size_option) + 2})
+    assert bigger.size == spec.size + 2 == size_of(bigger.to_dict())
+    assert size_of({"method": cls.name}) == spec.size  # left out: the default
+
+
+def test_size_of_does_not_take_the_first_integer() -> None:
+    # a hypothetical entry whose first integer option is not the size must still read the size option
+    assert size_of({"method": "lora", "alpha": 16, "rank": 2}) == 2
+    assert size_of({"method": "ssf", "init": "normal"}) is None
+    assert size_of({"method": "no-such-method", "rank": 3}) is None
+    assert size_of({"method": "lora", "rank": "4"}) is None
+
+
+def test_ssf_ends_follow_the_first_and_last_block() -> None:
+    spec = backbone_spec(VIT)
+    d = spec.dims[0]
+    inner = make_spec("ssf").count(spec, [1])
+    assert make_spec("ssf").count(spec, [0]) == inner + 2 * d  # the patch embedding with block 0
+    assert make_spec("ssf").count(spec, [2]) == inner + 2 * d  # the final norm with the last block
+    assert make_spec("ssf").first_block(spec, [0, 1]) == -1 and make_spec("ssf").first_block(spec, [1, 2]) == 1
+    model = PeftPlan.single(make_spec("ssf"), [1]).apply(_base(VIT), spec)
+    assert not isinstance(model.patch_embed.proj, Wrapper) and not isinstance(model.norm, Wrapper)

@@ -18,6 +18,17 @@ from autopeft.methods import (  # noqa: F401  (imported to register)
     vpt_deep,
     vpt_shallow,
 )
-from autopeft.methods.base import MethodSpec, Wrapper, get_method, list_methods, make_spec, register, spec_from_dict
+from autopeft.methods.base import (
+    MethodSpec,
+    Wrapper,
+    get_method,
+    list_methods,
+    make_spec,
+    register,
+    size_of,
+    spec_from_dict,
+)
 
-__all__ = ["MethodSpec", "Wrapper", "get_method", "list_methods", "make_spec", "register", "spec_from_dict"]
+__all__ = [
+    "MethodSpec", "Wrapper", "get_method", "list_methods", "make_spec", "register", "size_of", "spec_from_dict",
+]

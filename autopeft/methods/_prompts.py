@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -33,7 +35,13 @@ class PromptedBlock(Wrapper):
         return x
 
 
-def new_prompts(length: int, dim: int, like: torch.Tensor) -> nn.Parameter:
-    p = torch.empty(length, dim, device=like.device, dtype=like.dtype)
-    nn.init.trunc_normal_(p, std=0.02)
+def new_prompts(length: int, dim: int, patch_weight: torch.Tensor) -> nn.Parameter:
+    """`length` prompts of width `dim`, uniform in ±sqrt(6 / (patch fan-in + dim)) as in VPT's official code.
+
+    The bound is Xavier's for a map from one flattened image patch (channels × patch height × width, the fan-in of
+    the patch embedding `patch_weight`) to a token: prompts start at the scale of patch embeddings.
+    """
+    bound = math.sqrt(6.0 / float(patch_weight[0].numel() + dim))
+    p = torch.empty(length, dim, device=patch_weight.device, dtype=patch_weight.dtype)
+    nn.init.uniform_(p, -bound, bound)
     return nn.Parameter(p)

@@ -39,6 +39,7 @@ class Adapter(MethodSpec):
     category = "addition"
     identity_at_init = True
     order = 40
+    size_option = "dim"
 
     dim: int = 8
     position: str = "mlp"

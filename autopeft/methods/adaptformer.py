@@ -1,9 +1,14 @@
-"""AdaptFormer: a scaled bottleneck parallel to the MLP: x + MLP(LN(x)) + s · up(act(down(LN(x))))."""
+"""AdaptFormer: a scaled bottleneck parallel to the MLP: x + MLP(LN(x)) + s · up(act(down(h))).
+
+h is LN(x) (the paper's equation, `input: norm`) or x itself (`input: residual`, what the official code runs: its
+training script sets the adapter's own layer norm to none and feeds it the residual stream).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -12,38 +17,63 @@ from autopeft.backbones import BackboneSpec, block_path
 from autopeft.methods._layers import Bottleneck, bottleneck_params
 from autopeft.methods.base import MethodSpec, Wrapper, register, require, wrap
 
+INPUTS = ("norm", "residual")
 
-class ParallelAdapter(Wrapper):
-    """out = base(h) + scale · bottleneck(h) (ReLU, as in AdaptFormer)."""
+
+class InputTap(Wrapper):
+    """Runs `base` unchanged and keeps its latest input for a ParallelAdapter of the same block (no parameters)."""
 
     method = "adaptformer"
 
-    def __init__(self, base: nn.Module, d_model: int, dim: int, scale: float):
+    def __init__(self, base: nn.Module):
+        super().__init__(base)
+        self.last: list[torch.Tensor] = []  # a list keeps the tensor out of the state dict
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        self.last[:] = [x]
+        return self.base(x, *args, **kwargs)
+
+
+class ParallelAdapter(Wrapper):
+    """out = base(h) + scale · bottleneck(input) (ReLU, as in AdaptFormer); input is h or the tapped residual."""
+
+    method = "adaptformer"
+
+    def __init__(self, base: nn.Module, d_model: int, dim: int, scale: float, tap: InputTap | None = None):
         super().__init__(base)
         ref = next(base.parameters())
         self.adapter = Bottleneck(d_model, dim, act=nn.ReLU).to(device=ref.device, dtype=ref.dtype)
         self.scale = scale
+        self._tap = [tap] if tap is not None else []  # a list: the tap is registered where it sits, not twice
 
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        return self.base(x, *args, **kwargs) + self.scale * self.adapter(x)
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        h = self._tap[0].last[0] if self._tap else x
+        return self.base(x, *args, **kwargs) + self.scale * self.adapter(h)
 
 
 @register
 @dataclass(frozen=True)
 class AdaptFormer(MethodSpec):
-    """Parallel MLP adapter of width `dim`, output scaled by `scale` (0.1 in the paper)."""
+    """Parallel MLP adapter of width `dim`, output scaled by `scale` (0.1 in the paper and the official code).
+
+    `input: norm` (default) feeds the adapter LN(x) as the paper's equation writes it and as earlier autopeft plans
+    (which carry no `input` key) were trained; `input: residual` feeds it x, as the official code does.
+    """
 
     name = "adaptformer"
     category = "addition"
     identity_at_init = True
     order = 40
+    size_option = "dim"
 
     dim: int = 8
     scale: float = 0.1
+    input: str = "norm"
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         require(self.dim >= 1, self.name, f"dim must be a positive integer, got {self.dim}")
         require(self.scale > 0, self.name, f"scale must be > 0, got {self.scale}")
+        require(self.input in INPUTS, self.name, f"input must be {' or '.join(INPUTS)}, got {self.input!r}")
 
     def count(self, spec: BackboneSpec, blocks: Sequence[int]) -> int:
         return sum(bottleneck_params(spec.dims[i], self.dim) for i in blocks)
@@ -55,5 +85,6 @@ class AdaptFormer(MethodSpec):
 
     def apply(self, model: nn.Module, spec: BackboneSpec, blocks: Sequence[int]) -> None:
         for i in blocks:
+            tap = wrap(model, f"{block_path(model, i)}.norm2", InputTap) if self.input == "residual" else None
             path = f"{block_path(model, i)}.mlp"
-            wrap(model, path, lambda m, d=spec.dims[i]: ParallelAdapter(m, d, self.dim, self.scale))
+            wrap(model, path, lambda m, d=spec.dims[i], t=tap: ParallelAdapter(m, d, self.dim, self.scale, t))

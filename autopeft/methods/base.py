@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 from torch import nn
 
 from autopeft.backbones import BackboneSpec
-from autopeft.errors import AutopeftError
+from autopeft.errors import AutopeftError, UnsupportedBackbone
 
 _REGISTRY: dict[str, type[MethodSpec]] = {}
 
@@ -35,6 +35,8 @@ class MethodSpec:
     identity_at_init: ClassVar[bool] = False
     scope: ClassVar[str] = "block"  # "block": placed per block; "global": applies to the model as a whole
     order: ClassVar[int] = 50  # application order: lower first (unfreezing before inner wrappers before outer)
+    # The integer option that sets the method's size (LoRA rank, adapter dim, prompt length, ...); None: unsized.
+    size_option: ClassVar[str | None] = None
 
     def count(self, spec: BackboneSpec, blocks: Sequence[int]) -> int:
         """Closed-form number of trainable parameters this method adds or unfreezes at `blocks`."""
@@ -66,10 +68,15 @@ class MethodSpec:
         """Insert the method into `model` (already frozen) at `blocks`; new parameters are trainable."""
         raise NotImplementedError
 
+    @property
+    def size(self) -> int | None:
+        """The value of the size option, None for a method without one."""
+        return None if self.size_option is None else int(getattr(self, self.size_option))
+
     def check(self, spec: BackboneSpec, blocks: Sequence[int]) -> None:
-        """Raise AutopeftError when this method cannot go on this backbone (family, sizes)."""
+        """Raise UnsupportedBackbone when this method cannot go on this backbone (family, sizes)."""
         if spec.family not in self.families:
-            raise AutopeftError(
+            raise UnsupportedBackbone(
                 f"method '{self.name}' does not support {spec.family} backbones ({spec.name}); "
                 f"it supports: {', '.join(self.families)}"
             )
@@ -111,6 +118,24 @@ def get_method(name: str) -> type[MethodSpec]:
         return _REGISTRY[name]
     except KeyError:
         raise AutopeftError(f"unknown method '{name}'; choose one of: {', '.join(sorted(_REGISTRY))}") from None
+
+
+def size_of(entry: dict[str, Any]) -> int | None:
+    """The size of a method entry (a plan's `{method: ..., options}` mapping): the value of its method's size option.
+
+    None for a method without a size option, an unknown method or a size that is not an integer; a size option the
+    entry leaves out takes the method's default.
+    """
+    cls = _REGISTRY.get(str(entry.get("method", "")))
+    if cls is None or cls.size_option is None:
+        return None
+    if cls.size_option in entry:
+        value = entry[cls.size_option]
+    else:
+        value = next(f.default for f in dataclasses.fields(cls) if f.name == cls.size_option)
+    if isinstance(value, bool) or not isinstance(value, int):
+        return None
+    return value
 
 
 def _field_types(cls: type[MethodSpec]) -> dict[str, Any]:
@@ -170,6 +195,12 @@ def require(cond: bool, method: str, message: str) -> None:
         raise AutopeftError(f"{method}: {message}")
 
 
+def require_fits(cond: bool, method: str, message: str) -> None:
+    """Validation helper for `check`: raise UnsupportedBackbone naming the method."""
+    if not cond:
+        raise UnsupportedBackbone(f"{method}: {message}")
+
+
 def check_targets(method: str, targets: tuple[str, ...], allowed: tuple[str, ...] = TARGET_LAYERS) -> None:
     require(len(targets) > 0, method, f"targets must name at least one of {', '.join(allowed)}")
     bad = [t for t in targets if t not in allowed]
@@ -204,10 +235,6 @@ def unwrap(module: nn.Module) -> nn.Module:
 def merged_base(wrapper: Wrapper) -> nn.Module:
     """The wrapper's inner module with any inner wrappers already merged."""
     return wrapper.base.merged() if isinstance(wrapper.base, Wrapper) else wrapper.base
-
-
-def get_submodule(model: nn.Module, path: str) -> nn.Module:
-    return model.get_submodule(path)
 
 
 def replace_submodule(model: nn.Module, path: str, new: nn.Module) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -14,8 +13,13 @@ from autopeft.backbones import BackboneSpec, block_path
 from autopeft.methods.base import MethodSpec, Wrapper, register, require, wrap
 
 
+def quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    """x · sigmoid(1.702 x), the CLIP-style GELU approximation Convpass's official code uses."""
+    return x * torch.sigmoid(1.702 * x)
+
+
 class ConvBypass(Wrapper):
-    """out = base(h) + scale · up(act(conv3x3(act(down(h))))).
+    """out = base(h) + scale · up(act(conv3x3(act(down(h))))), act the quick GELU.
 
     The last grid_h·grid_w tokens are the patch grid; every token before them (class, register and prompt tokens)
     goes through the same convolution as a 1x1 map, i.e. through its centre tap, as in Convpass.
@@ -30,7 +34,7 @@ class ConvBypass(Wrapper):
         self.down = nn.Linear(d_model, dim, **kw)
         self.conv = nn.Conv2d(dim, dim, 3, padding=1, **kw)
         self.up = nn.Linear(dim, d_model, **kw)
-        nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5))
+        nn.init.xavier_uniform_(self.down.weight)  # the official code's initialisation of down and conv
         nn.init.zeros_(self.down.bias)
         nn.init.xavier_uniform_(self.conv.weight)
         nn.init.zeros_(self.conv.bias)
@@ -42,7 +46,7 @@ class ConvBypass(Wrapper):
     def bypass(self, h: torch.Tensor) -> torch.Tensor:
         b, n, _ = h.shape
         gh, gw = self.grid
-        z = F.gelu(self.down(h))
+        z = quick_gelu(self.down(h))
         extra = n - gh * gw
         grid = z[:, extra:].transpose(1, 2).reshape(b, -1, gh, gw)
         grid = self.conv(grid).flatten(2).transpose(1, 2)
@@ -50,7 +54,7 @@ class ConvBypass(Wrapper):
             centre = self.conv.weight[:, :, 1, 1]
             tokens = F.linear(z[:, :extra], centre, self.conv.bias)
             grid = torch.cat([tokens, grid], dim=1)
-        return self.up(F.gelu(grid))
+        return self.up(quick_gelu(grid))
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         return self.base(x, *args, **kwargs) + self.scale * self.bypass(x)
@@ -66,6 +70,7 @@ class Convpass(MethodSpec):
     families = ("vit",)
     identity_at_init = True
     order = 45
+    size_option = "dim"
 
     dim: int = 8
     scale: float = 10.0

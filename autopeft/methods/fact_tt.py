@@ -15,13 +15,27 @@ from torch import nn
 
 from autopeft.backbones import BackboneSpec, block_path
 from autopeft.methods._layers import linear_paths
-from autopeft.methods.base import MethodSpec, Wrapper, check_targets, merged_base, register, require, unwrap, wrap
+from autopeft.methods.base import (
+    MethodSpec,
+    Wrapper,
+    check_targets,
+    merged_base,
+    register,
+    require,
+    require_fits,
+    unwrap,
+    wrap,
+)
 
 SHARED_ATTR = "autopeft_shared"
 
 
 class FactFactors(nn.Module):
-    """The factors shared across blocks: U starts at zero so the model is unchanged at initialisation."""
+    """The factors shared across blocks: U starts at zero so the model is unchanged at initialisation.
+
+    U is the output side (the official code's zero-initialised FacTv), V the input side (its FacTu, a Linear's
+    default uniform initialisation).
+    """
 
     def __init__(self, dim: int, rank: int, like: torch.Tensor):
         super().__init__()
@@ -53,7 +67,12 @@ class FactLinear(Wrapper):
         self.pieces = pieces
         self.scale = scale
         self.out_features = unwrap(base).out_features
-        cores = torch.eye(rank, device=factors.fact_u.device, dtype=factors.fact_u.dtype).repeat(len(pieces), 1, 1)
+        cores = factors.fact_u.new_empty(len(pieces), rank, rank)
+        for core, (out_start, _) in zip(cores, pieces, strict=True):
+            # as the official code's per-matrix Linear layers start: uniform in ±1/sqrt(fan-in), where fc2's four
+            # pieces feed one output and so form one Linear of fan-in 4r
+            fan_in = rank * sum(1 for o, _ in pieces if o == out_start)
+            nn.init.uniform_(core, -1.0 / math.sqrt(fan_in), 1.0 / math.sqrt(fan_in))
         self.fact_cores = nn.Parameter(cores)
 
     def delta_weight(self) -> torch.Tensor:
@@ -90,10 +109,11 @@ class FacTTT(MethodSpec):
     mergeable = True
     identity_at_init = True
     order = 15
+    size_option = "rank"
 
     rank: int = 8
     scale: float = 1.0
-    targets: tuple[str, ...] = ("q", "k", "v", "proj")
+    targets: tuple[str, ...] = ("q", "k", "v", "proj", "fc1", "fc2")  # every matrix of the block, as in FacT
 
     def __post_init__(self):
         require(self.rank >= 1, self.name, f"rank must be a positive integer, got {self.rank}")
@@ -104,7 +124,7 @@ class FacTTT(MethodSpec):
         super().check(spec, blocks)
         if {"fc1", "fc2"} & set(self.targets):
             bad = [i for i in blocks if spec.mlp_hidden[i] % spec.dims[i]]
-            require(not bad, self.name, f"fc1/fc2 need an MLP width divisible by the block width (blocks {bad})")
+            require_fits(not bad, self.name, f"fc1/fc2 need an MLP width divisible by the block width (blocks {bad})")
 
     def count(self, spec: BackboneSpec, blocks: Sequence[int]) -> int:
         shared = 2 * self.rank * sum({spec.dims[i] for i in blocks})
@@ -116,7 +136,7 @@ class FacTTT(MethodSpec):
             model.add_module(SHARED_ATTR, nn.ModuleDict())
         shared: nn.ModuleDict = getattr(model, SHARED_ATTR)
         group = sum(1 for k in shared if k.startswith(self.name))
-        like = model.patch_embed.proj.weight
+        like = unwrap(model.patch_embed.proj).weight  # SSF may wrap the patch embedding
         factors: dict[int, FactFactors] = {}
         for d in sorted({spec.dims[i] for i in blocks}):
             factors[d] = FactFactors(d, self.rank, like)

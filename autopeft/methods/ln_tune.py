@@ -1,4 +1,5 @@
-"""LN-tune: the affine parameters of the normalisation layers of the chosen blocks train."""
+"""LN-tune: the affine parameters of the normalisation layers of the chosen blocks (and, with the last block, of the
+final norm) train."""
 
 from __future__ import annotations
 
@@ -7,14 +8,18 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from autopeft.backbones import BackboneSpec, get_blocks, is_norm
+from autopeft.backbones import BackboneSpec, final_norm_modules, get_blocks, is_norm
 from autopeft.methods.base import MethodSpec, register
 
 
 @register
 @dataclass(frozen=True)
 class LNTune(MethodSpec):
-    """LayerNorm weight and bias of norm1 and norm2 (all norms inside the block)."""
+    """LayerNorm weight and bias of norm1 and norm2 (all norms inside the block); the final norm with the last block.
+
+    Every LayerNorm of the backbone trains when all blocks are chosen, as PETL_Vision's LN tuning counts it
+    (38,400 on ViT-B/16).
+    """
 
     name = "ln_tune"
     category = "partial"
@@ -23,7 +28,8 @@ class LNTune(MethodSpec):
     order = 0
 
     def unfrozen(self, spec: BackboneSpec, blocks: Sequence[int]) -> set[tuple[str, int]]:
-        return {("norm", i) for i in blocks}
+        final = {("final_norm", 0)} if spec.num_blocks - 1 in blocks else set()
+        return {("norm", i) for i in blocks} | final
 
     def apply(self, model: nn.Module, spec: BackboneSpec, blocks: Sequence[int]) -> None:
         all_blocks = get_blocks(model)
@@ -31,3 +37,6 @@ class LNTune(MethodSpec):
             for m in all_blocks[i].modules():
                 if is_norm(m):
                     m.requires_grad_(True)
+        if spec.num_blocks - 1 in blocks:
+            for norm in final_norm_modules(model):
+                norm.requires_grad_(True)

@@ -73,6 +73,7 @@ class LoRA(MethodSpec):
     mergeable = True
     identity_at_init = True
     order = 10
+    size_option = "rank"
 
     rank: int = 4
     alpha: float = 0.0  # 0 means alpha = rank (scale 1)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from autopeft.backbones import BackboneSpec, final_norm_modules, get_blocks
-from autopeft.methods.base import MethodSpec, register, require
+from autopeft.methods.base import MethodSpec, register, require, require_fits
 
 
 @register
@@ -21,6 +21,7 @@ class Partial(MethodSpec):
     mergeable = True
     scope = "global"
     order = 0
+    size_option = "k"
 
     k: int = 1
 
@@ -29,7 +30,8 @@ class Partial(MethodSpec):
 
     def check(self, spec: BackboneSpec, blocks: Sequence[int]) -> None:
         super().check(spec, blocks)
-        require(self.k <= spec.num_blocks, self.name, f"k={self.k} exceeds the {spec.num_blocks} blocks of {spec.name}")
+        require_fits(self.k <= spec.num_blocks, self.name,
+                     f"k={self.k} exceeds the {spec.num_blocks} blocks of {spec.name}")
 
     def unfrozen(self, spec: BackboneSpec, blocks: Sequence[int]) -> set[tuple[str, int]]:
         return {("all", i) for i in range(spec.num_blocks - self.k, spec.num_blocks)} | {("final_norm", 0)}

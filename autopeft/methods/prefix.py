@@ -61,6 +61,7 @@ class Prefix(MethodSpec):
     category = "addition"
     families = ("vit",)
     order = 30  # innermost around attention: adapters and bypasses wrap it
+    size_option = "length"
 
     length: int = 10
 

@@ -1,22 +1,25 @@
-"""SSF: per-channel scale and shift after qkv, proj, fc1, fc2 and both norms of each block."""
+"""SSF: per-channel scale and shift after qkv, proj, fc1, fc2 and both norms of each block, after the patch
+embedding (with block 0) and after the final norm (with the last block), as in the official code (Lian et al.)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
-from autopeft.backbones import BackboneSpec, block_path
+from autopeft.backbones import BackboneSpec, block_path, final_norm_modules
 from autopeft.errors import AutopeftError
 from autopeft.methods.base import MethodSpec, Wrapper, merged_base, register, require, unwrap, wrap
 
 SSF_SITES = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2", "norm1", "norm2")
+INITS = ("normal", "identity")
 
 
 class ScaleShift(Wrapper):
-    """y = base(x) · γ + β over the last dimension."""
+    """y = base(x) · γ + β per channel: the last dimension, or dimension 1 of a convolution's (B, C, H, W) output."""
 
     method = "ssf"
 
@@ -25,12 +28,15 @@ class ScaleShift(Wrapper):
         ref = next(unwrap(base).parameters())
         self.ssf_scale = nn.Parameter(torch.ones(channels, device=ref.device, dtype=ref.dtype))
         self.ssf_shift = nn.Parameter(torch.zeros(channels, device=ref.device, dtype=ref.dtype))
+        # a conv's channels are dimension 1 of its output, a Linear's or a norm's the last one
+        self.channel_dims = 3 if isinstance(unwrap(base), nn.Conv2d) else 1
         if init == "normal":
             nn.init.normal_(self.ssf_scale, mean=1.0, std=0.02)
             nn.init.normal_(self.ssf_shift, std=0.02)
 
-    def forward(self, *args, **kwargs) -> torch.Tensor:
-        return self.base(*args, **kwargs) * self.ssf_scale + self.ssf_shift
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        shape = (-1,) + (1,) * (self.channel_dims - 1)
+        return self.base(*args, **kwargs) * self.ssf_scale.view(shape) + self.ssf_shift.view(shape)
 
     @torch.no_grad()
     def merged(self) -> nn.Module:
@@ -38,10 +44,8 @@ class ScaleShift(Wrapper):
         weight, bias = getattr(base, "weight", None), getattr(base, "bias", None)
         if weight is None or bias is None:
             raise AutopeftError(f"ssf cannot merge into {type(base).__name__} without weight and bias")
-        if weight.dim() == 2:
-            weight.mul_(self.ssf_scale[:, None])
-        else:
-            weight.mul_(self.ssf_scale)
+        # output channels are the first dimension of a Linear's or a conv's weight, the only one of a norm's
+        weight.mul_(self.ssf_scale.view((-1,) + (1,) * (weight.dim() - 1)))
         bias.mul_(self.ssf_scale).add_(self.ssf_shift)
         return base
 
@@ -53,27 +57,49 @@ def _channels(dim: int, hidden: int, site: str) -> int:
 @register
 @dataclass(frozen=True)
 class SSF(MethodSpec):
-    """Scaling and shifting features (Lian et al.): γ = 1, β = 0 at start; `init: normal` draws N(1, .02), N(0, .02)."""
+    """Scaling and shifting features (Lian et al., NeurIPS 2022).
+
+    Official placement: after qkv, proj, fc1, fc2, norm1 and norm2 of every block, after the patch embedding and
+    after the final norm. Here the patch embedding is scaled when block 0 is among the blocks and the final norm when
+    the last block is, so SSF on every block is the official method. `init: normal` (default, the official code)
+    draws γ ~ N(1, 0.02), β ~ N(0, 0.02); `init: identity` starts at γ = 1, β = 0 (the pretrained model's outputs).
+    """
 
     name = "ssf"
     category = "partial"
     mergeable = True
     order = 20
 
-    init: str = "identity"
+    init: str = "normal"
 
     @property
     def identity_at_init(self) -> bool:  # type: ignore[override]
         return self.init == "identity"
 
-    def __post_init__(self):
-        require(self.init in ("identity", "normal"), self.name, f"init must be identity or normal, got {self.init!r}")
+    def __post_init__(self) -> None:
+        require(self.init in INITS, self.name, f"init must be {' or '.join(INITS)}, got {self.init!r}")
+
+    def _ends(self, spec: BackboneSpec, blocks: Sequence[int]) -> tuple[bool, bool]:
+        """(scale the patch embedding, scale the final norm)."""
+        return 0 in blocks, spec.num_blocks - 1 in blocks and spec.final_norm_params > 0
 
     def count(self, spec: BackboneSpec, blocks: Sequence[int]) -> int:
-        return sum(2 * _channels(spec.dims[i], spec.mlp_hidden[i], s) for i in blocks for s in SSF_SITES)
+        total = sum(2 * _channels(spec.dims[i], spec.mlp_hidden[i], s) for i in blocks for s in SSF_SITES)
+        embed, final = self._ends(spec, blocks)
+        return total + embed * 2 * spec.dims[0] + final * 2 * spec.dims[-1]
+
+    def first_block(self, spec: BackboneSpec, blocks: Sequence[int]) -> int:
+        return -1 if 0 in blocks else super().first_block(spec, blocks)
 
     def apply(self, model: nn.Module, spec: BackboneSpec, blocks: Sequence[int]) -> None:
         for i in blocks:
             for site in SSF_SITES:
                 channels = _channels(spec.dims[i], spec.mlp_hidden[i], site)
                 wrap(model, f"{block_path(model, i)}.{site}", lambda m, c=channels: ScaleShift(m, c, self.init))
+        embed, final = self._ends(spec, blocks)
+        if embed:
+            wrap(model, "patch_embed.proj", lambda m: ScaleShift(m, spec.dims[0], self.init))
+        if final:
+            # ViTs have one final norm: `norm` before pooling, or `fc_norm` after it (average pooling)
+            path = next(n for n, m in model.named_modules() if m is final_norm_modules(model)[-1])
+            wrap(model, path, lambda m: ScaleShift(m, spec.dims[-1], self.init))

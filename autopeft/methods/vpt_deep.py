@@ -9,7 +9,7 @@ from torch import nn
 
 from autopeft.backbones import BackboneSpec, block_path
 from autopeft.methods._prompts import PromptedBlock, new_prompts
-from autopeft.methods.base import MethodSpec, register, require, wrap
+from autopeft.methods.base import MethodSpec, register, require, unwrap, wrap
 
 
 def prompt_flops(spec: BackboneSpec, i: int, length: int) -> int:
@@ -28,6 +28,7 @@ class VPTDeep(MethodSpec):
     category = "addition"
     families = ("vit",)
     order = 60
+    size_option = "length"
 
     length: int = 10
 
@@ -41,7 +42,7 @@ class VPTDeep(MethodSpec):
         return sum(prompt_flops(spec, i, self.length) for i in blocks)
 
     def apply(self, model: nn.Module, spec: BackboneSpec, blocks: Sequence[int]) -> None:
-        ref = model.patch_embed.proj.weight
+        ref = unwrap(model.patch_embed.proj).weight  # SSF may wrap the patch embedding
         for i in blocks:
             prompts = new_prompts(self.length, spec.dims[i], ref)
             wrap(model, block_path(model, i),

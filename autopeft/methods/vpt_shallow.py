@@ -9,7 +9,7 @@ from torch import nn
 
 from autopeft.backbones import BackboneSpec, block_path
 from autopeft.methods._prompts import PromptedBlock, new_prompts
-from autopeft.methods.base import MethodSpec, register, require, wrap
+from autopeft.methods.base import MethodSpec, register, require, unwrap, wrap
 from autopeft.methods.vpt_deep import prompt_flops
 
 
@@ -26,6 +26,7 @@ class VPTShallow(MethodSpec):
     families = ("vit",)
     scope = "global"
     order = 70  # outermost: wraps any VPT-deep wrapper of the first and last blocks
+    size_option = "length"
 
     length: int = 10
 
@@ -40,7 +41,7 @@ class VPTShallow(MethodSpec):
         return sum(prompt_flops(spec, i, self.length) for i in range(spec.num_blocks))
 
     def apply(self, model: nn.Module, spec: BackboneSpec, blocks: Sequence[int]) -> None:
-        prompts = new_prompts(self.length, spec.dims[0], model.patch_embed.proj.weight)
+        prompts = new_prompts(self.length, spec.dims[0], unwrap(model.patch_embed.proj).weight)
         first, last = 0, spec.num_blocks - 1
         offset = spec.num_prefix_tokens
         if first == last:

@@ -92,14 +92,14 @@ def method_names(plan: dict) -> list[str]:
 
 
 def size_of(entry: dict[str, Any]) -> float | None:
-    """The size option of a method entry: its first integer option (LoRA/FacT rank, adapter dim, prompt length, k).
+    """The size of a method entry (LoRA/FacT rank, adapter dim, prompt length, k): its method's declared size option.
 
-    Every method's MethodSpec lists its size first among its integer options, so no method is named here.
+    The method says which option is its size (`MethodSpec.size_option`), so no method is named here.
     """
-    for key, value in entry.items():
-        if key != "method" and isinstance(value, int) and not isinstance(value, bool):
-            return float(value)
-    return None
+    from autopeft.methods import size_of as method_size_of
+
+    size = method_size_of(entry)
+    return None if size is None else float(size)
 
 
 def category_of(method: str) -> str:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from autopeft.backbones import BackboneSpec
-from autopeft.errors import AutopeftError
+from autopeft.errors import AutopeftError, UnsupportedBackbone
 from autopeft.methods import MethodSpec, get_method, make_spec
 from autopeft.plan import PeftPlan
 from autopeft.space.domain import Domain
@@ -317,7 +317,7 @@ def _bind_method(ms: MethodSpace, spec: BackboneSpec, blocks: tuple[int, ...], n
             try:
                 make_spec(ms.name, {**fixed, opt: v}).check(spec, blocks)
                 good.append(v)
-            except AutopeftError as exc:
+            except UnsupportedBackbone as exc:
                 notes.append(f"{ms.name}.{opt}={v} dropped: {exc}")
         if not good:
             notes.append(f"{ms.name} dropped: no value of {opt} fits {spec.name}")
@@ -325,7 +325,7 @@ def _bind_method(ms: MethodSpace, spec: BackboneSpec, blocks: tuple[int, ...], n
         options.append((opt, Domain("choice", tuple(good)) if len(good) > 1 else Domain("fixed", tuple(good))))
     try:
         make_spec(ms.name, fixed).check(spec, blocks)
-    except AutopeftError as exc:
+    except UnsupportedBackbone as exc:
         notes.append(f"{ms.name} dropped: {exc}")
         return None
     return MethodSpace(ms.name, tuple(options))
