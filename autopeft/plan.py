@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from autopeft.backbones import BackboneSpec, is_head_param
-from autopeft.errors import AutopeftError
+from autopeft.errors import AutopeftError, UnsupportedBackbone
 from autopeft.methods.base import MethodSpec, Wrapper, spec_from_dict
 from autopeft.yamlfile import read_yaml
 
@@ -102,7 +102,7 @@ class PeftPlan:
     def validate(self, spec: BackboneSpec) -> None:
         bad = sorted(i for i in self.blocks if not 0 <= i < spec.num_blocks)
         if bad:
-            raise AutopeftError(
+            raise UnsupportedBackbone(
                 f"the plan uses block(s) {bad} but {spec.name} has blocks 0-{spec.num_blocks - 1}; "
                 "re-export the plan for this backbone"
             )

@@ -302,7 +302,7 @@ def enqueue_warm_start(study: optuna.Study, prep: Prepared) -> int:
         try:
             if plan.count(prep.spec) > prep.budget.limit:
                 continue
-        except UnsupportedBackbone:  # a plan of another backbone family
+        except UnsupportedBackbone:  # a plan of another backbone (family or depth)
             continue
         hp = {k: v for k, v in r.params.items() if k in dict(prep.space.training)}
         study.enqueue_trial(hp, user_attrs={st.ATTR_PLAN: plan.to_dict(),
