@@ -228,7 +228,7 @@ class _Source:
 
 
 @dataclass
-class _Setup:
+class TrainSetup:
     """What the epoch loop needs: the model on its device and the batches of the splits (cached or not)."""
 
     model: nn.Module
@@ -243,7 +243,7 @@ class _Setup:
 
 
 def set_up(backbone: str, plan: PeftPlan, data: DataSplits, config: TrainConfig, *, weights: str | None = None,
-           pretrained: bool = True, train_split: str = "train", eval_split: str | None = "val") -> _Setup:
+           pretrained: bool = True, train_split: str = "train", eval_split: str | None = "val") -> TrainSetup:
     """Seed, build the model with the plan applied, and prepare the splits' batches (see `train` for the arguments).
 
     The frozen prefix's features are computed once and cached when the plan leaves blocks 0..k-1 as pretrained and
@@ -273,13 +273,13 @@ def set_up(backbone: str, plan: PeftPlan, data: DataSplits, config: TrainConfig,
         key = cache.key(backbone, w_hash, k, data.fingerprint, split_name + suffix)
         return _Source(dataset, cache.features(model, k, dataset, key, config.eval_batch_size, str(device)), 0)
 
-    return _Setup(model=model, spec=spec, device=device, frozen_blocks=k, cached_blocks=k if use_cache else 0,
+    return TrainSetup(model=model, spec=spec, device=device, frozen_blocks=k, cached_blocks=k if use_cache else 0,
                   train_src=source("train", train_split, splits["train"]),
                   eval_src=source("eval", eval_split, splits["eval"]) if eval_split else None,
                   forward=(lambda x: suffix_forward(model, x, k)) if use_cache else None, source=source)
 
 
-def run_epochs(run: _Setup, config: TrainConfig, report: Report | None = None,
+def run_epochs(run: TrainSetup, config: TrainConfig, report: Report | None = None,
                on_step: Callable[[int, int], None] | None = None) -> list[dict]:
     """Optimise for `config.epochs` epochs, evaluating after each; returns the per-epoch metrics."""
     model, device, forward = run.model, run.device, run.forward
