@@ -13,7 +13,7 @@ recipe it ran. Plain YAML with sorted keys, read with `yaml.safe_load`, versione
     split_seed: 0                       # seed of the drawn splits: the search's, so the test set stays unseen
     seed: 0                             # training seed (initialisation, batch order)
     epochs: 100
-    training: {batch_size: 64, lr: 0.003, weight_decay: 0.0001, warmup_epochs: 10, label_smoothing: 0.1, ...}
+    training: {batch_size: 64, lr: 0.003, optimizer: adamw, scheduler: cosine, warmup_epochs: 10, ...}
     plan: {version: 1, blocks: {...}, global: [...]}
     provenance: {study: digits, trial: 7, val_acc: 0.94, peft_params: 4608, date: ..., versions: {...}}
 """
@@ -32,13 +32,13 @@ import yaml
 
 from autopeft.errors import AutopeftError
 from autopeft.plan import PeftPlan
+from autopeft.train import TRAINING_KEYS, TrainConfig, check_training, rescale_warmup
 from autopeft.yamlfile import read_yaml
+
+__all__ = ["PROTOCOLS", "RECIPE_VERSION", "TRAINING_KEYS", "Recipe", "load_data", "train_recipe"]
 
 RECIPE_VERSION = 1
 PROTOCOLS = {"final": ("train_full", None), "search": ("train", "val")}  # protocol -> (train split, eval split)
-# training settings a recipe may hold: TrainConfig's optimisation fields, plus `augment` (a data setting)
-TRAINING_KEYS = ("augment", "batch_size", "drop_path", "grad_clip", "label_smoothing", "lr", "warmup_epochs",
-                 "weight_decay")
 _KEYS = ("version", "backbone", "weights", "dataset", "data_root", "num_classes", "protocol", "split_seed", "seed",
          "epochs", "training", "plan", "provenance")
 _REQUIRED = ("version", "backbone", "dataset", "epochs", "plan")
@@ -59,7 +59,7 @@ class Recipe:
         protocol: `final` (train on train_full, no val curve, test once) or `search` (train on train, val curve).
         split_seed: seed of drawn splits (the search's, so a final run's test set was never searched on).
         seed: training seed.
-        training: optimiser settings (TRAINING_KEYS); absent ones take TrainConfig's defaults.
+        training: training settings (autopeft.train.TRAINING_KEYS); absent ones take TrainConfig's defaults.
         provenance: where the recipe came from (study, trial, val accuracy, params, date, versions, notes).
     """
 
@@ -86,11 +86,7 @@ class Recipe:
                 raise AutopeftError(f"{name} must be an integer, got {getattr(self, name)!r}")
         if self.num_classes is not None and (not isinstance(self.num_classes, int) or self.num_classes < 1):
             raise AutopeftError(f"num_classes must be an integer >= 1, got {self.num_classes!r}")
-        unknown = sorted(set(self.training) - set(TRAINING_KEYS))
-        if unknown:
-            raise AutopeftError(f"unknown training key(s) {', '.join(unknown)}; valid: {', '.join(TRAINING_KEYS)}")
-        object.__setattr__(self, "training", {k: _training_value(k, v) for k, v in sorted(self.training.items())})
-        self.train_config()  # validates the values (lr > 0, …)
+        object.__setattr__(self, "training", check_training(self.training))  # types and values (lr > 0, …)
 
     # -- training ---------------------------------------------------------------------------------------------------
 
@@ -101,23 +97,18 @@ class Recipe:
 
     @property
     def augment(self) -> bool:
-        return bool(self.training.get("augment", False))
+        return self.train_config().augment
 
-    def train_config(self, **overrides: Any):
+    def train_config(self, **overrides: Any) -> TrainConfig:
         """The TrainConfig of this recipe; `overrides` sets run-only fields (device, feature_cache, cache_dir)."""
-        from autopeft.train import TrainConfig
-
-        opts = {k: v for k, v in self.training.items() if k != "augment"}
         try:
-            return TrainConfig(**opts, epochs=self.epochs, seed=self.seed, **overrides)
+            return TrainConfig(**self.training, epochs=self.epochs, seed=self.seed, **overrides)
         except TypeError as exc:
             raise AutopeftError(f"bad training settings: {exc}") from None
 
     def with_epochs(self, epochs: int) -> Recipe:
         """The same schedule stretched to `epochs`: warm-up keeps its share (10 of 100 → 1 of 10), as trials do."""
-        training = dict(self.training)
-        if "warmup_epochs" in training and epochs != self.epochs:
-            training["warmup_epochs"] = float(training["warmup_epochs"]) * epochs / self.epochs
+        training = rescale_warmup(self.training, self.epochs, epochs)
         return dataclasses.replace(self, epochs=int(epochs), training=training)
 
     def replace(self, **changes: Any) -> Recipe:
@@ -170,7 +161,7 @@ class Recipe:
             recipe = cls(plan=plan, **kwargs)
             recipe.check()
         except AutopeftError as exc:
-            raise AutopeftError(f"{where}: {exc}") from None
+            raise type(exc)(f"{where}: {exc}") from None  # the same kind (UnknownKey, …), naming the file
         return recipe
 
     @classmethod
@@ -233,26 +224,6 @@ def write_text_atomic(path: Path, text: str) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-
-
-def _training_value(key: str, value: Any) -> Any:
-    """A training setting as its type (YAML reads `1e-3` as a string)."""
-    kind = bool if key == "augment" else int if key == "batch_size" else float
-    try:
-        if kind is bool:
-            if not isinstance(value, bool):
-                raise ValueError
-            return value
-        if isinstance(value, bool):
-            raise ValueError
-        number = float(value)
-        if kind is int:
-            if not number.is_integer():
-                raise ValueError
-            return int(number)
-        return number
-    except (TypeError, ValueError):
-        raise AutopeftError(f"training key '{key}' must be {kind.__name__}, got {value!r}") from None
 
 
 def _plain(value: Any) -> Any:

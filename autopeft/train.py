@@ -6,23 +6,23 @@ a local logger), so search and final training cannot drift apart.
 
 from __future__ import annotations
 
-import logging
 import math
 import random
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
 
 import numpy as np
 import torch
-from timm.scheduler import CosineLRScheduler
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from autopeft.backbones import BackboneSpec, create_backbone, is_head_param, spec_of_model
 from autopeft.data import DataSplits
-from autopeft.errors import AutopeftError
+from autopeft.errors import AutopeftError, UnknownKey
 from autopeft.features import FeatureCache, prefix_modules, suffix_forward, supports_cache, weights_hash
+from autopeft.optim import OPTIMIZERS, SCHEDULERS, make_optimizer, make_scheduler
 from autopeft.plan import PeftPlan
 
 Report = Callable[[dict], None]
@@ -32,18 +32,36 @@ class TrainingDiverged(AutopeftError):
     """The loss became NaN or infinite (usually a learning rate too high for the plan)."""
 
 
+# TrainConfig fields that belong to one run, not to the recipe or space it trains: the recipe holds epochs and seed
+# at its top level, a study sets the fidelity (train_fraction), the machine the rest
+RUN_FIELDS = ("epochs", "seed", "train_fraction", "device", "num_workers", "eval_batch_size", "feature_cache",
+              "cache_dir")
+
+
 @dataclass
 class TrainConfig:
-    """Optimisation and fidelity settings of one run (AdamW, linear warm-up then cosine, as V-PEFT Bench)."""
+    """Optimisation and fidelity settings of one run (by default AdamW, linear warm-up then cosine, as V-PEFT Bench).
+
+    This dataclass owns the training settings: their names (`TRAINING_KEYS`, what a recipe's or a space's
+    `training:` may set), their types and defaults (`defaults()`), and their validation. See autopeft.optim for
+    what `optimizer` and `scheduler` mean.
+
+    `augment` is a data setting: the caller loads the data with it (`load_dataset(augment=config.augment)`), as a
+    transform of the train split; train() itself reads the data's own flag, and either one turns the feature
+    cache off.
+    """
 
     epochs: int = 10
     batch_size: int = 32
     lr: float = 1e-3
     weight_decay: float = 1e-4
     warmup_epochs: float = 1.0
+    optimizer: str = "adamw"
+    scheduler: str = "cosine"
     label_smoothing: float = 0.0
     grad_clip: float = 1.0
     drop_path: float = 0.0
+    augment: bool = False
     train_fraction: float = 1.0  # fidelity: share of the train split used
     seed: int = 0
     device: str = "auto"
@@ -52,7 +70,7 @@ class TrainConfig:
     feature_cache: bool = True
     cache_dir: str | None = None
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         checks = [
             (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
             (self.batch_size >= 1, f"batch size must be >= 1, got {self.batch_size}"),
@@ -60,6 +78,10 @@ class TrainConfig:
             (self.weight_decay >= 0, f"weight decay must be >= 0, got {self.weight_decay}"),
             (0 < self.train_fraction <= 1, f"train fraction must be in (0, 1], got {self.train_fraction}"),
             (0 <= self.label_smoothing < 1, f"label smoothing must be in [0, 1), got {self.label_smoothing}"),
+            (self.optimizer in OPTIMIZERS, f"optimizer {self.optimizer!r} is not valid; use one of: "
+                                           f"{', '.join(OPTIMIZERS)}"),
+            (self.scheduler in SCHEDULERS, f"scheduler {self.scheduler!r} is not valid; use one of: "
+                                           f"{', '.join(SCHEDULERS)}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -67,6 +89,66 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        """Every field's default, by name: the one place the CLI's and the trials' defaults come from."""
+        return {f.name: f.default for f in fields(cls)}
+
+
+# what a recipe's `training:` may set (and a space's, which may also set `epochs`, see SPACE_TRAINING_KEYS)
+TRAINING_KEYS = tuple(sorted(f.name for f in fields(TrainConfig) if f.name not in RUN_FIELDS))
+# a space's `training:` also names the length of its schedule, `epochs`, which its warm-up is a share of: trials
+# rescale the warm-up to the search fidelity and `autopeft export` writes recipes of that length
+SPACE_TRAINING_KEYS = tuple(sorted((*TRAINING_KEYS, "epochs")))
+
+
+def training_value(key: str, value: Any) -> Any:
+    """One training setting as its field's type (YAML reads `1e-3` as text), or an AutopeftError naming the key.
+
+    Only the type is checked here; TrainConfig checks the value itself (lr > 0, a known optimizer, ...).
+    """
+    kind = type(TrainConfig.defaults()[key])
+    try:
+        if kind is bool or kind is str:
+            if not isinstance(value, kind):
+                raise ValueError
+            return value
+        if isinstance(value, bool):
+            raise ValueError
+        number = float(value)
+        if kind is int:
+            if not number.is_integer():
+                raise ValueError
+            return int(number)
+        return number
+    except (TypeError, ValueError):
+        raise AutopeftError(f"training key '{key}' must be {kind.__name__}, got {value!r}") from None
+
+
+def check_training(training: Mapping[str, Any], valid: tuple[str, ...] = TRAINING_KEYS) -> dict[str, Any]:
+    """Training settings typed and validated by TrainConfig; an unknown key raises UnknownKey naming the valid ones.
+
+    Returns the settings as their fields' types, sorted by key.
+    """
+    unknown = sorted(map(str, set(training) - set(valid)))
+    if unknown:
+        raise UnknownKey(f"unknown training key(s) {', '.join(unknown)}; valid keys: {', '.join(valid)}")
+    typed = {k: training_value(k, v) for k, v in sorted(training.items())}
+    TrainConfig(**typed)
+    return typed
+
+
+def rescale_warmup(training: Mapping[str, Any], from_epochs: float, to_epochs: float) -> dict[str, Any]:
+    """`training` for a schedule of `to_epochs` instead of `from_epochs`: the warm-up keeps its share of it.
+
+    10 warm-up epochs of 100 become 1 of 10, for a trial at the search fidelity and for a recipe trained longer or
+    shorter; a warm-up left to its default is left alone.
+    """
+    out = dict(training)
+    if "warmup_epochs" in out and from_epochs and to_epochs != from_epochs:
+        out["warmup_epochs"] = float(out["warmup_epochs"]) * float(to_epochs) / float(from_epochs)
+    return out
 
 
 @dataclass
@@ -145,6 +227,109 @@ class _Source:
         yield from DataLoader(self.dataset, batch_sampler=index_batches, num_workers=self.workers)
 
 
+@dataclass
+class TrainSetup:
+    """What the epoch loop needs: the model on its device and the batches of the splits (cached or not)."""
+
+    model: nn.Module
+    spec: BackboneSpec
+    device: torch.device
+    frozen_blocks: int  # blocks 0..k-1 stay as pretrained: they run as at inference, cached or not
+    cached_blocks: int  # 0: images run through the whole model
+    train_src: _Source
+    eval_src: _Source | None
+    forward: Callable[[torch.Tensor], torch.Tensor] | None  # replaces model(x) on cached features
+    source: Callable[[str, str, Dataset], _Source]  # (role, split name, dataset) -> batches, for the test split
+
+
+def set_up(backbone: str, plan: PeftPlan, data: DataSplits, config: TrainConfig, *, weights: str | None = None,
+           pretrained: bool = True, train_split: str = "train", eval_split: str | None = "val") -> TrainSetup:
+    """Seed, build the model with the plan applied, and prepare the splits' batches (see `train` for the arguments).
+
+    The frozen prefix's features are computed once and cached when the plan leaves blocks 0..k-1 as pretrained and
+    the images are not augmented; the epoch loop then runs only the blocks after them.
+    """
+    device = resolve_device(config.device)
+    seed_everything(config.seed)
+    model, spec = build_model(backbone, plan, data.num_classes, weights, pretrained, config.drop_path)
+    model = model.to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    k = plan.frozen_prefix(spec) if supports_cache(model) else 0
+    k = min(k, spec.num_blocks)
+    augmenting = config.augment or bool(getattr(getattr(data.split(train_split), "settings", None), "augment", False))
+    use_cache = config.feature_cache and k > 0 and not augmenting
+
+    splits = {"train": _subset(data.split(train_split), config.train_fraction, config.seed)}
+    if eval_split:
+        splits["eval"] = data.split(eval_split)
+    cache = FeatureCache(config.cache_dir)
+    w_hash = weights_hash(model, k) if use_cache else ""
+
+    def source(role: str, split_name: str, dataset: Dataset) -> _Source:
+        if not use_cache:
+            return _Source(dataset, None, config.num_workers)
+        suffix = f"@{config.train_fraction}:{config.seed}" if role == "train" and config.train_fraction < 1 else ""
+        key = cache.key(backbone, w_hash, k, data.fingerprint, split_name + suffix)
+        return _Source(dataset, cache.features(model, k, dataset, key, config.eval_batch_size, str(device)), 0)
+
+    return TrainSetup(model=model, spec=spec, device=device, frozen_blocks=k, cached_blocks=k if use_cache else 0,
+                  train_src=source("train", train_split, splits["train"]),
+                  eval_src=source("eval", eval_split, splits["eval"]) if eval_split else None,
+                  forward=(lambda x: suffix_forward(model, x, k)) if use_cache else None, source=source)
+
+
+def run_epochs(run: TrainSetup, config: TrainConfig, report: Report | None = None,
+               on_step: Callable[[int, int], None] | None = None) -> list[dict]:
+    """Optimise for `config.epochs` epochs, evaluating after each; returns the per-epoch metrics."""
+    model, device, forward = run.model, run.device, run.forward
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(trainable, config)
+    batches = _Batches(len(run.train_src), config.batch_size, config.seed)
+    steps_per_epoch = math.ceil(len(run.train_src) / config.batch_size)
+    total = steps_per_epoch * config.epochs
+    warmup = min(int(config.warmup_epochs * steps_per_epoch), max(total - 1, 0))
+    scheduler = make_scheduler(optimizer, config, total, warmup)
+    criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+    frozen_prefix = prefix_modules(model, run.frozen_blocks) if run.frozen_blocks else []
+    autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    history: list[dict] = []
+    step = 0
+    for epoch in range(1, config.epochs + 1):
+        epoch_start = time.perf_counter()
+        model.train()
+        for m in frozen_prefix:  # frozen blocks compute as at inference (no drop-path): cached and uncached agree
+            m.eval()
+        loss_sum, seen = 0.0, 0
+        for images, labels in run.train_src.batches(batches.epoch()):
+            images, labels = images.to(device, non_blocking=True), torch.as_tensor(labels).to(device)
+            with torch.autocast(**autocast):
+                loss = criterion((forward or model)(images), labels)
+            if not torch.isfinite(loss):
+                raise TrainingDiverged(f"training diverged: the loss became {loss.item()} at epoch {epoch}, step "
+                                       f"{step + 1}; lower the learning rate (was {config.lr:g})")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if config.grad_clip:
+                nn.utils.clip_grad_norm_(trainable, config.grad_clip)
+            optimizer.step()
+            step += 1
+            scheduler.step_update(step)
+            loss_sum += loss.item() * len(labels)
+            seen += len(labels)
+            if on_step:
+                on_step(step, total)
+        metrics = {"epoch": epoch, "train_loss": loss_sum / max(seen, 1), "lr": optimizer.param_groups[0]["lr"]}
+        if run.eval_src is not None:
+            metrics["val_loss"], metrics["val_acc"] = evaluate(model, run.eval_src, config.eval_batch_size, device,
+                                                               forward)
+        metrics["seconds"] = time.perf_counter() - epoch_start
+        history.append(metrics)
+        if report:
+            report(dict(metrics))
+    return history
+
+
 def train(
     backbone: str,
     plan: PeftPlan,
@@ -175,96 +360,17 @@ def train(
         on_step: called after every optimiser step with (step, total steps), for progress bars.
     """
     start = time.perf_counter()
-    device = resolve_device(config.device)
-    seed_everything(config.seed)
-    model, spec = build_model(backbone, plan, data.num_classes, weights, pretrained, config.drop_path)
-    model = model.to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    k = plan.frozen_prefix(spec) if supports_cache(model) else 0
-    k = min(k, spec.num_blocks)
-    augmenting = bool(getattr(getattr(data.split(train_split), "settings", None), "augment", False))
-    use_cache = config.feature_cache and k > 0 and not augmenting
-
-    splits = {"train": _subset(data.split(train_split), config.train_fraction, config.seed)}
-    if eval_split:
-        splits["eval"] = data.split(eval_split)
-    cache = FeatureCache(config.cache_dir)
-    w_hash = weights_hash(model, k) if use_cache else ""
-
-    def source(role: str, split_name: str, dataset: Dataset) -> _Source:
-        if not use_cache:
-            return _Source(dataset, None, config.num_workers)
-        suffix = f"@{config.train_fraction}:{config.seed}" if role == "train" and config.train_fraction < 1 else ""
-        key = cache.key(backbone, w_hash, k, data.fingerprint, split_name + suffix)
-        return _Source(dataset, cache.features(model, k, dataset, key, config.eval_batch_size, str(device)), 0)
-
-    train_src = source("train", train_split, splits["train"])
-    eval_src = source("eval", eval_split, splits["eval"]) if eval_split else None
-    forward = (lambda x: suffix_forward(model, x, k)) if use_cache else None
-
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in trainable if p.ndim > 1]
-    no_decay = [p for p in trainable if p.ndim <= 1]  # biases, norms, scales: no weight decay
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=config.lr)
-    batches = _Batches(len(train_src), config.batch_size, config.seed)
-    steps_per_epoch = math.ceil(len(train_src) / config.batch_size)
-    total = steps_per_epoch * config.epochs
-    warmup = min(int(config.warmup_epochs * steps_per_epoch), max(total - 1, 0))
-    # warm-up first, then a cosine over the remaining steps that reaches lr_min at the last one
-    timm_log = logging.getLogger("timm.scheduler.cosine_lr")
-    level = timm_log.level
-    timm_log.setLevel(logging.ERROR)  # a 1-step cosine is a constant, which timm logs a warning about
-    try:
-        scheduler = CosineLRScheduler(optimizer, t_initial=max(total - warmup, 1), warmup_t=warmup,
-                                      warmup_lr_init=config.lr * 1e-2, warmup_prefix=True, lr_min=config.lr * 1e-3,
-                                      t_in_epochs=False)
-    finally:
-        timm_log.setLevel(level)
-    criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
-    frozen_prefix = prefix_modules(model, k) if k and supports_cache(model) else []
-    autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-    history: list[dict] = []
-    step = 0
-    for epoch in range(1, config.epochs + 1):
-        epoch_start = time.perf_counter()
-        model.train()
-        for m in frozen_prefix:  # frozen blocks compute as at inference (no drop-path): cached and uncached agree
-            m.eval()
-        loss_sum, seen = 0.0, 0
-        for images, labels in train_src.batches(batches.epoch()):
-            images, labels = images.to(device, non_blocking=True), torch.as_tensor(labels).to(device)
-            with torch.autocast(**autocast):
-                loss = criterion((forward or model)(images), labels)
-            if not torch.isfinite(loss):
-                raise TrainingDiverged(f"training diverged: the loss became {loss.item()} at epoch {epoch}, step "
-                                       f"{step + 1}; lower the learning rate (was {config.lr:g})")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if config.grad_clip:
-                nn.utils.clip_grad_norm_(trainable, config.grad_clip)
-            optimizer.step()
-            step += 1
-            scheduler.step_update(step)
-            loss_sum += loss.item() * len(labels)
-            seen += len(labels)
-            if on_step:
-                on_step(step, total)
-        metrics = {"epoch": epoch, "train_loss": loss_sum / max(seen, 1), "lr": optimizer.param_groups[0]["lr"]}
-        if eval_src is not None:
-            metrics["val_loss"], metrics["val_acc"] = evaluate(model, eval_src, config.eval_batch_size, device, forward)
-        metrics["seconds"] = time.perf_counter() - epoch_start
-        history.append(metrics)
-        if report:
-            report(dict(metrics))
-
-    result = TrainResult(model=model, history=history, cached_blocks=k if use_cache else 0,
-                         peft_params=plan.count(spec),
+    run = set_up(backbone, plan, data, config, weights=weights, pretrained=pretrained, train_split=train_split,
+                 eval_split=eval_split)
+    history = run_epochs(run, config, report, on_step)
+    model = run.model
+    result = TrainResult(model=model, history=history, cached_blocks=run.cached_blocks,
+                         peft_params=plan.count(run.spec),
                          head_params=sum(p.numel() for n, p in model.named_parameters() if is_head_param(n)))
     if test:
-        test_src = source("test", "test", data.split("test"))
-        result.test_loss, result.test_acc = evaluate(model, test_src, config.eval_batch_size, device, forward)
+        test_src = run.source("test", "test", data.split("test"))
+        result.test_loss, result.test_acc = evaluate(model, test_src, config.eval_batch_size, run.device,
+                                                     run.forward)
     result.seconds = time.perf_counter() - start
     return result
 

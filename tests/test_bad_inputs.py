@@ -110,6 +110,10 @@ def a(tmp_path_factory) -> dict[str, str]:
                                  "    length: -5\n")
     out["space_import"] = _space(spaces / "import.yaml",
                                  "version: 1\nslots:\n  tune: [none, 'os:system']\n")
+    out["space_optimizr"] = _space(spaces / "optimizr.yaml",
+                                   "version: 1\nslots:\n  tune: [none, lora]\ntraining:\n  optimizr: sgd\n")
+    out["space_adam"] = _space(spaces / "adam.yaml",
+                               "version: 1\nslots:\n  tune: [none, lora]\ntraining:\n  optimizer: adam\n")
 
     recipe = Recipe(backbone="autopeft_test_vit", dataset="digits", epochs=1, weights=out["vit"],
                     plan=PeftPlan.single(make_spec("lora", {"rank": 2}), range(3))).to_dict()
@@ -176,6 +180,13 @@ CASES = [
     ("space-rank-zero", lambda a: _search(a, space=a["space_rank0"]), ["methods.lora.rank", "0"]),
     ("space-negative-length", lambda a: _search(a, space=a["space_length"]), ["vpt_deep.length", "-5"]),
     ("space-names-code", lambda a: _search(a, space=a["space_import"]), ["import.yaml", "os:system"]),
+    ("space-unknown-training-key", lambda a: _search(a, space=a["space_optimizr"]),
+     ["optimizr.yaml", "training.optimizr", "unknown training key 'optimizr'", "valid keys:", "optimizer"]),
+    ("space-bad-optimizer", lambda a: _search(a, space=a["space_adam"]),
+     ["adam.yaml", "training.optimizer", "optimizer 'adam' is not valid", "adamw, sgd"]),
+    ("train-bad-scheduler", lambda a: ["train", "--dataset", "digits", "--backbone", "autopeft_test_vit", "--weights",
+                                       a["vit"], "--method", "bitfit", "--scheduler", "step", "--out", "run"],
+     ["scheduler 'step' is not valid", "cosine, constant"]),
     ("recipe-schema-version", lambda a: ["train", "--config", a["recipe_version"]],
      ["version", "99", "reads recipe version 1"]),
     ("recipe-plan-not-fitting", lambda a: ["train", "--config", a["recipe_plan"]], ["plan.yaml", "7"]),

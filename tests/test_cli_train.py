@@ -52,6 +52,10 @@ def test_train_writes_every_artefact_and_they_reload(tmp_path) -> None:
         (["--dataset", "digits", "--method", "vpt_deep", "--backbone", "autopeft_test_swin"], "does not support"),
         (["--dataset", "digits", "--method", "lora", "--backbone", "autopeft_test_vit"], "--weights"),
         (["--dataset", "digits", "--method", "lora", "--weights", "/nope.safetensors"], "does not exist"),
+        (["--dataset", "digits", "--method", "lora", "--optimizer", "adam"],
+         "optimizer 'adam' is not valid; use one of: adamw, sgd"),
+        (["--dataset", "digits", "--method", "lora", "--scheduler", "step"],
+         "scheduler 'step' is not valid; use one of: cosine, constant"),
     ],
 )
 def test_train_errors_leave_nothing(tmp_path, args, needle) -> None:
@@ -102,3 +106,50 @@ def test_final_protocol_run_reruns_identically_from_its_recipe(tmp_path, monkeyp
     assert main(["train", "--config", str(tmp_path / "a" / "recipe.yaml"), "--out", str(tmp_path / "b")]) == 0
     again = json.loads((tmp_path / "b" / "metrics.json").read_text())
     assert again["test_acc"] == first["test_acc"] and again["peft_params"] == first["peft_params"]
+
+
+def _parse(*argv: str):
+    import argparse
+
+    from autopeft.cli import train as cli_train
+
+    parser = argparse.ArgumentParser()
+    cli_train.register(parser.add_subparsers())
+    return parser.parse_args(["train", *argv])
+
+
+def test_flag_defaults_are_train_configs() -> None:
+    """Without --config every flagged training key takes TrainConfig's default, --optimizer/--scheduler included."""
+    from autopeft.cli.train import TRAINING_FLAGS, recipe_from_args
+    from autopeft.train import TRAINING_KEYS, TrainConfig
+
+    assert set(TRAINING_FLAGS) <= set(TRAINING_KEYS)
+    defaults = TrainConfig.defaults()
+    recipe = recipe_from_args(_parse("--dataset", "digits", "--method", "lora"))
+    assert recipe.training == {k: defaults[k] for k in TRAINING_FLAGS}
+    assert recipe.epochs == defaults["epochs"] and recipe.seed == defaults["seed"]
+    cfg = recipe_from_args(_parse("--dataset", "digits", "--method", "lora", "--optimizer", "sgd", "--scheduler",
+                                  "constant", "--augment")).train_config()
+    assert (cfg.optimizer, cfg.scheduler, cfg.augment) == ("sgd", "constant", True)
+
+
+def test_flags_override_a_recipe_and_epochs_rescale_its_warmup(tmp_path) -> None:
+    from autopeft.cli.train import recipe_from_args
+    from autopeft.methods import make_spec
+    from autopeft.recipe import Recipe
+
+    Recipe(backbone="autopeft_test_vit", dataset="digits", epochs=100, plan=PeftPlan.single(make_spec("bitfit"), []),
+           training={"warmup_epochs": 10, "optimizer": "sgd"}).save(tmp_path / "r.yaml")
+    recipe = recipe_from_args(_parse("--config", str(tmp_path / "r.yaml"), "--epochs", "10", "--scheduler",
+                                     "constant"))
+    assert recipe.training == {"optimizer": "sgd", "scheduler": "constant", "warmup_epochs": 1.0}
+
+
+def test_help_shows_train_configs_defaults(capsys) -> None:
+    with pytest.raises(SystemExit):
+        _parse("--help")
+    text = " ".join(capsys.readouterr().out.split())
+    for needle in ("batch size (default 32)", "peak learning rate (default 1e-3)", "linear warm-up epochs (default 1)",
+                   "label smoothing (default 0)", "adamw or sgd (default adamw; sgd: momentum 0.9, no Nesterov)",
+                   "cosine or constant (default cosine; constant stays at the peak lr)", "epochs (default 10;"):
+        assert needle in text, needle

@@ -40,6 +40,28 @@ def test_with_epochs_keeps_the_warmup_share() -> None:
     assert short.with_epochs(10) == short
 
 
+def test_optimizer_and_scheduler_round_trip_into_the_train_config(tmp_path) -> None:
+    r = recipe(training={"lr": 3e-3, "optimizer": "sgd", "scheduler": "constant", "augment": True})
+    r.save(tmp_path / "r.yaml")
+    back = Recipe.load(tmp_path / "r.yaml")
+    cfg = back.train_config()
+    assert (cfg.optimizer, cfg.scheduler, cfg.augment, back.augment) == ("sgd", "constant", True, True)
+    assert recipe().train_config().optimizer == "adamw" and not recipe().augment  # TrainConfig's defaults
+
+
+def test_an_unknown_training_key_is_an_unknown_key_naming_the_file(tmp_path) -> None:
+    from autopeft.errors import UnknownKey
+    from autopeft.recipe import TRAINING_KEYS
+
+    data = recipe().to_dict()
+    data["training"]["optimizr"] = "sgd"
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(data))
+    with pytest.raises(UnknownKey) as err:
+        Recipe.load(tmp_path / "r.yaml")
+    assert str(err.value) == (f"{tmp_path / 'r.yaml'}: unknown training key(s) optimizr; valid keys: "
+                              f"{', '.join(TRAINING_KEYS)}")
+
+
 def test_relative_paths_are_read_from_the_recipe_folder(tmp_path) -> None:
     (tmp_path / "sub").mkdir()
     data = recipe().to_dict()
@@ -72,6 +94,9 @@ def _set(data: dict, path: str, value) -> None:
         ("training.momentum", 0.9, "unknown training key(s) momentum"),
         ("training.lr", "fast", "training key 'lr' must be float"),
         ("training.batch_size", 6.5, "training key 'batch_size' must be int"),
+        ("training.optimizer", "adam", "optimizer 'adam' is not valid; use one of: adamw, sgd"),
+        ("training.scheduler", "linear", "scheduler 'linear' is not valid; use one of: cosine, constant"),
+        ("training.optimizer", 1, "training key 'optimizer' must be str"),
         ("plan.blocks", {"5": [{"method": "lora"}]}, "block(s) [5]"),
         ("backbone", "no_such_net", "unknown backbone"),
         ("training", [1], "key 'training' must be a mapping"),

@@ -11,6 +11,7 @@ from pathlib import Path
 import optuna
 import pytest
 import timm
+import torch
 import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -273,6 +274,16 @@ BAD_SPACES = [
     ("slots: {a: [lora]}\ntraining: {lr: {low: 1e-4, high: 1e-2, log: yes, step: 2}}", "training.lr", "cannot be"),
     ("slots: {a: [lora]}\ntraining: {lr: {low: abc, high: 1}}", "training.lr.low", "expected a number"),
     ("slots: {a: [lora]}\ntraining: {lr: [[1, 2]]}", "training.lr", "expected a number, text"),
+    ("slots: {a: [lora]}\ntraining: {optimizr: sgd}", "training.optimizr",
+     "unknown training key 'optimizr'; valid keys: augment, batch_size,"),
+    ("slots: {a: [lora]}\ntraining: {optimizer: adam}", "training.optimizer",
+     "optimizer 'adam' is not valid; use one of: adamw, sgd"),
+    ("slots: {a: [lora]}\ntraining: {scheduler: [cosine, step]}", "training.scheduler", "scheduler 'step'"),
+    ("slots: {a: [lora]}\ntraining: {optimizer: {low: 1, high: 2}}", "training.optimizer", "not a range"),
+    ("slots: {a: [lora]}\ntraining: {lr: {low: 0, high: 1}}", "training.lr", "learning rate must be > 0"),
+    ("slots: {a: [lora]}\ntraining: {batch_size: {low: 16.5, high: 64}}", "training.batch_size.low", "whole number"),
+    ("slots: {a: [lora]}\ntraining: {epochs: 0}", "training.epochs", "epochs must be >= 1"),
+    ("slots: {a: [lora]}\ntraining: {augment: 1}", "training.augment", "must be bool"),
 ]
 
 
@@ -285,6 +296,52 @@ def test_invalid_space_files_name_file_key_and_problem(tmp_path, text: str, key:
     message = str(info.value)
     assert message.startswith(f"{path}: {key}: "), message
     assert problem in message and "\n" not in message
+
+
+def test_an_unknown_training_key_is_an_unknown_key() -> None:
+    from autopeft.errors import UnknownKey
+
+    with pytest.raises(UnknownKey, match=r"^my.yaml: training.optimizr: unknown training key 'optimizr'"):
+        parse_space(yaml.safe_load("slots: {a: [lora]}\ntraining: {optimizr: sgd}"), "my.yaml")
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_spaces_train_with_adamw_and_cosine(name: str) -> None:
+    training = dict(load_space(name).training)
+    assert training["optimizer"].value == "adamw" and training["scheduler"].value == "cosine"
+    assert sample_hparams(optuna.create_study().ask(), load_space(name))["optimizer"] == "adamw"
+
+
+def test_a_space_optimizer_reaches_the_trial(tmp_path, monkeypatch) -> None:
+    """`optimizer: sgd` in a space file trains the trial with SGD: the path `autopeft search --space` takes, from
+    the sampled hyper-parameters (engine.SamplePlan) through run_trial to the optimiser, with Ray's report stubbed."""
+    from ray import tune
+    from safetensors.torch import save_file
+
+    import autopeft.train as train_module
+    from autopeft.backbones import create_backbone
+    from autopeft.search.engine import SamplePlan
+    from autopeft.search.trainable import TrialSettings, run_trial, trial_config
+
+    path = tmp_path / "my.yaml"
+    path.write_text("slots: {tune: [lora]}\nmethods: {lora: {rank: 2}}\ntraining: {lr: {low: 1.0e-3, high: 1.0e-2, "
+                    "log: true}, epochs: 100, warmup_epochs: 10, optimizer: sgd, scheduler: constant}\n")
+    space = load_space(str(path))
+    spec = backbone_spec("autopeft_test_vit")
+    config = SamplePlan(space, spec, parse_budget("5%", spec), 1)(optuna.create_study().ask())
+    cfg = trial_config(config["autopeft"]["hparams"], 1, 0)
+    assert (cfg.optimizer, cfg.scheduler, cfg.warmup_epochs, cfg.epochs) == ("sgd", "constant", 0.1, 1)
+
+    built, reports = [], []
+    make = train_module.make_optimizer
+    monkeypatch.setattr(train_module, "make_optimizer", lambda params, c: built.append(make(params, c)) or built[-1])
+    monkeypatch.setattr(tune, "report", reports.append)
+    monkeypatch.setenv("AUTOPEFT_CACHE", str(tmp_path / "cache"))
+    save_file(create_backbone("autopeft_test_vit").state_dict(), str(tmp_path / "w.safetensors"))
+    run_trial(config, TrialSettings(dataset="digits", backbone="autopeft_test_vit", epochs=1,
+                                    weights=str(tmp_path / "w.safetensors")))
+    assert [r.get("fail_reason") for r in reports] == [None] and reports[0]["epoch"] == 1
+    assert [type(o) for o in built] == [torch.optim.SGD] and built[0].param_groups[0]["momentum"] == 0.9
 
 
 def test_space_files_cannot_run_code_and_are_found_by_name_or_path(tmp_path) -> None:

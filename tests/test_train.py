@@ -143,3 +143,102 @@ def test_bad_config(bad) -> None:
 
     with pytest.raises(AutopeftError):
         TrainConfig(**bad)
+
+
+@pytest.mark.parametrize(("bad", "needle"), [(dict(optimizer="adam"), "optimizer 'adam' is not valid; use one of: "
+                                                                      "adamw, sgd"),
+                                             (dict(scheduler="step"), "scheduler 'step' is not valid; use one of: "
+                                                                      "cosine, constant")])
+def test_optimizer_and_scheduler_name_the_valid_values(bad, needle) -> None:
+    from autopeft.errors import AutopeftError
+
+    with pytest.raises(AutopeftError) as err:
+        TrainConfig(**bad)
+    assert str(err.value) == needle
+
+
+def test_sgd_is_the_optimizer_that_steps(digits, tmp_path, monkeypatch) -> None:
+    """optimizer=sgd trains with SGD (momentum 0.9, no Nesterov: its momentum buffers fill), not with AdamW."""
+    import autopeft.train as train_module
+
+    built: list[torch.optim.Optimizer] = []
+    make = train_module.make_optimizer
+
+    def spy(params, config):
+        built.append(make(params, config))
+        return built[-1]
+
+    monkeypatch.setattr(train_module, "make_optimizer", spy)
+    plan = PeftPlan.single(make_spec("lora", {"rank": 2}), [2])
+    sgd = _run(digits, plan, tmp_path, epochs=1, optimizer="sgd")
+    adamw = _run(digits, plan, tmp_path, epochs=1)
+    assert [type(o) for o in built] == [torch.optim.SGD, torch.optim.AdamW]
+    group = built[0].param_groups[0]
+    assert group["momentum"] == 0.9 and group["nesterov"] is False and group["weight_decay"] == 1e-4
+    assert built[0].param_groups[1]["weight_decay"] == 0.0  # no decay on biases and norms, as under AdamW
+    assert all(built[0].state[p]["momentum_buffer"] is not None for g in built[0].param_groups for p in g["params"])
+    assert sgd.history[0]["train_loss"] != pytest.approx(adamw.history[0]["train_loss"], rel=1e-6)
+
+
+def _lrs(scheduler_name: str, total: int = 20, warmup: int = 5, lr: float = 0.1) -> list[float]:
+    from autopeft.optim import make_optimizer, make_scheduler
+
+    config = TrainConfig(lr=lr, scheduler=scheduler_name)
+    optimizer = make_optimizer([torch.nn.Parameter(torch.zeros(2, 2))], config)
+    scheduler = make_scheduler(optimizer, config, total, warmup)
+    out = [optimizer.param_groups[0]["lr"]]
+    for step in range(1, total + 1):
+        scheduler.step_update(step)
+        out.append(optimizer.param_groups[0]["lr"])
+    return out
+
+
+def test_constant_stays_at_the_peak_after_the_warmup_cosine_decays() -> None:
+    cosine, constant = _lrs("cosine"), _lrs("constant")
+    assert constant[:6] == cosine[:6]  # the same linear warm-up from lr / 100 up to the peak
+    assert constant[0] == pytest.approx(1e-3) and constant[1] < constant[2] < constant[5]
+    assert constant[5:] == [0.1] * 16
+    assert all(a > b for a, b in zip(cosine[5:-1], cosine[6:], strict=True)) and cosine[-1] == pytest.approx(1e-4)
+
+
+def test_constant_schedule_in_a_run(digits, tmp_path) -> None:
+    plan = PeftPlan.single(make_spec("bitfit"), [])
+    lrs = [m["lr"] for m in _run(digits, plan, tmp_path, epochs=3, lr=1e-2, warmup_epochs=1,
+                                 scheduler="constant").history]
+    assert lrs == pytest.approx([1e-2] * 3, rel=1e-12)
+
+
+def test_the_training_keys_are_the_config_fields_a_recipe_may_set() -> None:
+    from dataclasses import fields
+
+    from autopeft.train import RUN_FIELDS, SPACE_TRAINING_KEYS, TRAINING_KEYS
+
+    names = {f.name for f in fields(TrainConfig)}
+    assert set(TRAINING_KEYS) == names - set(RUN_FIELDS) and set(RUN_FIELDS) <= names
+    assert {"optimizer", "scheduler", "augment", "lr", "warmup_epochs"} <= set(TRAINING_KEYS)
+    assert not {"epochs", "seed", "device"} & set(TRAINING_KEYS)
+    assert set(SPACE_TRAINING_KEYS) == {*TRAINING_KEYS, "epochs"}
+    d = TrainConfig.defaults()
+    assert d == TrainConfig().to_dict() and d["optimizer"] == "adamw" and d["scheduler"] == "cosine"
+
+
+def test_rescale_warmup_keeps_the_share() -> None:
+    from autopeft.train import rescale_warmup
+
+    training = {"warmup_epochs": 10, "lr": 0.1}
+    assert rescale_warmup(training, 100, 10) == {"warmup_epochs": 1.0, "lr": 0.1}
+    assert rescale_warmup(training, 100, 100) == training and rescale_warmup({"lr": 0.1}, 100, 10) == {"lr": 0.1}
+    assert rescale_warmup(training, None, 10) == training  # no schedule length to be a share of
+    assert training == {"warmup_epochs": 10, "lr": 0.1}  # the input is left as it was
+
+
+def test_check_training_types_and_refuses_unknown_keys() -> None:
+    from autopeft.errors import AutopeftError, UnknownKey
+    from autopeft.train import check_training
+
+    assert check_training({"lr": "1e-3", "batch_size": 64.0, "optimizer": "sgd"}) == {
+        "batch_size": 64, "lr": 1e-3, "optimizer": "sgd"}
+    with pytest.raises(UnknownKey, match="unknown training key.s. optimizr; valid keys: augment, batch_size"):
+        check_training({"optimizr": "sgd"})
+    with pytest.raises(AutopeftError, match="training key 'optimizer' must be str, got 1"):
+        check_training({"optimizer": 1})

@@ -14,13 +14,21 @@ from autopeft.errors import AutopeftError
 if TYPE_CHECKING:
     from autopeft.recipe import Recipe
 
-# defaults of the hyper-parameter flags without --config; with --config a flag given overrides the recipe
-DEFAULTS = {"epochs": 10, "batch_size": 32, "lr": 1e-3, "weight_decay": 1e-4, "warmup_epochs": 1.0,
-            "label_smoothing": 0.0, "seed": 0}
-TRAINING_FLAGS = ("batch_size", "lr", "weight_decay", "warmup_epochs", "label_smoothing")
+# the training keys with a flag of their own (--augment is a switch, below); without --config the flags not given
+# take TrainConfig's defaults, with --config a flag given overrides the recipe
+TRAINING_FLAGS = ("batch_size", "lr", "weight_decay", "warmup_epochs", "optimizer", "scheduler", "label_smoothing")
+
+
+def _shown(value: float) -> str:
+    """A default as the help texts write it: 1e-3, 32, 1, 0."""
+    return f"{value:.0e}".replace("e-0", "e-") if 0 < abs(value) < 1e-2 else f"{value:g}"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from autopeft.optim import OPTIMIZERS, SCHEDULERS, SGD_MOMENTUM
+    from autopeft.train import TrainConfig
+
+    d = TrainConfig.defaults()
     p = sub.add_parser("train", help="train one method, plan or recipe and write a run directory")
     p.add_argument("--config", help="a recipe (from `autopeft export`, or a run's recipe.yaml) instead of "
                                     "--dataset/--backbone/--method/--plan; the flags below override it")
@@ -29,13 +37,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--backbone", default=None, help=f"timm model name (default {DEFAULT_BACKBONE})")
     p.add_argument("--weights", default=None, help="local weights file (safetensors, .npz, .pth/.bin)")
     add_plan_arguments(p, required=False)
-    p.add_argument("--epochs", type=int, help="epochs (default 10; a recipe's warm-up keeps its share)")
-    p.add_argument("--batch-size", type=int, help="batch size (default 32)")
-    p.add_argument("--lr", type=float, help="peak learning rate (default 1e-3)")
-    p.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 1e-4)")
-    p.add_argument("--warmup-epochs", type=float, help="linear warm-up epochs (default 1)")
-    p.add_argument("--label-smoothing", type=float, help="label smoothing (default 0)")
-    p.add_argument("--seed", type=int, help="training seed (default 0; without --config also the split seed)")
+    p.add_argument("--epochs", type=int, help=f"epochs (default {d['epochs']}; a recipe's warm-up keeps its share)")
+    p.add_argument("--batch-size", type=int, help=f"batch size (default {d['batch_size']})")
+    p.add_argument("--lr", type=float, help=f"peak learning rate (default {_shown(d['lr'])})")
+    p.add_argument("--weight-decay", type=float,
+                   help=f"weight decay of matrices (default {_shown(d['weight_decay'])}; decoupled under AdamW, "
+                        "L2 under SGD)")
+    p.add_argument("--warmup-epochs", type=float, help=f"linear warm-up epochs (default {_shown(d['warmup_epochs'])})")
+    p.add_argument("--optimizer", help=f"{' or '.join(OPTIMIZERS)} (default {d['optimizer']}; sgd: momentum "
+                                       f"{SGD_MOMENTUM:g}, no Nesterov)")
+    p.add_argument("--scheduler", help=f"after the warm-up: {' or '.join(SCHEDULERS)} (default {d['scheduler']}; "
+                                       "constant stays at the peak lr)")
+    p.add_argument("--label-smoothing", type=float,
+                   help=f"label smoothing (default {_shown(d['label_smoothing'])})")
+    p.add_argument("--seed", type=int,
+                   help=f"training seed (default {d['seed']}; without --config also the split seed)")
     p.add_argument("--seeds", type=int, default=1, metavar="K",
                    help="train K seeds (seed, seed+1, …) into DIR/seed<S>/ and report mean ± std test accuracy")
     p.add_argument("--merge", action="store_true",
@@ -58,7 +74,9 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
     """The recipe this command line asks for: --config with the flags given on top, or the flags alone."""
     from autopeft.backbones import backbone_spec
     from autopeft.recipe import Recipe
+    from autopeft.train import TrainConfig
 
+    defaults = TrainConfig.defaults()
     given = {k: getattr(args, k) for k in TRAINING_FLAGS if getattr(args, k) is not None}
     if args.augment:
         given["augment"] = True
@@ -87,10 +105,10 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
         raise AutopeftError("one of --method, --plan or --config is required")
     backbone = args.backbone or DEFAULT_BACKBONE
     plan = plan_from_args(args, backbone_spec(backbone).num_blocks)
-    seed = DEFAULTS["seed"] if args.seed is None else args.seed
-    training = {k: DEFAULTS[k] for k in TRAINING_FLAGS} | given
+    seed = defaults["seed"] if args.seed is None else args.seed
+    training = {k: defaults[k] for k in TRAINING_FLAGS} | given
     return Recipe(backbone=backbone, dataset=args.dataset, plan=plan,
-                  epochs=DEFAULTS["epochs"] if args.epochs is None else args.epochs, weights=_absolute(args.weights),
+                  epochs=defaults["epochs"] if args.epochs is None else args.epochs, weights=_absolute(args.weights),
                   data_root=_absolute(args.data_root), protocol="final" if args.final else "search", split_seed=seed,
                   seed=seed, training=training, provenance={"source": "autopeft train"})
 

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import time
 import traceback
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from autopeft.errors import AutopeftError
+
+if TYPE_CHECKING:
+    from autopeft.train import TrainConfig
 
 
 @dataclass(frozen=True)
@@ -19,22 +22,22 @@ class TrialSettings:
     epochs: int
     weights: str | None = None
     data_root: str | None = None
-    batch_size: int = 32
     seed: int = 0
-    fixed: dict[str, Any] = field(default_factory=dict)  # fixed training settings from the space (warmup, …)
 
 
-def trial_config(hparams: dict[str, Any], epochs: int, seed: int):
-    """The TrainConfig of a trial from its hyper-parameters (the space's fixed training settings and the sampled
-    ones) at the study's fidelity: `epochs` and `seed` win over a space's defaults, and a space's warm-up (e.g. 10
-    of 100 epochs) keeps its share of the schedule."""
-    from autopeft.train import TrainConfig
+def trial_config(hparams: dict[str, Any], epochs: int, seed: int) -> TrainConfig:
+    """The TrainConfig of a trial from its hyper-parameters at the study's fidelity.
 
-    hp = dict(hparams)
-    if "warmup_epochs" in hp and hp.get("epochs"):
-        hp["warmup_epochs"] = float(hp["warmup_epochs"]) * epochs / float(hp["epochs"])
-    known = set(TrainConfig.__dataclass_fields__)
-    return TrainConfig(**{**{k: v for k, v in hp.items() if k in known}, "epochs": epochs, "seed": seed})
+    `hparams` are what `sample_hparams` returns: the space's fixed training settings and the sampled ones, under
+    the keys of `SPACE_TRAINING_KEYS` (checked when the space was read); keys it leaves out take TrainConfig's
+    defaults. `epochs` and `seed` are the study's, and the space's warm-up keeps its share of the space's schedule
+    (`epochs` in the space: 10 of 100 warm-up epochs are 1 of a 10-epoch trial).
+    """
+    from autopeft.train import SPACE_TRAINING_KEYS, TrainConfig, check_training, rescale_warmup
+
+    training = rescale_warmup(hparams, hparams.get("epochs"), epochs)
+    training.pop("epochs", None)
+    return TrainConfig(**check_training(training, SPACE_TRAINING_KEYS), epochs=epochs, seed=seed)
 
 
 def _failure(exc: BaseException) -> str:
@@ -75,10 +78,8 @@ def run_trial(config: dict, settings: TrialSettings) -> None:
     base = {"peft_params": info["peft_params"], "overhead": info.get("overhead", 0.0), "node": _node()}
     try:
         plan = PeftPlan.from_dict(info["plan"])
-        hp = {"batch_size": settings.batch_size, **settings.fixed, **info.get("hparams", {})}
-        cfg = trial_config(hp, settings.epochs, settings.seed)
-        augment = bool(hp.get("augment", False))
-        data = load_dataset(settings.dataset, settings.data_root, augment=augment, seed=settings.seed,
+        cfg = trial_config(info.get("hparams", {}), settings.epochs, settings.seed)
+        data = load_dataset(settings.dataset, settings.data_root, augment=cfg.augment, seed=settings.seed,
                             **data_config(settings.backbone))
 
         def report(m: dict) -> None:

@@ -16,9 +16,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from autopeft.errors import AutopeftError
+from autopeft.errors import AutopeftError, UnknownKey
 from autopeft.methods import MethodSpec, get_method, make_spec
-from autopeft.space.domain import Domain, number, parse_range
+from autopeft.space.domain import Domain, Fail, number, parse_range
 from autopeft.yamlfile import read_yaml
 
 FORMAT_VERSION = 1
@@ -177,7 +177,8 @@ def parse_space(data: Any, source: str, default_name: str = "space") -> SearchSp
     space = SearchSpace(
         name=name.strip(), source=source, description=" ".join(description.split()), mode=mode,
         group_size=group_size, depths=depths, sides=sides, slots=tuple(slots), global_choices=global_choices,
-        methods=tuple(methods), training=_training(data.get("training") or {}, fail), mergeable_only=mergeable_only,
+        methods=tuple(methods), training=_training(data.get("training") or {}, source, fail),
+        mergeable_only=mergeable_only,
     )
     if not space.method_names():
         fail("methods" if mode == "depth" else "slots", "the space offers no method")
@@ -316,8 +317,15 @@ def _canon(value: Any, hint: Any, where: str, fail) -> Any:
     return str(value)
 
 
-def _training(raw: Any, fail) -> tuple[tuple[str, Domain], ...]:
-    """Training hyper-parameters: a scalar is fixed, a list is choices, {low, high, log?, step?} is a range."""
+def _training(raw: Any, source: str, fail: Fail) -> tuple[tuple[str, Domain], ...]:
+    """Training hyper-parameters: a scalar is fixed, a list is choices, {low, high, log?, step?} is a range.
+
+    Keys are what training accepts (autopeft.train.SPACE_TRAINING_KEYS), every fixed value, choice and range end
+    is typed and validated by TrainConfig, so a typo or a bad value (`optimizr: sgd`, `optimizer: adam`) stops the
+    search here, before any trial trains with a setting other than the one written.
+    """
+    from autopeft.train import SPACE_TRAINING_KEYS, TrainConfig, check_training
+
     if not isinstance(raw, dict):
         fail("training", "must map hyper-parameter names (lr, weight_decay, epochs, ...) to values")
     out = []
@@ -325,13 +333,29 @@ def _training(raw: Any, fail) -> tuple[tuple[str, Domain], ...]:
         where = f"training.{key}"
         if not isinstance(key, str) or not _IDENT.match(key):
             fail(where, "hyper-parameter names are lower-case identifiers such as lr or weight_decay")
+        if key not in SPACE_TRAINING_KEYS:
+            raise UnknownKey(f"{source}: {where}: unknown training key '{key}'; valid keys: "
+                             f"{', '.join(SPACE_TRAINING_KEYS)}")
+        kind = type(TrainConfig.defaults()[key])
         if isinstance(value, dict):
-            integer = all(isinstance(value.get(k), int) and not isinstance(value.get(k), bool) for k in ("low", "high"))
-            out.append((key, parse_range(value, where, integer, fail)))
+            if kind not in (int, float):
+                fail(where, f"{key} takes a value or a list of choices, not a range")
+            integer = kind is int or all(isinstance(value.get(k), int) and not isinstance(value.get(k), bool)
+                                         for k in ("low", "high"))
+            domain = parse_range(value, where, integer, fail)
+            values: tuple[Any, ...] = (domain.low, domain.high)
         elif isinstance(value, list):
-            out.append((key, _choice_domain([_scalar(v, where, fail) for v in value], where, fail)))
+            domain = _choice_domain([_scalar(v, where, fail) for v in value], where, fail)
+            values = domain.values
         else:
-            out.append((key, Domain("fixed", (_scalar(value, where, fail),))))
+            domain = Domain("fixed", (_scalar(value, where, fail),))
+            values = domain.values
+        for v in values:
+            try:
+                check_training({key: v}, SPACE_TRAINING_KEYS)
+            except AutopeftError as exc:
+                fail(where, str(exc))
+        out.append((key, domain))
     return tuple(out)
 
 
