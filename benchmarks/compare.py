@@ -68,13 +68,13 @@ def run_job(job: Job) -> dict[str, Any]:
     """One in-process training run (a search-phase trial on train/val, or a final run on train_full with test)."""
     from autopeft.data import data_config, load_dataset
     from autopeft.plan import PeftPlan
-    from autopeft.search.trainable import TrialSettings, trial_config
+    from autopeft.search.trainable import trial_config
     from autopeft.train import train
 
     start = time.perf_counter()
     data = load_dataset(job["task"], job.get("data_root"), seed=job["seed"], **data_config(job["backbone"]))
-    # exactly as a search trial builds it (TrialSettings' default batch size, the space's settings, the sampled ones)
-    cfg = trial_config({"batch_size": TrialSettings.batch_size, **job["hparams"]}, job["epochs"], job["seed"])
+    # exactly as a search trial builds it (TrainConfig's defaults, the space's settings, the sampled ones)
+    cfg = trial_config(job["hparams"], job["epochs"], job["seed"])
     final = bool(job.get("final"))
     try:
         result = train(job["backbone"], PeftPlan.from_dict(job["plan"]), data, cfg, weights=job.get("weights"),

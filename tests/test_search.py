@@ -79,16 +79,15 @@ def test_a_trial_in_a_reused_worker_equals_a_fresh_run(study_dir) -> None:
     others before it, has the val curve of the same plan and hyper-parameters trained afresh in this process."""
     from autopeft.data import data_config, load_dataset
     from autopeft.plan import PeftPlan
-    from autopeft.search.trainable import TrialSettings, trial_config
+    from autopeft.search.trainable import trial_config
     from autopeft.train import train
 
     study = optuna.load_study(study_name="e2e", storage=f"sqlite:///{study_dir}/studies/e2e.db")
     done = [t for t in study.get_trials() if t.state == optuna.trial.TrialState.COMPLETE and t.number >= 2]
     assert done, "no full trial after the first two (one per worker)"
     t = max(done, key=lambda t: t.number)
-    hp = {"batch_size": TrialSettings.batch_size, **t.user_attrs[st.ATTR_HPARAMS]}
-    cfg = trial_config(hp, 3, 0)
-    data = load_dataset("digits", None, augment=bool(hp.get("augment", False)), seed=0,
+    cfg = trial_config(dict(t.user_attrs[st.ATTR_HPARAMS]), 3, 0)  # TrainConfig's defaults fill the rest
+    data = load_dataset("digits", None, augment=cfg.augment, seed=0,
                         **data_config("autopeft_test_vit"))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in a 1-CPU trial

@@ -253,12 +253,16 @@ def create_or_resume(prep: Prepared) -> tuple[optuna.Study, int]:
 
 
 def _baseline_params(prep: Prepared) -> dict[str, Any]:
-    """Baselines train at the centre of each searched hyper-parameter range (geometric for log ranges)."""
-    out = {}
+    """Baselines train at the centre of each searched hyper-parameter range (geometric for log ranges) and at the
+    first value of each searched choice (e.g. `optimizer: [adamw, sgd]` -> adamw)."""
+    out: dict[str, Any] = {}
     for name, domain in prep.space.training:
-        if domain.searched and getattr(domain, "low", None) is not None:
+        if domain.kind == "choice":
+            out[name] = domain.values[0]
+        elif domain.kind in ("int", "float"):
             lo, hi = float(domain.low), float(domain.high)
-            out[name] = math.sqrt(lo * hi) if getattr(domain, "log", False) and lo > 0 else (lo + hi) / 2
+            centre = math.sqrt(lo * hi) if domain.log and lo > 0 else (lo + hi) / 2
+            out[name] = int(round(centre)) if domain.kind == "int" else centre
     return out
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import optuna
+import yaml
 from optuna.trial import TrialState, create_trial
 
 import autopeft.bundled  # noqa: F401  (registers the bundled backbone)
@@ -48,3 +49,23 @@ def test_warm_start_enqueues_only_the_plans_that_fit(tmp_path) -> None:
     assert remaining == 4
     assert [t.user_attrs[st.ATTR_PLAN] for t in waiting] == [plans["fits"]]  # deeper: skipped; big: over 5 %
     assert waiting[0].user_attrs[st.ATTR_WARM_START] == "src#0"
+
+
+def test_baselines_take_the_centre_of_ranges_and_the_first_of_choices(tmp_path) -> None:
+    space = tmp_path / "sgd.yaml"
+    space.write_text(yaml.safe_dump({
+        "version": 1, "name": "sgd", "insertion": {"mode": "group", "size": 3},
+        "slots": {"method": ["none", "lora"]},
+        "methods": {"lora": {"rank": [1, 2]}},
+        "training": {"lr": {"low": 1e-4, "high": 1e-2, "log": True}, "optimizer": ["sgd", "adamw"],
+                     "batch_size": {"low": 16, "high": 33}, "epochs": 10},
+    }))
+    url = f"sqlite:///{tmp_path}/studies.db"
+    s = SearchSettings(study="b", dataset="digits", backbone=VIT, budget="5%", storage=url, space=str(space),
+                       trials=2)
+    study, _ = create_or_resume(prepare(s))
+    waiting = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.WAITING]
+    assert len(waiting) == 2 and all(t.user_attrs.get(st.ATTR_BASELINE) for t in waiting)
+    params = study._storage.get_trial_system_attrs(waiting[0]._trial_id)["fixed_params"]
+    assert params["optimizer"] == "sgd" and params["batch_size"] == 24  # not 0.0 (a choice has no range)
+    assert abs(params["lr"] - 1e-3) < 1e-12
