@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
@@ -25,7 +26,7 @@ class PromptedBlock(Wrapper):
         self.prompts = prompts
         self.strip = strip
 
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.prompts is not None:
             p = self.prompts.unsqueeze(0).expand(x.shape[0], -1, -1).to(x.dtype)
             x = torch.cat([x[:, : self.offset], p, x[:, self.offset :]], dim=1)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -25,7 +26,7 @@ class SequentialAdapter(Wrapper):
         ref = next(base.parameters())
         self.adapter = Bottleneck(d_model, dim).to(device=ref.device, dtype=ref.dtype)
 
-    def forward(self, *args, **kwargs) -> torch.Tensor:
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         out = self.base(*args, **kwargs)
         return out + self.adapter(out)
 
@@ -44,7 +45,7 @@ class Adapter(MethodSpec):
     dim: int = 8
     position: str = "mlp"
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         require(self.dim >= 1, self.name, f"dim must be a positive integer, got {self.dim}")
         require(self.position in POSITIONS, self.name, f"position must be one of {', '.join(POSITIONS)}")
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import typing
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 from torch import nn
@@ -243,8 +243,12 @@ def replace_submodule(model: nn.Module, path: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def wrap(model: nn.Module, path: str, factory) -> nn.Module:
-    """Replace the module at `path` with `factory(current_module)` and return the new module."""
+def wrap(model: nn.Module, path: str, factory: Callable[..., nn.Module]) -> nn.Module:
+    """Replace the module at `path` with `factory(current_module)` and return the new module.
+
+    `factory` is called with the module alone; it is typed `Callable[..., ...]` because callers pass lambdas that
+    bind loop values as default arguments (`lambda m, d=d: ...`), which mypy cannot match to a one-argument type.
+    """
     new = factory(model.get_submodule(path))
     replace_submodule(model, path, new)
     return new

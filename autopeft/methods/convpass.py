@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -30,13 +31,14 @@ class ConvBypass(Wrapper):
     def __init__(self, base: nn.Module, d_model: int, dim: int, scale: float, grid: tuple[int, int]):
         super().__init__(base)
         ref = next(base.parameters())
-        kw = dict(device=ref.device, dtype=ref.dtype)
+        kw: dict[str, Any] = dict(device=ref.device, dtype=ref.dtype)
         self.down = nn.Linear(d_model, dim, **kw)
         self.conv = nn.Conv2d(dim, dim, 3, padding=1, **kw)
         self.up = nn.Linear(dim, d_model, **kw)
         nn.init.xavier_uniform_(self.down.weight)  # the official code's initialisation of down and conv
         nn.init.zeros_(self.down.bias)
         nn.init.xavier_uniform_(self.conv.weight)
+        assert self.conv.bias is not None  # Conv2d's bias=True default
         nn.init.zeros_(self.conv.bias)
         nn.init.zeros_(self.up.weight)
         nn.init.zeros_(self.up.bias)
@@ -56,7 +58,7 @@ class ConvBypass(Wrapper):
             grid = torch.cat([tokens, grid], dim=1)
         return self.up(quick_gelu(grid))
 
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         return self.base(x, *args, **kwargs) + self.scale * self.bypass(x)
 
 
@@ -75,7 +77,7 @@ class Convpass(MethodSpec):
     dim: int = 8
     scale: float = 10.0
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         require(self.dim >= 1, self.name, f"dim must be a positive integer, got {self.dim}")
         require(self.scale > 0, self.name, f"scale must be > 0, got {self.scale}")
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -66,7 +67,8 @@ class FactLinear(Wrapper):
         rank = factors.fact_u.shape[1]
         self.pieces = pieces
         self.scale = scale
-        self.out_features = unwrap(base).out_features
+        linear: Any = unwrap(base)  # the timm Linear under any wrappers
+        self.out_features: int = linear.out_features
         cores = factors.fact_u.new_empty(len(pieces), rank, rank)
         for core, (out_start, _) in zip(cores, pieces, strict=True):
             # as the official code's per-matrix Linear layers start: uniform in ±1/sqrt(fan-in), where fc2's four
@@ -78,7 +80,8 @@ class FactLinear(Wrapper):
     def delta_weight(self) -> torch.Tensor:
         f = self._factors[0]
         d = f.fact_u.shape[0]
-        delta = torch.zeros_like(unwrap(self.base).weight)
+        linear: Any = unwrap(self.base)
+        delta = torch.zeros_like(linear.weight)
         for core, (o, i) in zip(self.fact_cores, self.pieces, strict=True):
             delta[o : o + d, i : i + d] += self.scale * (f.fact_u @ core @ f.fact_v)
         return delta
@@ -94,7 +97,7 @@ class FactLinear(Wrapper):
 
     @torch.no_grad()
     def merged(self) -> nn.Module:
-        base = merged_base(self)
+        base: Any = merged_base(self)  # the plain Linear
         base.weight += self.delta_weight().to(base.weight.dtype)
         return base
 
@@ -115,7 +118,7 @@ class FacTTT(MethodSpec):
     scale: float = 1.0
     targets: tuple[str, ...] = ("q", "k", "v", "proj", "fc1", "fc2")  # every matrix of the block, as in FacT
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         require(self.rank >= 1, self.name, f"rank must be a positive integer, got {self.rank}")
         require(self.scale > 0, self.name, f"scale must be > 0, got {self.scale}")
         check_targets(self.name, self.targets)
@@ -136,7 +139,9 @@ class FacTTT(MethodSpec):
             model.add_module(SHARED_ATTR, nn.ModuleDict())
         shared: nn.ModuleDict = getattr(model, SHARED_ATTR)
         group = sum(1 for k in shared if k.startswith(self.name))
-        like = unwrap(model.patch_embed.proj).weight  # SSF may wrap the patch embedding
+        patch_embed: Any = model.patch_embed
+        proj: Any = unwrap(patch_embed.proj)  # SSF may wrap the patch embedding
+        like = proj.weight
         factors: dict[int, FactFactors] = {}
         for d in sorted({spec.dims[i] for i in blocks}):
             factors[d] = FactFactors(d, self.rank, like)

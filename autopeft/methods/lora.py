@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -25,9 +26,9 @@ class LoraLinear(Wrapper):
 
     def __init__(self, base: nn.Module, slices: dict[str, tuple[int, int]], rank: int, scale: float):
         super().__init__(base)
-        linear = unwrap(base)
+        linear: Any = unwrap(base)  # the timm Linear under any wrappers
         self.slices = dict(sorted(slices.items(), key=lambda kv: kv[1][0]))
-        self.out_features = linear.out_features
+        self.out_features: int = linear.out_features
         self.scale = scale
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
@@ -38,7 +39,7 @@ class LoraLinear(Wrapper):
             self.lora_B[t] = nn.Parameter(a.new_zeros(size, rank))
 
     def delta_weight(self) -> torch.Tensor:
-        linear = unwrap(self.base)
+        linear: Any = unwrap(self.base)
         delta = torch.zeros_like(linear.weight)
         for t, (start, size) in self.slices.items():
             delta[start : start + size] = self.scale * (self.lora_B[t] @ self.lora_A[t])
@@ -58,7 +59,7 @@ class LoraLinear(Wrapper):
 
     @torch.no_grad()
     def merged(self) -> nn.Module:
-        base = merged_base(self)
+        base: Any = merged_base(self)  # the plain Linear
         base.weight += self.delta_weight().to(base.weight.dtype)
         return base
 
@@ -79,7 +80,7 @@ class LoRA(MethodSpec):
     alpha: float = 0.0  # 0 means alpha = rank (scale 1)
     targets: tuple[str, ...] = ("q", "v")
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         require(self.rank >= 1, self.name, f"rank must be a positive integer, got {self.rank}")
         require(self.alpha >= 0, self.name, f"alpha must be >= 0, got {self.alpha}")
         check_targets(self.name, self.targets)

@@ -25,7 +25,7 @@ class Partial(MethodSpec):
 
     k: int = 1
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         require(self.k >= 1, self.name, f"k must be a positive integer, got {self.k}")
 
     def check(self, spec: BackboneSpec, blocks: Sequence[int]) -> None:

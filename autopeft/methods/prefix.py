@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +35,7 @@ class PrefixAttention(Wrapper):
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
         if attn_mask is not None or is_causal:
             raise AutopeftError("prefix tuning does not support attention masks")
-        a = self.base
+        a: Any = self.base  # timm's Attention: its submodules and head sizes are read dynamically
         b, n, _ = x.shape
         heads, head_dim = a.num_heads, a.head_dim
         gate = a.gate(x).sigmoid() if getattr(a, "gate", None) is not None else None
@@ -65,7 +66,7 @@ class Prefix(MethodSpec):
 
     length: int = 10
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         require(self.length >= 1, self.name, f"length must be a positive integer, got {self.length}")
 
     def count(self, spec: BackboneSpec, blocks: Sequence[int]) -> int:

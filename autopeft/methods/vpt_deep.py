@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
 
@@ -32,7 +33,7 @@ class VPTDeep(MethodSpec):
 
     length: int = 10
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         require(self.length >= 1, self.name, f"length must be a positive integer, got {self.length}")
 
     def count(self, spec: BackboneSpec, blocks: Sequence[int]) -> int:
@@ -42,7 +43,9 @@ class VPTDeep(MethodSpec):
         return sum(prompt_flops(spec, i, self.length) for i in blocks)
 
     def apply(self, model: nn.Module, spec: BackboneSpec, blocks: Sequence[int]) -> None:
-        ref = unwrap(model.patch_embed.proj).weight  # SSF may wrap the patch embedding
+        patch_embed: Any = model.patch_embed
+        proj: Any = unwrap(patch_embed.proj)  # SSF may wrap the patch embedding
+        ref = proj.weight
         for i in blocks:
             prompts = new_prompts(self.length, spec.dims[i], ref)
             wrap(model, block_path(model, i),

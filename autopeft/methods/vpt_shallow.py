@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
 
@@ -30,7 +31,7 @@ class VPTShallow(MethodSpec):
 
     length: int = 10
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         require(self.length >= 1, self.name, f"length must be a positive integer, got {self.length}")
 
     def count(self, spec: BackboneSpec, blocks: Sequence[int]) -> int:
@@ -41,7 +42,9 @@ class VPTShallow(MethodSpec):
         return sum(prompt_flops(spec, i, self.length) for i in range(spec.num_blocks))
 
     def apply(self, model: nn.Module, spec: BackboneSpec, blocks: Sequence[int]) -> None:
-        prompts = new_prompts(self.length, spec.dims[0], unwrap(model.patch_embed.proj).weight)
+        patch_embed: Any = model.patch_embed
+        proj: Any = unwrap(patch_embed.proj)  # SSF may wrap the patch embedding
+        prompts = new_prompts(self.length, spec.dims[0], proj.weight)
         first, last = 0, spec.num_blocks - 1
         offset = spec.num_prefix_tokens
         if first == last:
