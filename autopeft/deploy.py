@@ -22,7 +22,7 @@ from autopeft.errors import AutopeftError
 from autopeft.plan import load_adapter
 from autopeft.recipe import load_data
 from autopeft.runs import Run
-from autopeft.train import build_model, evaluate, resolve_device
+from autopeft.train import build_model, evaluate, num_samples, resolve_device
 
 
 def num_classes_of(run: Run) -> int:
@@ -84,8 +84,9 @@ def evaluate_run(run: Run, split: str = "test", merged: bool = False, data_root:
     batch = int((run.metrics.get("config") or {}).get("eval_batch_size", 256))  # as training evaluated
     loss, acc = evaluate(model, dataset, batch, dev)
     recorded = recorded_accuracy(run, split, merged)
-    return {"run": str(run.path), "split": split, "model": "merged" if merged else "adapter", "images": len(dataset),
-            "acc": acc, "loss": loss, "recorded_acc": recorded, "matches": recorded is None or acc == recorded}
+    return {"run": str(run.path), "split": split, "model": "merged" if merged else "adapter",
+            "images": num_samples(dataset), "acc": acc, "loss": loss, "recorded_acc": recorded,
+            "matches": recorded is None or acc == recorded}
 
 
 def image_preprocessor(dataset: Dataset) -> Callable[[str | Path], torch.Tensor]:

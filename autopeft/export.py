@@ -166,7 +166,8 @@ def confirm(study: Study, pool: list[TrialRecord], k: int, seeds: int, device: s
         for seed in seed_list:
             result = train_recipe(recipe.replace(seed=seed), data_by_augment[recipe.augment], test=False,
                                   device=device)
-            accs.append(float(result.val_acc))
+            assert result.val_acc is not None, "a search-protocol run evaluates on val after every epoch"
+            accs.append(result.val_acc)
             if log:
                 log(f"confirm trial {r.number} seed {seed}: val_acc {accs[-1]:.4f}")
         results.append({"trial": r.number, "search_val_acc": r.val_acc, "peft_params": r.peft_params,

@@ -24,9 +24,10 @@ import dataclasses
 import math
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -34,6 +35,10 @@ from autopeft.errors import AutopeftError
 from autopeft.plan import PeftPlan
 from autopeft.train import TRAINING_KEYS, TrainConfig, check_training, rescale_warmup
 from autopeft.yamlfile import read_yaml
+
+if TYPE_CHECKING:
+    from autopeft.data import DataSplits
+    from autopeft.train import TrainResult
 
 __all__ = ["PROTOCOLS", "RECIPE_VERSION", "TRAINING_KEYS", "Recipe", "load_data", "train_recipe"]
 
@@ -76,7 +81,7 @@ class Recipe:
     training: dict[str, Any] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.protocol not in PROTOCOLS:
             raise AutopeftError(f"protocol '{self.protocol}' is not valid; use one of: {', '.join(PROTOCOLS)}")
         if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 1:
@@ -181,7 +186,7 @@ class Recipe:
         write_text_atomic(Path(path), self.to_yaml())
 
 
-def load_data(recipe: Recipe, data_root: str | None = None):
+def load_data(recipe: Recipe, data_root: str | None = None) -> DataSplits:
     """The recipe's dataset under its split seed and the backbone's preprocessing (no augmentation of eval splits)."""
     from autopeft.data import data_config, load_dataset
 
@@ -193,8 +198,9 @@ def load_data(recipe: Recipe, data_root: str | None = None):
     return data
 
 
-def train_recipe(recipe: Recipe, data, *, weights: str | None = None, test: bool = True, report=None, on_step=None,
-                 **run_options):
+def train_recipe(recipe: Recipe, data: DataSplits, *, weights: str | None = None, test: bool = True,
+                 report: Callable[[dict], None] | None = None, on_step: Callable[..., None] | None = None,
+                 **run_options: Any) -> TrainResult:
     """Train `recipe` with autopeft.train.train (the function every search trial runs), then test once.
 
     Args:

@@ -9,9 +9,9 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sized
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -139,11 +139,11 @@ def check_training(training: Mapping[str, Any], valid: tuple[str, ...] = TRAININ
     return typed
 
 
-def rescale_warmup(training: Mapping[str, Any], from_epochs: float, to_epochs: float) -> dict[str, Any]:
+def rescale_warmup(training: Mapping[str, Any], from_epochs: float | None, to_epochs: float) -> dict[str, Any]:
     """`training` for a schedule of `to_epochs` instead of `from_epochs`: the warm-up keeps its share of it.
 
     10 warm-up epochs of 100 become 1 of 10, for a trial at the search fidelity and for a recipe trained longer or
-    shorter; a warm-up left to its default is left alone.
+    shorter; a warm-up left to its default, or a schedule of unknown length (`from_epochs` None), is left alone.
     """
     out = dict(training)
     if "warmup_epochs" in out and from_epochs and to_epochs != from_epochs:
@@ -201,10 +201,15 @@ class _Batches:
         return [order[i : i + self.batch_size] for i in range(0, self.n, self.batch_size)]
 
 
+def num_samples(dataset: Dataset) -> int:
+    """Samples of a map-style dataset (every dataset here has a length; Dataset's type does not say so)."""
+    return len(cast(Sized, dataset))
+
+
 def _subset(dataset: Dataset, fraction: float, seed: int) -> Dataset:
     if fraction >= 1:
         return dataset
-    n = len(dataset)
+    n = num_samples(dataset)
     keep = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 1))[: max(1, round(n * fraction))]
     return Subset(dataset, sorted(keep.tolist()))
 
@@ -216,9 +221,9 @@ class _Source:
         self.dataset, self.cached, self.workers = dataset, cached, workers
 
     def __len__(self) -> int:
-        return len(self.cached[1]) if self.cached else len(self.dataset)
+        return len(self.cached[1]) if self.cached else num_samples(self.dataset)
 
-    def batches(self, index_batches: list[list[int]]):
+    def batches(self, index_batches: list[list[int]]) -> Iterator[tuple[Any, Any]]:
         if self.cached:
             x, y = self.cached
             for idx in index_batches:
@@ -292,7 +297,7 @@ def run_epochs(run: TrainSetup, config: TrainConfig, report: Report | None = Non
     scheduler = make_scheduler(optimizer, config, total, warmup)
     criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     frozen_prefix = prefix_modules(model, run.frozen_blocks) if run.frozen_blocks else []
-    autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    autocast: dict[str, Any] = dict(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     history: list[dict] = []
     step = 0
     for epoch in range(1, config.epochs + 1):
@@ -385,7 +390,7 @@ def evaluate(model: nn.Module, source: _Source | Dataset, batch_size: int = 256,
     was_training = model.training
     model.eval()
     n = len(source)
-    loss_sum, correct = 0.0, 0
+    loss_sum, correct = 0.0, 0.0
     for images, labels in source.batches([list(range(i, min(i + batch_size, n))) for i in range(0, n, batch_size)]):
         images, labels = images.to(device), torch.as_tensor(labels).to(device)
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):

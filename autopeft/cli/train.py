@@ -5,13 +5,16 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from autopeft.cli.methods import add_plan_arguments, plan_from_args
 from autopeft.defaults import DEFAULT_BACKBONE
 from autopeft.errors import AutopeftError
 
 if TYPE_CHECKING:
+    from rich.console import Console
+
+    from autopeft.data import DataSplits
     from autopeft.recipe import Recipe
 
 # the training keys with a flag of their own (--augment is a switch, below); without --config the flags not given
@@ -91,7 +94,7 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
         recipe = Recipe.load(args.config)
         if args.epochs is not None:
             recipe = recipe.with_epochs(args.epochs) if args.epochs >= 1 else recipe.replace(epochs=args.epochs)
-        changes = {"training": {**recipe.training, **given}}
+        changes: dict[str, Any] = {"training": {**recipe.training, **given}}
         if args.seed is not None:
             changes["seed"] = args.seed
         if args.weights:
@@ -165,7 +168,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _one_run(recipe: Recipe, data, run_dir: Path, args: argparse.Namespace, console, header: list[str]) -> dict:
+def _one_run(recipe: Recipe, data: DataSplits, run_dir: Path, args: argparse.Namespace, console: Console,
+             header: list[str]) -> dict:
     """Train one seed into `run_dir`; with --merge also write and evaluate the merged weights."""
     import json
 

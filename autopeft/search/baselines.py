@@ -41,7 +41,9 @@ def _fit(b: Baseline, spec: BackboneSpec, limit: int) -> PeftPlan | None:
     if b.sizes and size_option is None:
         raise ValueError(f"baseline {b.name}: method {b.method} has no size option for its ladder")
     for size in b.sizes or (None,):
-        options = dict(b.options, **({size_option: size} if size is not None else {}))
+        options = dict(b.options)
+        if size is not None and size_option is not None:
+            options[size_option] = size
         plan = PeftPlan.single(make_spec(b.method, options), range(spec.num_blocks))
         try:
             if plan.count(spec) <= limit:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -152,7 +152,8 @@ class BoundSpace:
                 else:
                     group[1] += blocks
                     group[2] = True
-        added, unfrozen = 0, set()
+        added = 0
+        unfrozen: set[tuple[str, int]] = set()
         for spec, blocks, merged in groups.values():
             count = self._counts.get((id(spec), tuple(sorted(set(blocks))) if merged else blocks))
             a, u = count if count is not None else self.count_of(spec, tuple(sorted(set(blocks))))
@@ -183,15 +184,16 @@ class BoundSpace:
                     out[f"{p.unit}.{p.method}.depth"] = p.depth
                 if len(self.space.sides) > 1 and p.depth:
                     out[f"{p.unit}.{p.method}.side"] = p.side
-            elif p.choice_param():
-                out[p.choice_param()] = p.method
+            elif (param := p.choice_param()) is not None:
+                out[param] = p.method
             if not p.empty:
                 out.update({p.option_param(k): v for k, v in p.values})
         return out
 
     # -- extremes -----------------------------------------------------------------------------------------------------
 
-    def configs(self, template: Part, method: str, pick=min, depth: int | None = None) -> Part:
+    def configs(self, template: Part, method: str, pick: Callable[..., Any] = min,
+                depth: int | None = None) -> Part:
         """`template` holding `method` with each searched option at its extreme count (`pick`: min or max),
         chosen option by option; depth (unless given) and side likewise in depth insertion."""
         if method == NONE:
@@ -229,8 +231,9 @@ class BoundSpace:
         for t in self.templates:
             count = 0
             for m in t.choices:
-                sizes = [] if m == NONE else [d.size() for _, d in self.methods[m].searched()]
-                if None in sizes:
+                maybe = [] if m == NONE else [d.size() for _, d in self.methods[m].searched()]
+                sizes = [n for n in maybe if n is not None]
+                if len(sizes) < len(maybe):
                     return None
                 options = math.prod(sizes)
                 if t.depth is None:

@@ -189,7 +189,7 @@ def parse_space(data: Any, source: str, default_name: str = "space") -> SearchSp
     return space
 
 
-def _insertion(raw: Any, fail) -> tuple[str, int, tuple[int, ...], tuple[str, ...]]:
+def _insertion(raw: Any, fail: Fail) -> tuple[str, int, tuple[int, ...], tuple[str, ...]]:
     if isinstance(raw, str):
         raw = {"mode": raw}
     if not isinstance(raw, dict):
@@ -201,11 +201,14 @@ def _insertion(raw: Any, fail) -> tuple[str, int, tuple[int, ...], tuple[str, ..
     extra = sorted(map(str, set(raw) - allowed))
     if extra:
         fail(f"insertion.{extra[0]}", f"not valid for mode {mode}; valid keys: {', '.join(sorted(allowed))}")
-    size, depths, sides = 1, (), ("first",)
+    size, sides = 1, ("first",)
+    depths: tuple[int, ...] = ()
     if mode == "group":
-        size = raw.get("size")
-        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-            fail("insertion.size", f"group insertion needs a positive whole 'size' (blocks per group), got {size!r}")
+        raw_size = raw.get("size")
+        if isinstance(raw_size, bool) or not isinstance(raw_size, int) or raw_size < 1:
+            fail("insertion.size", f"group insertion needs a positive whole 'size' (blocks per group), got "
+                                   f"{raw_size!r}")
+        size = raw_size
     if mode == "depth":
         values = raw.get("depths")
         if not isinstance(values, list) or not values:
@@ -220,7 +223,7 @@ def _insertion(raw: Any, fail) -> tuple[str, int, tuple[int, ...], tuple[str, ..
     return mode, size, depths, sides
 
 
-def _choices(raw: Any, key: str, scope: str, fail) -> tuple[str, ...]:
+def _choices(raw: Any, key: str, scope: str, fail: Fail) -> tuple[str, ...]:
     """A list of method names (and `none`) of the given scope, validated against the registry."""
     if not isinstance(raw, list) or not raw:
         fail(key, "must be a non-empty list of method names (none allowed)")
@@ -241,14 +244,14 @@ def _choices(raw: Any, key: str, scope: str, fail) -> tuple[str, ...]:
     return tuple(out)
 
 
-def _registered(name: str, key: str, fail) -> type[MethodSpec]:
+def _registered(name: str, key: str, fail: Fail) -> type[MethodSpec]:
     try:
         return get_method(name)
     except AutopeftError as exc:
         fail(key, str(exc))
 
 
-def _method_space(name: str, raw: Any, key: str, fail) -> MethodSpace:
+def _method_space(name: str, raw: Any, key: str, fail: Fail) -> MethodSpace:
     cls = _registered(name, key, fail)
     if raw is None:
         raw = {}
@@ -271,7 +274,7 @@ def _method_space(name: str, raw: Any, key: str, fail) -> MethodSpace:
     return MethodSpace(name, tuple(options))
 
 
-def _option_domain(raw: Any, hint: Any, where: str, fail) -> Domain:
+def _option_domain(raw: Any, hint: Any, where: str, fail: Fail) -> Domain:
     is_tuple = typing.get_origin(hint) is tuple
     if isinstance(raw, dict):
         if set(raw) == {"choices"}:
@@ -289,7 +292,7 @@ def _option_domain(raw: Any, hint: Any, where: str, fail) -> Domain:
     return Domain("fixed", (_canon(raw, hint, where, fail),))
 
 
-def _choice_domain(values: list, where: str, fail) -> Domain:
+def _choice_domain(values: list, where: str, fail: Fail) -> Domain:
     if not values:
         fail(where, "a list of choices must not be empty")
     if len(set(values)) != len(values):
@@ -297,7 +300,7 @@ def _choice_domain(values: list, where: str, fail) -> Domain:
     return Domain("fixed", tuple(values)) if len(values) == 1 else Domain("choice", tuple(values))
 
 
-def _canon(value: Any, hint: Any, where: str, fail) -> Any:
+def _canon(value: Any, hint: Any, where: str, fail: Fail) -> Any:
     """One option value in the form optuna can store: tuples become comma-joined strings."""
     if typing.get_origin(hint) is tuple:
         items = value.split(",") if isinstance(value, str) else value if isinstance(value, list) else None
@@ -359,7 +362,7 @@ def _training(raw: Any, source: str, fail: Fail) -> tuple[tuple[str, Domain], ..
     return tuple(out)
 
 
-def _scalar(value: Any, where: str, fail) -> Any:
+def _scalar(value: Any, where: str, fail: Fail) -> Any:
     if isinstance(value, str):
         try:
             parsed = float(value)  # PyYAML reads 1e-4 (no dot) as text
