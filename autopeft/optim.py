@@ -20,12 +20,10 @@ from typing import TYPE_CHECKING
 import torch
 from timm.scheduler import CosineLRScheduler
 
-if TYPE_CHECKING:
-    from autopeft.train import TrainConfig
+from autopeft.train_config import OPTIMIZERS, SCHEDULERS, SGD_MOMENTUM  # noqa: F401  (re-exported)
 
-OPTIMIZERS = ("adamw", "sgd")
-SCHEDULERS = ("cosine", "constant")
-SGD_MOMENTUM = 0.9
+if TYPE_CHECKING:
+    from autopeft.train_config import TrainConfig
 
 
 def make_optimizer(params: list[torch.nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:

@@ -33,7 +33,7 @@ import yaml
 
 from autopeft.errors import AutopeftError
 from autopeft.plan import PeftPlan
-from autopeft.train import TRAINING_KEYS, TrainConfig, check_training, rescale_warmup
+from autopeft.train_config import TRAINING_KEYS, TrainConfig, check_training, rescale_warmup
 from autopeft.yamlfile import read_yaml
 
 if TYPE_CHECKING:
@@ -64,7 +64,7 @@ class Recipe:
         protocol: `final` (train on train_full, no val curve, test once) or `search` (train on train, val curve).
         split_seed: seed of drawn splits (the search's, so a final run's test set was never searched on).
         seed: training seed.
-        training: training settings (autopeft.train.TRAINING_KEYS); absent ones take TrainConfig's defaults.
+        training: training settings (autopeft.train_config.TRAINING_KEYS); absent ones take TrainConfig's defaults.
         provenance: where the recipe came from (study, trial, val accuracy, params, date, versions, notes).
     """
 

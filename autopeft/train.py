@@ -9,8 +9,8 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Callable, Iterator, Mapping, Sized
-from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Callable, Iterator, Sized
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 import numpy as np
@@ -20,135 +20,25 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from autopeft.backbones import BackboneSpec, create_backbone, is_head_param, spec_of_model
 from autopeft.data import DataSplits
-from autopeft.errors import AutopeftError, UnknownKey
+from autopeft.errors import AutopeftError
 from autopeft.features import FeatureCache, prefix_modules, suffix_forward, supports_cache, weights_hash
-from autopeft.optim import OPTIMIZERS, SCHEDULERS, make_optimizer, make_scheduler
+from autopeft.optim import make_optimizer, make_scheduler
 from autopeft.plan import PeftPlan
+from autopeft.train_config import (  # noqa: F401  (the training settings, also importable from here)
+    RUN_FIELDS,
+    SPACE_TRAINING_KEYS,
+    TRAINING_KEYS,
+    TrainConfig,
+    check_training,
+    rescale_warmup,
+    training_value,
+)
 
 Report = Callable[[dict], None]
 
 
 class TrainingDiverged(AutopeftError):
     """The loss became NaN or infinite (usually a learning rate too high for the plan)."""
-
-
-# TrainConfig fields that belong to one run, not to the recipe or space it trains: the recipe holds epochs and seed
-# at its top level, a study sets the fidelity (train_fraction), the machine the rest
-RUN_FIELDS = ("epochs", "seed", "train_fraction", "device", "num_workers", "eval_batch_size", "feature_cache",
-              "cache_dir")
-
-
-@dataclass
-class TrainConfig:
-    """Optimisation and fidelity settings of one run (by default AdamW, linear warm-up then cosine, as V-PEFT Bench).
-
-    This dataclass owns the training settings: their names (`TRAINING_KEYS`, what a recipe's or a space's
-    `training:` may set), their types and defaults (`defaults()`), and their validation. See autopeft.optim for
-    what `optimizer` and `scheduler` mean.
-
-    `augment` is a data setting: the caller loads the data with it (`load_dataset(augment=config.augment)`), as a
-    transform of the train split; train() itself reads the data's own flag, and either one turns the feature
-    cache off.
-    """
-
-    epochs: int = 10
-    batch_size: int = 32
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    warmup_epochs: float = 1.0
-    optimizer: str = "adamw"
-    scheduler: str = "cosine"
-    label_smoothing: float = 0.0
-    grad_clip: float = 1.0
-    drop_path: float = 0.0
-    augment: bool = False
-    train_fraction: float = 1.0  # fidelity: share of the train split used
-    seed: int = 0
-    device: str = "auto"
-    num_workers: int = 0
-    eval_batch_size: int = 256
-    feature_cache: bool = True
-    cache_dir: str | None = None
-
-    def __post_init__(self) -> None:
-        checks = [
-            (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
-            (self.batch_size >= 1, f"batch size must be >= 1, got {self.batch_size}"),
-            (self.lr > 0 and math.isfinite(self.lr), f"learning rate must be > 0, got {self.lr}"),
-            (self.weight_decay >= 0, f"weight decay must be >= 0, got {self.weight_decay}"),
-            (0 < self.train_fraction <= 1, f"train fraction must be in (0, 1], got {self.train_fraction}"),
-            (0 <= self.label_smoothing < 1, f"label smoothing must be in [0, 1), got {self.label_smoothing}"),
-            (self.optimizer in OPTIMIZERS, f"optimizer {self.optimizer!r} is not valid; use one of: "
-                                           f"{', '.join(OPTIMIZERS)}"),
-            (self.scheduler in SCHEDULERS, f"scheduler {self.scheduler!r} is not valid; use one of: "
-                                           f"{', '.join(SCHEDULERS)}"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise AutopeftError(message)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def defaults(cls) -> dict[str, Any]:
-        """Every field's default, by name: the one place the CLI's and the trials' defaults come from."""
-        return {f.name: f.default for f in fields(cls)}
-
-
-# what a recipe's `training:` may set (and a space's, which may also set `epochs`, see SPACE_TRAINING_KEYS)
-TRAINING_KEYS = tuple(sorted(f.name for f in fields(TrainConfig) if f.name not in RUN_FIELDS))
-# a space's `training:` also names the length of its schedule, `epochs`, which its warm-up is a share of: trials
-# rescale the warm-up to the search fidelity and `autopeft export` writes recipes of that length
-SPACE_TRAINING_KEYS = tuple(sorted((*TRAINING_KEYS, "epochs")))
-
-
-def training_value(key: str, value: Any) -> Any:
-    """One training setting as its field's type (YAML reads `1e-3` as text), or an AutopeftError naming the key.
-
-    Only the type is checked here; TrainConfig checks the value itself (lr > 0, a known optimizer, ...).
-    """
-    kind = type(TrainConfig.defaults()[key])
-    try:
-        if kind is bool or kind is str:
-            if not isinstance(value, kind):
-                raise ValueError
-            return value
-        if isinstance(value, bool):
-            raise ValueError
-        number = float(value)
-        if kind is int:
-            if not number.is_integer():
-                raise ValueError
-            return int(number)
-        return number
-    except (TypeError, ValueError):
-        raise AutopeftError(f"training key '{key}' must be {kind.__name__}, got {value!r}") from None
-
-
-def check_training(training: Mapping[str, Any], valid: tuple[str, ...] = TRAINING_KEYS) -> dict[str, Any]:
-    """Training settings typed and validated by TrainConfig; an unknown key raises UnknownKey naming the valid ones.
-
-    Returns the settings as their fields' types, sorted by key.
-    """
-    unknown = sorted(map(str, set(training) - set(valid)))
-    if unknown:
-        raise UnknownKey(f"unknown training key(s) {', '.join(unknown)}; valid keys: {', '.join(valid)}")
-    typed = {k: training_value(k, v) for k, v in sorted(training.items())}
-    TrainConfig(**typed)
-    return typed
-
-
-def rescale_warmup(training: Mapping[str, Any], from_epochs: float | None, to_epochs: float) -> dict[str, Any]:
-    """`training` for a schedule of `to_epochs` instead of `from_epochs`: the warm-up keeps its share of it.
-
-    10 warm-up epochs of 100 become 1 of 10, for a trial at the search fidelity and for a recipe trained longer or
-    shorter; a warm-up left to its default, or a schedule of unknown length (`from_epochs` None), is left alone.
-    """
-    out = dict(training)
-    if "warmup_epochs" in out and from_epochs and to_epochs != from_epochs:
-        out["warmup_epochs"] = float(out["warmup_epochs"]) * float(to_epochs) / float(from_epochs)
-    return out
 
 
 @dataclass

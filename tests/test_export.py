@@ -110,7 +110,7 @@ def test_export_picks(work, capsys, args, trial) -> None:
     # the space's schedule (100 epochs, warm-up 10), not the search fidelity, on the final protocol
     assert data["epochs"] == 100 and data["training"]["warmup_epochs"] == 10 and data["protocol"] == "final"
     t = data["training"]
-    assert t["lr"] == 3e-3 and t["batch_size"] == 200 and t["drop_path"] == 0.1 and "optimizer" not in t
+    assert t["lr"] == 3e-3 and t["batch_size"] == 200 and t["drop_path"] == 0.1 and t["optimizer"] == "adamw"
     assert data["split_seed"] == 0 and data["num_classes"] == 10 and "2 epochs" in p["notes"][0]
     assert {"torch", "timm", "autopeft"} <= set(p["versions"]) and p["exported"]
 

@@ -28,8 +28,7 @@ def _shown(value: float) -> str:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from autopeft.optim import OPTIMIZERS, SCHEDULERS, SGD_MOMENTUM
-    from autopeft.train import TrainConfig
+    from autopeft.train_config import OPTIMIZERS, SCHEDULERS, SGD_MOMENTUM, TrainConfig
 
     d = TrainConfig.defaults()
     p = sub.add_parser("train", help="train one method, plan or recipe and write a run directory")
@@ -77,7 +76,7 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
     """The recipe this command line asks for: --config with the flags given on top, or the flags alone."""
     from autopeft.backbones import backbone_spec
     from autopeft.recipe import Recipe
-    from autopeft.train import TrainConfig
+    from autopeft.train_config import TrainConfig
 
     defaults = TrainConfig.defaults()
     given = {k: getattr(args, k) for k in TRAINING_FLAGS if getattr(args, k) is not None}

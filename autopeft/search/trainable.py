@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 from autopeft.errors import AutopeftError
 
 if TYPE_CHECKING:
-    from autopeft.train import TrainConfig
+    from autopeft.train_config import TrainConfig
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,7 @@ def trial_config(hparams: dict[str, Any], epochs: int, seed: int) -> TrainConfig
     defaults. `epochs` and `seed` are the study's, and the space's warm-up keeps its share of the space's schedule
     (`epochs` in the space: 10 of 100 warm-up epochs are 1 of a 10-epoch trial).
     """
-    from autopeft.train import SPACE_TRAINING_KEYS, TrainConfig, check_training, rescale_warmup
+    from autopeft.train_config import SPACE_TRAINING_KEYS, TrainConfig, check_training, rescale_warmup
 
     training = rescale_warmup(hparams, hparams.get("epochs"), epochs)
     training.pop("epochs", None)

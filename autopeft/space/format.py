@@ -327,7 +327,7 @@ def _training(raw: Any, source: str, fail: Fail) -> tuple[tuple[str, Domain], ..
     is typed and validated by TrainConfig, so a typo or a bad value (`optimizr: sgd`, `optimizer: adam`) stops the
     search here, before any trial trains with a setting other than the one written.
     """
-    from autopeft.train import SPACE_TRAINING_KEYS, TrainConfig, check_training
+    from autopeft.train_config import SPACE_TRAINING_KEYS, TrainConfig, check_training
 
     if not isinstance(raw, dict):
         fail("training", "must map hyper-parameter names (lr, weight_decay, epochs, ...) to values")
