@@ -10,27 +10,14 @@ import re
 from pathlib import Path
 
 import numpy as np
-import scipy.io
-from scipy.io.matlab import MatReadError
 
 from autopeft.data.base import DataSplits, Request, register_dataset
 from autopeft.data.fgvc import Official, fgvc_splits, locate, missing_images
+from autopeft.data.matfile import loadmat
 from autopeft.errors import AutopeftError
 
 DOGS_LISTS = ("train_list.mat", "test_list.mat")
 CARS_TEST = "cars_test_annos_withlabels.mat"
-
-
-def loadmat(path: Path, keys: tuple[str, ...], title: str) -> dict[str, np.ndarray]:
-    """The `keys` of a .mat file as at-least-1-D arrays (squeeze_me: a 1-entry list squeezes to a scalar)."""
-    try:
-        mat = scipy.io.loadmat(str(path), squeeze_me=True)
-    except (OSError, ValueError, TypeError, NotImplementedError, MatReadError) as exc:  # NotImplemented: v7.3 files
-        raise AutopeftError(f"{path} is not a readable .mat file ({exc}); replace it with the original") from exc
-    missing = [k for k in keys if k not in mat]
-    if missing:
-        raise AutopeftError(f"{path} lacks {', '.join(missing)}; replace it with the original {title} file")
-    return {k: np.atleast_1d(np.asarray(mat[k])) for k in keys}
 
 
 def _labels(values: np.ndarray, path: Path, num_classes: int | None = None) -> list[int]:

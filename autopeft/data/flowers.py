@@ -5,11 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import scipy.io
-from scipy.io.matlab import MatReadError
 
 from autopeft.data.base import DataSplits, Request, register_dataset
 from autopeft.data.datasets import ImageFileDataset
+from autopeft.data.matfile import loadmat
 from autopeft.errors import AutopeftError
 
 FOLDER = "flowers-102"
@@ -37,17 +36,6 @@ def _download(root: Path) -> None:
         ) from exc
 
 
-def _loadmat(path: Path, keys: tuple[str, ...]) -> dict[str, np.ndarray]:
-    try:
-        mat = scipy.io.loadmat(str(path), squeeze_me=True)
-    except (OSError, ValueError, TypeError, NotImplementedError, MatReadError) as exc:  # NotImplemented: v7.3 files
-        raise AutopeftError(f"{path} is not a readable .mat file ({exc}); replace it with the original") from exc
-    missing = [k for k in keys if k not in mat]
-    if missing:
-        raise AutopeftError(f"{path} lacks {', '.join(missing)}; replace it with the original Flowers102 file")
-    return {k: np.atleast_1d(np.asarray(mat[k])).astype(np.int64) for k in keys}
-
-
 @register_dataset("flowers102", recipe="flowers102")
 def load_flowers102(req: Request) -> DataSplits:
     """Flowers102: train 1020 / val 1020 for search, train+val (2040) for the final run, test 6149.
@@ -64,10 +52,11 @@ def load_flowers102(req: Request) -> DataSplits:
             f"Flowers102 not found under {req.root / FOLDER}: put jpg/, imagelabels.mat and setid.mat there, "
             "or run with network access to download"
         )
-    labels = _loadmat(folder / "imagelabels.mat", ("labels",))["labels"]
+    labels = loadmat(folder / "imagelabels.mat", ("labels",), "Flowers102")["labels"].astype(np.int64)
     if labels.size == 0 or labels.min() < 1 or labels.max() > NUM_CLASSES:
         raise AutopeftError(f"{folder / 'imagelabels.mat'} has labels outside 1-{NUM_CLASSES}; replace it")
-    ids = _loadmat(folder / "setid.mat", ("trnid", "valid", "tstid"))
+    split_ids = loadmat(folder / "setid.mat", ("trnid", "valid", "tstid"), "Flowers102")
+    ids = {k: v.astype(np.int64) for k, v in split_ids.items()}
 
     def samples(key: str) -> list[tuple[str, int]]:
         out = []
