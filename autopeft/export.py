@@ -39,7 +39,8 @@ class Study:
 
     @property
     def objectives(self) -> list[str]:
-        return self.settings.metrics
+        """The metrics of the study's Pareto front (knee, confirmation)."""
+        return self.settings.front_metrics
 
     def record(self, number: int) -> TrialRecord:
         for r in self.records:

@@ -110,6 +110,29 @@ def test_without_early_stopping_every_trial_trains_all_epochs(tmp_path, monkeypa
     assert len(records) == 4 and all(r.status == "COMPLETE" and r.epochs == 3 for r in records), records
 
 
+def test_a_single_objective_study_tells_the_sampler_every_epoch(tmp_path, monkeypatch, ray_instance, capsys) -> None:
+    """`--objectives acc`: one direction, each epoch's val accuracy reported to the Optuna trial (so a trial ASHA
+    stops reaches TPE with its last value), and the Pareto views still trade accuracy against parameters."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("AUTOPEFT_CACHE", str(tmp_path / "cache"))
+    assert main([*SEARCH, "--trials", "6", "--study", "one", "--objectives", "acc"]) == 0
+    url = f"sqlite:///{tmp_path}/studies/one.db"
+    study = optuna.load_study(study_name="one", storage=url)
+    assert study.directions == [optuna.study.StudyDirection.MAXIMIZE]
+    for t in study.get_trials():
+        assert t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED), t
+        reported = [t.intermediate_values[e] for e in sorted(t.intermediate_values)]
+        curve = t.user_attrs["curve"]  # a complete trial's last epoch is its objective value, not a report
+        assert reported == (curve if t.state == optuna.trial.TrialState.PRUNED else curve[: len(reported)]), t
+        assert len(reported) >= len(curve) - 1
+    settings, records = st.load_records("one", url)
+    assert settings.metrics == ["val_acc"] and settings.front_metrics == ["val_acc", "peft_params"]
+    capsys.readouterr()
+    assert main(["results", "--study", "one", "--storage", url, "--pareto", "--format", "json"]) == 0
+    front = json.loads(capsys.readouterr().out)
+    assert front and [r["trial"] for r in front] == [r.number for r in pareto_front(records)]
+
+
 def test_early_stopped_trials_are_pruned_and_never_on_the_front(study_dir) -> None:
     settings, records = st.load_records("e2e", f"sqlite:///{study_dir}/studies/e2e.db")
     stopped = [r for r in records if r.epochs < 3]

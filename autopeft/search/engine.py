@@ -126,6 +126,11 @@ def _searcher_class() -> type:
                 st.retry(lambda: storage.record_heartbeat(ot_trial._trial_id))
             return config
 
+        def on_trial_result(self, trial_id: str, result: dict) -> None:
+            """Each epoch's value to a single-objective study (a failing trial's last report carries none)."""
+            if isinstance(self.metric, str) and result.get(self.metric) is not None:
+                st.retry(lambda: super(FidelityAwareSearch, self).on_trial_result(trial_id, result))
+
         def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
             ot_trial = self._ot_trials.get(trial_id)
             if ot_trial is None or trial_id in self._completed_trials:
@@ -145,9 +150,16 @@ def _searcher_class() -> type:
                 state = TrialState.COMPLETE
                 values = [r.get(m) for m in self.metric] if isinstance(self.metric, list) else r.get(self.metric)
 
+            last = r.get(self.metric) if isinstance(self.metric, str) else None
+
             def record() -> None:
                 for key, value in attrs.items():
                     ot_trial.set_user_attr(key, value)
+                if state == TrialState.PRUNED and last is not None and epochs:
+                    # the value at the epoch ASHA stopped it: Ray hands that result to on_trial_complete only
+                    reported = self.study._storage.get_trial(ot_trial._trial_id).intermediate_values
+                    if epochs not in reported:
+                        ot_trial.report(float(last), epochs)
                 try:
                     self.study.tell(ot_trial, values, state=state)
                 except (ValueError, TypeError) as exc:  # objective values Optuna refuses: keep the trial, as FAIL
@@ -346,10 +358,14 @@ def run(prep: Prepared, study: optuna.Study, remaining: int, callbacks: list | N
                                        data_root=s.data_root, seed=s.seed)
         storage = st.open_storage(prep.storage_url)  # a plain RDBStorage: Ray pickles the searcher
         objectives = objectives_of(s.objectives)
+        # one objective goes to Ray as a plain metric, so every epoch's value reaches the Optuna trial (Ray passes no
+        # intermediate values to a multi-objective study) and a trial ASHA stops tells TPE its last value
+        metric: str | list[str] = objectives[0].metric if len(objectives) == 1 else [o.metric for o in objectives]
+        mode: str | list[str] = objectives[0].direction if len(objectives) == 1 else [o.direction for o in objectives]
         searcher = _searcher_class()(
             space=SamplePlan(prep.space, prep.spec, prep.budget, s.epochs),
-            metric=[o.metric for o in objectives],
-            mode=[o.direction for o in objectives],
+            metric=metric,
+            mode=mode,
             sampler=make_sampler(s.sampler, s.seed),
             study_name=s.study,
             storage=storage,

@@ -22,7 +22,7 @@ def plan_short(record: TrialRecord) -> str:
 
 def pareto_records(settings: StudySettings, records: list[TrialRecord]) -> list[TrialRecord]:
     """Full-fidelity Pareto configs that fit the study's budget."""
-    return [r for r in pareto_front(records, settings.metrics) if r.peft_params <= settings.budget_limit]
+    return [r for r in pareto_front(records, settings.front_metrics) if r.peft_params <= settings.budget_limit]
 
 
 def frame(settings: StudySettings, records: list[TrialRecord], pareto: bool = False) -> pd.DataFrame:

@@ -74,6 +74,12 @@ class StudySettings:
         return [o.metric for o in self.objectives]
 
     @property
+    def front_metrics(self) -> list[str]:
+        """The metrics of the study's Pareto front: accuracy and parameters always (a study searched on accuracy
+        alone still offers the accuracy/size trade-off of its full-fidelity trials), then any other objective."""
+        return list(dict.fromkeys(["val_acc", "peft_params", *self.metrics]))
+
+    @property
     def study(self) -> str:
         return self.search.study
 
