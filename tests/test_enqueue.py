@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import optuna
+import pytest
 import yaml
 from optuna.trial import TrialState, create_trial
 
@@ -69,3 +70,52 @@ def test_baselines_take_the_centre_of_ranges_and_the_first_of_choices(tmp_path) 
     params = study._storage.get_trial_system_attrs(waiting[0]._trial_id)["fixed_params"]
     assert params["optimizer"] == "sgd" and params["batch_size"] == 24  # not 0.0 (a choice has no range)
     assert abs(params["lr"] - 1e-3) < 1e-12
+
+
+def test_baselines_are_enqueued_as_the_spaces_own_parameters(tmp_path) -> None:
+    """A baseline the space can express is the sampler's own draw (TPE learns from its parameters); drawing it
+    gives back exactly the baseline's plan. One it cannot express (the linear probe) keeps its plan attribute."""
+    from autopeft.search.baselines import baseline_plans
+    from autopeft.search.engine import SamplePlan
+
+    url = f"sqlite:///{tmp_path}/studies.db"
+    s = SearchSettings(study="p", dataset="digits", backbone=VIT, budget="2%", storage=url, trials=8)
+    prep = prepare(s)
+    study, _ = create_or_resume(prep)
+    expected = dict(baseline_plans(prep.spec, prep.budget.limit))
+    sample = SamplePlan(prep.space, prep.spec, prep.budget, s.epochs)
+    as_params = 0
+    for _ in expected:
+        trial = study.ask()
+        name = trial.user_attrs[st.ATTR_BASELINE]
+        config = sample(trial)["autopeft"]
+        assert config["plan"] == expected[name].to_dict(), name
+        if name == "linear":
+            assert st.ATTR_PLAN in study._storage.get_trial(trial._trial_id).user_attrs
+        else:
+            assert f"block0.{'tokens' if name == 'vpt_deep' else 'tune' if name in ('lora', 'bitfit') else 'module'}" \
+                in trial.params, (name, trial.params)
+            as_params += 1
+        study.tell(trial, [0.5, config["peft_params"]])
+    assert as_params >= 4
+
+
+@pytest.mark.parametrize("space", ["unified", "noah", "lora", "adapter", "vpt", "mergeable"])
+def test_parts_of_gives_back_the_plan_or_none(space: str) -> None:
+    """`BoundSpace.parts_of` inverts `plan`: for plans the space drew itself, and for each baseline it can express."""
+    from autopeft.search.baselines import baseline_plans
+    from autopeft.space import load_space, sample_plan
+    from autopeft.space.bound import bind
+
+    spec = backbone_spec(VIT)
+    bound = bind(load_space(space), spec)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(15):
+        plan = sample_plan(study.ask(), load_space(space), spec, None)
+        parts = bound.parts_of(plan)
+        assert parts is not None and bound.plan(parts) == plan, plan.short()
+    for _name, plan in baseline_plans(spec, parse_budget("2%", spec).limit):
+        parts = bound.parts_of(plan)
+        assert parts is None or bound.plan(parts) == plan
+    foreign = PeftPlan.single(make_spec("lora", {"rank": 3}), [0])  # rank 3 is offered by no shipped space
+    assert bound.parts_of(foreign) is None

@@ -39,6 +39,7 @@ from autopeft.search.settings import SearchSettings
 from autopeft.search.study_settings import StudySettings
 from autopeft.search.trainable import TrialSettings, run_trial
 from autopeft.space import SearchSpace, plan_overhead, sample_hparams, sample_plan
+from autopeft.space.bound import bind
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 logger = logging.getLogger(__name__)
@@ -205,11 +206,17 @@ def _quiet(factory: Callable[..., T], **kwargs: Any) -> T:
         return factory(**kwargs)
 
 
-def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
+# TPE's random start: this many trials of its own before it models the space (enqueued trials do not count)
+TPE_STARTUP = 4
+
+
+def make_sampler(name: str, seed: int, enqueued: int = 0) -> optuna.samplers.BaseSampler:
+    """The sampler `name`; `enqueued` trials (baselines, warm start) come first and are not part of TPE's random
+    start, which Optuna would otherwise count them in."""
     factories = {
         # group=True: TPE models each conditional sub-space (a method's options) on the trials that used it
         "tpe": lambda: _quiet(optuna.samplers.TPESampler, seed=seed, multivariate=True, group=True,
-                              constant_liar=True, n_startup_trials=4),
+                              constant_liar=True, n_startup_trials=TPE_STARTUP + enqueued),
         "nsga2": lambda: optuna.samplers.NSGAIISampler(seed=seed),
         "gp": lambda: optuna.samplers.GPSampler(seed=seed),
         "random": lambda: optuna.samplers.RandomSampler(seed=seed),
@@ -255,9 +262,15 @@ def create_or_resume(prep: Prepared) -> tuple[optuna.Study, int]:
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             study.set_metric_names(metrics)
         st.write_settings(study, prep.study_settings)
+        bound = bind(prep.space, prep.spec)
         for name, plan in prep.baselines[: s.trials]:  # a short study runs only the first baselines
-            study.enqueue_trial(_baseline_params(prep), user_attrs={st.ATTR_PLAN: plan.to_dict(),
-                                                                    st.ATTR_BASELINE: name})
+            parts = bound.parts_of(plan)
+            if parts is not None:  # as the space's own parameters: the sampler learns from it like any draw
+                study.enqueue_trial({**bound.params(parts), **_baseline_params(prep)},
+                                    user_attrs={st.ATTR_BASELINE: name})
+            else:  # a plan the space cannot express (e.g. a linear probe): trained as it is
+                study.enqueue_trial(_baseline_params(prep), user_attrs={st.ATTR_PLAN: plan.to_dict(),
+                                                                        st.ATTR_BASELINE: name})
         if s.warm_start:
             enqueue_warm_start(study, prep)
     finished, running = tally(study.get_trials(deepcopy=False))  # running: other live drivers' trials
@@ -366,7 +379,9 @@ def run(prep: Prepared, study: optuna.Study, remaining: int, callbacks: list | N
             space=SamplePlan(prep.space, prep.spec, prep.budget, s.epochs),
             metric=metric,
             mode=mode,
-            sampler=make_sampler(s.sampler, s.seed),
+            sampler=make_sampler(s.sampler, s.seed, enqueued=sum(
+                bool(t.user_attrs.get(st.ATTR_BASELINE) or t.user_attrs.get(st.ATTR_WARM_START))
+                for t in study.get_trials(deepcopy=False))),
             study_name=s.study,
             storage=storage,
             max_epochs=s.epochs,

@@ -190,6 +190,49 @@ class BoundSpace:
                 out.update({p.option_param(k): v for k, v in p.values})
         return out
 
+    def parts_of(self, plan: PeftPlan) -> list[Part] | None:
+        """The parts that give exactly `plan` (so `params(parts)` enqueues it as the sampler's own draw), or None when
+        the space cannot express it (a method, size or placement it does not offer)."""
+        parts = []
+        for t in self.templates:
+            part = self._part_of(t, plan)
+            if part is None:
+                return None
+            parts.append(part)
+        try:
+            return parts if self.plan(parts) == plan else None
+        except AutopeftError:
+            return None
+
+    def _part_of(self, t: Part, plan: PeftPlan) -> Part | None:
+        """What `plan` holds at place `t` (checked against the whole plan by `parts_of`)."""
+        if t.unit == GLOBAL_UNIT:
+            held = [s for s in plan.global_parts if s.name in t.choices]
+        elif t.depth is None:
+            held = [s for s in plan.blocks.get(t.blocks[0], ()) if s.name in t.choices]
+        else:  # a depth component: on its first or last `depth` blocks
+            on = tuple(i for i in t.blocks if any(s.name == t.method for s in plan.blocks.get(i, ())))
+            side = next((sd for sd in self.space.sides if replace(t, depth=len(on), side=sd).placed == on), None)
+            if len(on) not in self.depths or side is None:
+                return None
+            t = replace(t, depth=len(on), side=side)
+            held = [s for s in plan.blocks.get(on[0], ()) if s.name == t.method] if on else []
+        if not held:
+            return replace(t, method=NONE, values=()) if NONE in t.choices or t.depth == 0 else None
+        space = self.methods.get(held[0].name)
+        if len(held) > 1 or space is None:
+            return None
+        options = {k: ",".join(v) if isinstance(v, (list, tuple)) else v
+                   for k, v in held[0].to_dict().items() if k != "method"}
+        if any(options.get(k) != v for k, v in space.fixed().items()):
+            return None
+        values = []
+        for k, domain in space.searched():
+            if not domain.contains(options.get(k)):
+                return None
+            values.append((k, options[k]))
+        return replace(t, method=held[0].name, values=tuple(values))
+
     # -- extremes -----------------------------------------------------------------------------------------------------
 
     def configs(self, template: Part, method: str, pick: Callable[..., Any] = min,

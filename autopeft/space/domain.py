@@ -55,6 +55,17 @@ class Domain:
             return trial.suggest_int(name, int(self.low), int(self.high), step=int(self.step or 1), log=self.log)
         return trial.suggest_float(name, self.low, self.high, step=self.step, log=self.log)
 
+    def contains(self, value: Any) -> bool:
+        """Whether the sampler could draw `value` (on a range: within its ends and on its grid)."""
+        if self.kind in ("fixed", "choice"):
+            return value in self.values
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not self.low <= value <= self.high:
+            return False
+        if self.kind == "int" and int(value) != value:
+            return False
+        step = self.step or (1 if self.kind == "int" else None)
+        return step is None or abs((value - self.low) / step - round((value - self.low) / step)) < 1e-9
+
     def candidates(self, value: Any) -> tuple[Any, ...]:
         """Other values of the domain the budget repair may move `value` to.
 
