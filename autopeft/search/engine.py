@@ -39,7 +39,7 @@ from autopeft.search.settings import SearchSettings
 from autopeft.search.study_settings import StudySettings
 from autopeft.search.trainable import TrialSettings, run_trial
 from autopeft.space import SearchSpace, plan_overhead, sample_hparams, sample_plan
-from autopeft.space.bound import bind
+from autopeft.space.bound import bind, is_plan_param
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 logger = logging.getLogger(__name__)
@@ -308,8 +308,9 @@ def requeue_interrupted(study: optuna.Study, unstamped_after_s: float = 0.0) -> 
         except optuna.exceptions.UpdateFinishedTrialError:
             continue  # it finished, or another driver re-queued it, since we looked
         attrs = {k: t.user_attrs[k] for k in (st.ATTR_BASELINE, st.ATTR_WARM_START) if k in t.user_attrs}
-        if st.ATTR_PLAN in t.user_attrs and attrs:  # a preset plan (baseline, warm start) is trained as it was
-            attrs[st.ATTR_PLAN] = t.user_attrs[st.ATTR_PLAN]
+        drawn = any(is_plan_param(name) for name in t.params)  # its parameters give its plan again
+        if st.ATTR_PLAN in t.user_attrs and attrs and not drawn:  # a preset plan (warm start, a baseline the space
+            attrs[st.ATTR_PLAN] = t.user_attrs[st.ATTR_PLAN]    # cannot express) is trained as it was
         study.enqueue_trial(dict(t.params), user_attrs={**attrs, st.ATTR_RERUN_OF: t.number}, skip_if_exists=False)
         redo.append(t.number)
     if redo:

@@ -25,6 +25,12 @@ DEPTH_PREFIX = "noah"
 GLOBAL_UNIT = "global"
 
 
+def is_plan_param(name: str) -> bool:
+    """Whether an Optuna parameter name is one of a plan's decisions (`unit.slot`, `unit.method.option`), not a
+    training hyper-parameter (those are TrainConfig field names, which hold no dot)."""
+    return "." in name
+
+
 @dataclass(frozen=True)
 class Part:
     """One decision place of a plan (a slot of a block or group, a depth component, the global choice) and what
