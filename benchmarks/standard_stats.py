@@ -5,6 +5,7 @@ Pure functions on plain lists, so they are tested on hand-made numbers (tests/te
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -104,6 +105,8 @@ def summarise(cells: Sequence[dict[str, Any]], resamples: int = 10_000, seed: in
                                                                                        "handpicked")}
     out["val_mean"] = {a: sum(c["arms"][a]["best_val"] for c in done) / len(done) for a in ("search", "random",
                                                                                           "handpicked")}
+    out["epochs_mean"] = {a: sum(c["arms"][a].get("epochs", 0) for c in done) / len(done)
+                          for a in ("search", "random", "handpicked")}
     horizon = min(c["horizon"] for c in done)
     curves = {a: mean_curve([best_so_far(c["arms"][a]["trace"], horizon) for c in done])
               for a in ("search", "random", "handpicked")}
@@ -140,8 +143,9 @@ def markdown(doc: dict[str, Any]) -> str:
              "epochs ratio = epochs the search's averaged best-so-far val curve needs to reach random search's final "
              "averaged best val, ÷ random's epochs (target ≤ 0.40).", "",
              "| label | started | cells | search − hand-picked | per task | random − hand-picked | "
-             "search epochs to random's best | wall min | test % search / random / hand-picked | targets |",
-             "|---|---|---:|---|---|---|---:|---:|---|---|"]
+             "search epochs to random's best | search epochs used | wall min | "
+             "test % search / random / hand-picked | targets |",
+             "|---|---|---:|---|---|---|---:|---:|---:|---|---|"]
     for label, row in doc.get("rows", {}).items():
         s = row.get("summary") or {}
         t = row.get("targets") or {}
@@ -159,6 +163,32 @@ def markdown(doc: dict[str, Any]) -> str:
                           ) if t else "–"
         cells = f"{s.get('cells', 0)}{'' if meta.get('complete') else ' (partial)'}"
         wall = f"{meta.get('wall_s', 0) / 60:.0f}"
+        used = s.get("epochs_mean", {})
+        used_s = f"{used['search']:.0f} of {s['reach']['random_epochs']}" if used and s.get("reach") else "–"
         lines.append(f"| {label} | {meta.get('started', '')[:16]} | {cells} | {_ci(d)} | {per_task} | "
-                     f"{_ci(s.get('random_minus_handpicked'))} | {ratio_s} | {wall} | {tests} | {flags} |")
+                     f"{_ci(s.get('random_minus_handpicked'))} | {ratio_s} | {used_s} | {wall} | {tests} | {flags} |")
     return "\n".join(lines) + "\n"
+
+
+def render(path: str | None = None) -> str:
+    """Re-summarise every row of a results file with this code and rewrite its Markdown table next to it."""
+    from pathlib import Path
+
+    from benchmarks import RESULTS, write_result
+
+    out = Path(path) if path else RESULTS / "standard.json"
+    doc = json.loads(out.read_text())
+    for row in doc["rows"].values():
+        resamples = row.get("meta", {}).get("config", {}).get("resamples", 10_000)
+        row["summary"] = summarise(row["cells"], resamples)
+        row["targets"] = targets(row["summary"])
+    write_result(out, doc)
+    text = markdown(doc)
+    out.with_suffix(".md").write_text(text)
+    return text
+
+
+if __name__ == "__main__":  # python -m benchmarks.standard_stats [results.json]: the table again, from the file
+    import sys
+
+    print(render(sys.argv[1] if len(sys.argv) > 1 else None))
