@@ -213,12 +213,15 @@ def test_handpicked_arm_gets_exactly_n_runs_over_methods_and_the_shared_lr_prior
     assert len(alloc) == 8
     counts = {n: sum(1 for m, _ in alloc if m == n) for n in names}
     assert counts == {"lora": 2, "adapter": 2, "adaptformer": 2, "vpt_deep": 1, "linear": 1}
-    assert [r for m, r in alloc if m == "lora"] == pytest.approx([10 ** -3.5, 10 ** -2.5], rel=1e-2)
-    assert [r for m, r in alloc if m == "linear"] == pytest.approx([1e-3])  # one point: the geometric centre
+    assert [r for m, r in alloc if m == "lora"] == pytest.approx([1e-3, 1e-2])  # a decade apart from the top
+    assert [r for m, r in alloc if m == "linear"] == pytest.approx([1e-2])
     assert all(1e-4 <= r <= 1e-2 for _, r in alloc)
     assert std.allocate_handpicked(names, 8, 1e-4, 1e-2) == alloc  # deterministic
     assert [m for m, _ in std.allocate_handpicked(names, 3, 1e-4, 1e-2)] == names[:3]
     assert len(std.allocate_handpicked(names, 10, 1e-4, 1e-2)) == 10
+    assert std.lr_points(3, 1e-4, 1e-2) == pytest.approx([1e-4, 1e-3, 1e-2])
+    assert len(set(std.lr_points(4, 1e-4, 1e-2))) == 4  # more than the decades: log-even points, ends included
+    assert len(std.allocate_handpicked(names, 23, 1e-4, 1e-2)) == 23
     assert std.allocate_handpicked([], 8, 1e-4, 1e-2) == []
 
 
