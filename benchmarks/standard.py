@@ -208,6 +208,8 @@ def run_cached(jobs: Sequence[Job], pool: ProcessPoolExecutor | None, cache: Run
 
 @dataclass
 class CellArm:
+    """One arm's records in a cell, with the hyper-parameters each trial trained with (for its final runs)."""
+
     records: list = field(default_factory=list)  # TrialRecord, trial order
     hparams: dict[int, dict[str, Any]] = field(default_factory=dict)
     wall_s: float = 0.0
@@ -229,6 +231,7 @@ def _records(jobs: Sequence[Job], outs: Sequence[dict[str, Any]], epochs: int, s
 
 
 def _trace(records: Sequence, limit: int) -> list[tuple[int, float | None]]:
+    """(epochs, val) per record in trial order, val only where the record could be selected (the curves' input)."""
     return [(r.epochs, r.val_acc if r.full_fidelity and r.val_acc is not None and r.peft_params <= limit else None)
             for r in sorted(records, key=lambda r: r.number)]
 
