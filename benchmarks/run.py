@@ -3,6 +3,7 @@
     python -m benchmarks.run --quick                       # mini suite, ≤ 15 min on 2 CPU cores
     python -m benchmarks.run --full [--suite mini]         # 7 tasks × 3 budgets × 3 seeds (hours on a CPU)
     python -m benchmarks.run --full --suite vtab1k --data-root DIR [--weights FILE]   # ViT-B/16, GPUs
+    python -m benchmarks.run --standard --label NAME       # issue [I]'s measuring stick (benchmarks/standard.py)
 
 What each arm runs and how test accuracy is measured: see benchmarks/compare.py. Results go to
 benchmarks/results/suite_<suite>_<mode>.json (and .md, the tables of BENCHMARKS.md); bad input prints one line and
@@ -37,6 +38,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument("--quick", action="store_true", help="the small grid (minutes)")
     mode.add_argument("--full", action="store_true", help="the whole grid: every task, 3 budgets, 3 seeds")
+    mode.add_argument("--standard", action="store_true",
+                      help="the standard grid of [I] (2 few-shot tasks × 4 seeds at 1 %%, equal compute per arm)")
+    p.add_argument("--label", default=None, help="--standard: the row to write (e.g. before, or the change's name)")
+    p.add_argument("--no-cache", action="store_true", help="--standard: run every arm again (cache not read)")
     p.add_argument("--suite", default="mini", choices=("mini", "vtab1k"))
     p.add_argument("--data-root", default=None, help="data folder (required for vtab1k)")
     p.add_argument("--weights", default=None, help="a local weights file for the suite's backbone")
@@ -55,6 +60,8 @@ def resolve(args: argparse.Namespace):
     from benchmarks.suite import check_data, get_mode
 
     mode = get_mode(args.suite, args.quick)
+    if args.label or args.no_cache:
+        raise AutopeftError("--label and --no-cache belong to --standard")
     if args.workers < 1:
         raise AutopeftError(f"--workers must be >= 1, got {args.workers}")
     if args.tasks:
@@ -117,6 +124,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     args = parse(argv)
+    if args.standard:
+        from benchmarks.standard_cli import main_standard
+
+        return main_standard(args, argv if argv is not None else sys.argv[1:])
     from autopeft.errors import AutopeftError
     from autopeft.runs import versions
 

@@ -182,3 +182,139 @@ def test_tasks_flag_picks_any_suite_task_in_either_mode():
     for mode in ("--quick", "--full"):
         resolved = bench_run.resolve(bench_run.parse([mode, "--tasks", "digits"]))
         assert resolved.tasks == ("digits",)
+
+
+# -- the standard grid of [I] (benchmarks/standard.py): statistics, allocation, cache ------------------------------
+
+from benchmarks import standard as std  # noqa: E402
+from benchmarks.standard_stats import (  # noqa: E402
+    best_so_far,
+    bootstrap_ci,
+    mean_curve,
+    reach_ratio,
+    summarise,
+    targets,
+)
+
+
+def test_bootstrap_interval_known_cases():
+    assert bootstrap_ci([0.02, 0.02, 0.02]) == pytest.approx((0.02, 0.02, 0.02))
+    # two cells 0 and 2: resampled means are 0 (p 1/4), 1 (1/2), 2 (1/4), so the 95 % interval is [0, 2]
+    mean, lo, hi = bootstrap_ci([0.0, 2.0], resamples=10_000, seed=0)
+    assert (mean, lo, hi) == pytest.approx((1.0, 0.0, 2.0))
+    assert bootstrap_ci([0.0, 1.0, 5.0], seed=3) == bootstrap_ci([0.0, 1.0, 5.0], seed=3)  # seeded
+    mean, lo, hi = bootstrap_ci([0.01 * i for i in range(20)])
+    assert lo < mean < hi and mean == pytest.approx(0.095)
+
+
+def test_handpicked_arm_gets_exactly_n_runs_over_methods_and_the_shared_lr_prior():
+    names = ["lora", "adapter", "adaptformer", "vpt_deep", "linear"]
+    alloc = std.allocate_handpicked(names, 8, 1e-4, 1e-2)
+    assert len(alloc) == 8
+    counts = {n: sum(1 for m, _ in alloc if m == n) for n in names}
+    assert counts == {"lora": 2, "adapter": 2, "adaptformer": 2, "vpt_deep": 1, "linear": 1}
+    assert [r for m, r in alloc if m == "lora"] == pytest.approx([1e-3, 1e-2])  # a decade apart from the top
+    assert [r for m, r in alloc if m == "linear"] == pytest.approx([1e-2])
+    assert all(1e-4 <= r <= 1e-2 for _, r in alloc)
+    assert std.allocate_handpicked(names, 8, 1e-4, 1e-2) == alloc  # deterministic
+    assert [m for m, _ in std.allocate_handpicked(names, 3, 1e-4, 1e-2)] == names[:3]
+    assert len(std.allocate_handpicked(names, 10, 1e-4, 1e-2)) == 10
+    assert std.lr_points(3, 1e-4, 1e-2) == pytest.approx([1e-4, 1e-3, 1e-2])
+    assert len(set(std.lr_points(4, 1e-4, 1e-2))) == 4  # more than the decades: log-even points, ends included
+    assert len(std.allocate_handpicked(names, 23, 1e-4, 1e-2)) == 23
+    assert std.allocate_handpicked([], 8, 1e-4, 1e-2) == []
+
+
+def test_cache_hits_when_nothing_changes_and_misses_when_a_setting_does(tmp_path, monkeypatch):
+    job = dict(task="mnist5k_fs", backbone="b", weights="/x/w.safetensors", data_root=None, data_seed=0, seed=0,
+               epochs=15, plan={"blocks": {}}, hparams={"lr": 1e-3, "batch_size": 32})
+    ctx = {"backbone": "b", "weights_sha256": "aa", "code": "c1", "torch": "t"}
+    calls = []
+
+    def fake(j):
+        calls.append(j)
+        return {"status": "COMPLETE", "curve": [0.5], "test_acc": 0.4, "seconds": 1.0}
+
+    monkeypatch.setattr(std, "run_job", fake)
+    cache = std.RunCache(tmp_path, ctx)
+    std.run_cached([job, dict(job)], None, cache)
+    assert len(calls) == 1 and cache.misses == 1 and cache.hits == 0  # the same job twice runs once
+    again = std.RunCache(tmp_path, dict(ctx))
+    assert std.run_cached([job], None, again)[0]["test_acc"] == 0.4 and again.hits == 1 and len(calls) == 1
+    assert again.key(dict(job, weights="/elsewhere/w.safetensors")) == again.key(job)  # the sha counts, not the path
+    changed = [dict(job, epochs=16), dict(job, seed=1), dict(job, data_seed=1), dict(job, task="fmnist_count_fs"),
+               dict(job, hparams={"lr": 2e-3, "batch_size": 32}), dict(job, plan={"blocks": {"0": []}}),
+               dict(job, final=True)]
+    assert len({again.key(j) for j in changed} | {again.key(job)}) == len(changed) + 1
+    for other in ({"code": "c2"}, {"weights_sha256": "bb"}, {"backbone": "b2"}):
+        assert std.RunCache(tmp_path, {**ctx, **other}).get(job) is None
+    assert std.RunCache(None, ctx).get(job) is None  # --no-cache
+
+
+def test_best_so_far_curves_averaged_and_epochs_to_reach_random_best():
+    # (epochs, val or None): a None is a record that does not count (stopped early, failed, over budget)
+    assert best_so_far([(2, 0.5), (1, None), (2, 0.7), (2, 0.6)], 6) == [None, None, 0.5, 0.5, 0.5, 0.7, 0.7]
+    assert best_so_far([(4, 0.9), (4, 0.95)], 6)[-1] == 0.9  # the second record ends past the horizon
+    a, b = [None, 0.2, 0.4, 0.4], [None, None, 0.6, 0.8]
+    assert mean_curve([a, b]) == pytest.approx([None, None, 0.5, 0.6])
+    random = [None, None, None, None, 0.5, 0.5, 0.5, 0.5, 0.6]  # random's final best 0.6 after 8 epochs
+    search = [None, 0.3, 0.6, 0.6, 0.7, 0.7, 0.7, 0.7, 0.7]
+    r = reach_ratio(search, random)
+    assert r["search_epochs"] == 2 and r["random_epochs"] == 8 and r["ratio"] == pytest.approx(0.25)
+    assert reach_ratio([None] * 9, random)["ratio"] is None
+
+
+def _std_cell(task, seed, search, random, hand):
+    trace = [(2, 0.5), (2, 0.6)]
+    return {"task": task, "seed": seed, "horizon": 4,
+            "arms": {"search": {"test": search, "best_val": 0.6, "trace": [(1, 0.6), (1, None), (2, 0.7)]},
+                     "random": {"test": random, "best_val": 0.6, "trace": trace},
+                     "handpicked": {"test": hand, "best_val": 0.6, "trace": trace}}}
+
+
+def test_standard_summary_pairs_cells_and_reports_targets():
+    cells = [_std_cell("a", 0, 0.62, 0.60, 0.60), _std_cell("a", 1, 0.64, 0.61, 0.60),
+             _std_cell("b", 0, 0.70, 0.70, 0.71)]
+    s = summarise(cells, resamples=2000)
+    d = s["search_minus_handpicked"]
+    assert d["mean"] == pytest.approx((0.02 + 0.04 - 0.01) / 3)
+    assert d["per_task"] == pytest.approx({"a": 0.03, "b": -0.01})
+    assert d["ci95"][0] <= d["mean"] <= d["ci95"][1]
+    assert s["random_minus_handpicked"]["per_cell"] == pytest.approx([0.0, 0.01, -0.01])
+    assert s["reach"]["ratio"] == pytest.approx(0.25)  # search holds 0.6 after 1 of random's 4 epochs
+    t = targets(s)
+    assert t["worst_task_met"] is True and t["epoch_ratio_met"] is True and t["gain_met"] is False  # +1.7 pts, CI < 0
+    text = std_markdown({"rows": {"before": {"meta": {"started": "2026-12-01T10:00", "complete": True,
+                                                      "wall_s": 60}, "summary": s, "targets": t}}})
+    assert "| before |" in text and "gain missed" in text and "+1.7" in text
+
+
+def std_markdown(doc):
+    from benchmarks.standard_stats import markdown as md
+
+    return md(doc)
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--standard"], "needs --label"),
+    (["--standard", "--label", "a b"], "must be letters"),
+    (["--standard", "--label", "x", "--suite", "vtab1k"], "mini suite only"),
+    (["--standard", "--label", "x", "--tasks", "cifar10"], "not in the mini suite"),
+    (["--standard", "--label", "x", "--workers", "0"], "--workers must be >= 1"),
+    (["--quick", "--label", "x"], "belong to --standard"),
+])
+def test_standard_bad_input_exits_2_with_one_line(argv, says, tmp_path, capsys):
+    assert bench_run.main([*argv, "--out", str(tmp_path / "s.json")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and says in err[0], err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_derived_space_changes_only_the_batch_size(tmp_path):
+    from autopeft.space import load_space
+
+    path = std.derived_space(std.STANDARD, tmp_path)
+    ours, shipped = dict(load_space(str(path)).training), dict(load_space("unified").training)
+    assert ours["batch_size"].value == 32 and set(ours) == set(shipped)
+    assert all(repr(ours[k]) == repr(shipped[k]) for k in shipped if k != "batch_size")
+    assert std.derived_space(std.STANDARD, tmp_path) == path  # named by content: the same file again

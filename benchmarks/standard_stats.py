@@ -1,0 +1,194 @@
+"""The statistics of the standard grid ([I]): paired bootstrap intervals, best-so-far curves, the epochs ratio.
+
+Pure functions on plain lists, so they are tested on hand-made numbers (tests/test_benchmarks.py) without training.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from typing import Any
+
+# one record of an arm, in trial order: (epochs it trained, its val accuracy if it counts for selection, else None)
+Trace = Sequence[tuple[int, float | None]]
+
+
+def bootstrap_ci(values: Sequence[float], resamples: int = 10_000, seed: int = 0, level: float = 0.95
+                 ) -> tuple[float, float, float]:
+    """(mean, low, high): the mean of `values` and the percentile bootstrap interval of it (cells resampled with
+    replacement). Cells are the unit because they are what is independent (a task × seed split); runs within a
+    cell are not."""
+    import numpy as np
+
+    x = np.asarray(list(values), dtype=float)
+    if x.size == 0:
+        return (math.nan, math.nan, math.nan)
+    rng = np.random.default_rng(seed)
+    means = x[rng.integers(0, x.size, size=(resamples, x.size))].mean(axis=1)
+    alpha = (1 - level) / 2
+    return (float(x.mean()), float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha)))
+
+
+def best_so_far(trace: Trace, horizon: int) -> list[float | None]:
+    """Best val accuracy seen after each cumulative epoch 0..horizon (index = epochs spent, trial order).
+
+    A record's value counts once all its epochs are spent; records past `horizon` are not seen (equal compute).
+    None until the first record that counts.
+    """
+    curve: list[float | None] = [None] * (horizon + 1)
+    used, best, events = 0, None, []
+    for epochs, val in trace:
+        used += epochs
+        if used > horizon:
+            break
+        if val is not None and (best is None or val > best):
+            best = val
+        events.append((used, best))
+    current, k = None, 0
+    for x in range(horizon + 1):
+        while k < len(events) and events[k][0] <= x:
+            current = events[k][1]
+            k += 1
+        curve[x] = current
+    return curve
+
+
+def mean_curve(curves: Sequence[Sequence[float | None]]) -> list[float | None]:
+    """Pointwise mean over cells; None where any cell has no value yet (a mean over a changing set of cells would
+    jump when a cell joins)."""
+    if not curves:
+        return []
+    n = min(len(c) for c in curves)
+    out: list[float | None] = []
+    for x in range(n):
+        vals = [c[x] for c in curves]
+        out.append(None if any(v is None for v in vals) else sum(vals) / len(vals))  # type: ignore[arg-type]
+    return out
+
+
+def epochs_to_reach(curve: Sequence[float | None], target: float | None) -> int | None:
+    """First cumulative epoch at which `curve` reaches `target` (1e-9 tolerance); None if it never does."""
+    if target is None:
+        return None
+    for x, v in enumerate(curve):
+        if v is not None and v >= target - 1e-9:
+            return x
+    return None
+
+
+def reach_ratio(search: Sequence[float | None], random: Sequence[float | None]) -> dict[str, Any]:
+    """Epochs the search's averaged curve needs to reach random's final averaged best, as a fraction of random's
+    epochs (the whole horizon: random trains every run to the end)."""
+    target = random[-1] if random else None
+    reach = epochs_to_reach(search, target)
+    horizon = len(random) - 1
+    return {"random_final_best_val": target, "search_epochs": reach, "random_epochs": horizon,
+            "ratio": reach / horizon if reach is not None and horizon > 0 else None}
+
+
+def summarise(cells: Sequence[dict[str, Any]], resamples: int = 10_000, seed: int = 0) -> dict[str, Any]:
+    """The row of one label: paired differences (bootstrap over cells), per-task means, arm means, curves."""
+    done = [c for c in cells if all(c["arms"][a].get("test") is not None for a in ("search", "random", "handpicked"))]
+    out: dict[str, Any] = {"cells": len(done)}
+    if not done:
+        return out
+    for other in ("search", "random"):
+        diffs = [c["arms"][other]["test"] - c["arms"]["handpicked"]["test"] for c in done]
+        mean, lo, hi = bootstrap_ci(diffs, resamples, seed)
+        tasks: dict[str, list[float]] = {}
+        for c, d in zip(done, diffs, strict=True):
+            tasks.setdefault(c["task"], []).append(d)
+        out[f"{other}_minus_handpicked"] = {"mean": mean, "ci95": [lo, hi], "per_cell": diffs,
+                                            "per_task": {t: sum(v) / len(v) for t, v in tasks.items()}}
+    out["test_mean"] = {a: sum(c["arms"][a]["test"] for c in done) / len(done) for a in ("search", "random",
+                                                                                       "handpicked")}
+    out["val_mean"] = {a: sum(c["arms"][a]["best_val"] for c in done) / len(done) for a in ("search", "random",
+                                                                                          "handpicked")}
+    out["epochs_mean"] = {a: sum(c["arms"][a].get("epochs", 0) for c in done) / len(done)
+                          for a in ("search", "random", "handpicked")}
+    horizon = min(c["horizon"] for c in done)
+    curves = {a: mean_curve([best_so_far(c["arms"][a]["trace"], horizon) for c in done])
+              for a in ("search", "random", "handpicked")}
+    out["curves"] = curves
+    out["reach"] = reach_ratio(curves["search"], curves["random"])
+    return out
+
+
+def targets(summary: dict[str, Any]) -> dict[str, Any]:
+    """The issue's three targets, each met or missed, with its figure."""
+    d = summary.get("search_minus_handpicked")
+    if not d:
+        return {}
+    worst_task = min(d["per_task"].values())
+    ratio = summary["reach"]["ratio"]
+    return {"gain": d["mean"], "gain_ci_low": d["ci95"][0], "gain_met": d["mean"] >= 0.01 - 1e-9 and d["ci95"][0] > 0,
+            "worst_task": worst_task, "worst_task_met": worst_task >= -0.01 - 1e-9,
+            "epoch_ratio": ratio, "epoch_ratio_met": ratio is not None and ratio <= 0.40}
+
+
+def _pts(x: float | None) -> str:
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:+.1f}"
+
+
+def _ci(d: dict[str, Any] | None) -> str:
+    if not d:
+        return "–"
+    return f"{_pts(d['mean'])} [{_pts(d['ci95'][0])}, {_pts(d['ci95'][1])}]"
+
+
+def markdown(doc: dict[str, Any]) -> str:
+    """The ablation table: one row per label, differences in test points with their bootstrap 95 % intervals."""
+    lines = ["Standard grid ([I]): differences in test accuracy points, mean over cells [bootstrap 95 % interval]; "
+             "epochs ratio = epochs the search's averaged best-so-far val curve needs to reach random search's final "
+             "averaged best val, ÷ random's epochs (target ≤ 0.40).", "",
+             "| label | started | cells | search − hand-picked | per task | random − hand-picked | "
+             "search epochs to random's best | search epochs used | wall min | "
+             "test % search / random / hand-picked | targets |",
+             "|---|---|---:|---|---|---|---:|---:|---:|---|---|"]
+    for label, row in doc.get("rows", {}).items():
+        s = row.get("summary") or {}
+        t = row.get("targets") or {}
+        meta = row.get("meta", {})
+        d = s.get("search_minus_handpicked")
+        per_task = ", ".join(f"{k} {_pts(v)}" for k, v in (d or {}).get("per_task", {}).items()) or "–"
+        reach = s.get("reach") or {}
+        ratio = reach.get("ratio")
+        ratio_s = f"{reach.get('search_epochs')} / {reach.get('random_epochs')} = {ratio:.2f}" if ratio is not None \
+            else ("not reached" if reach else "–")
+        tm = s.get("test_mean") or {}
+        tests = " / ".join(f"{100 * tm[a]:.1f}" for a in ("search", "random", "handpicked")) if tm else "–"
+        flags = ", ".join(f"{name} {'met' if t.get(key) else 'missed'}" for name, key in
+                          (("gain", "gain_met"), ("worst task", "worst_task_met"), ("epochs", "epoch_ratio_met"))
+                          ) if t else "–"
+        cells = f"{s.get('cells', 0)}{'' if meta.get('complete') else ' (partial)'}"
+        wall = f"{meta.get('wall_s', 0) / 60:.0f}"
+        used = s.get("epochs_mean", {})
+        used_s = f"{used['search']:.0f} of {s['reach']['random_epochs']}" if used and s.get("reach") else "–"
+        lines.append(f"| {label} | {meta.get('started', '')[:16]} | {cells} | {_ci(d)} | {per_task} | "
+                     f"{_ci(s.get('random_minus_handpicked'))} | {ratio_s} | {used_s} | {wall} | {tests} | {flags} |")
+    return "\n".join(lines) + "\n"
+
+
+def render(path: str | None = None) -> str:
+    """Re-summarise every row of a results file with this code and rewrite its Markdown table next to it."""
+    from pathlib import Path
+
+    from benchmarks import RESULTS, write_result
+
+    out = Path(path) if path else RESULTS / "standard.json"
+    doc = json.loads(out.read_text())
+    for row in doc["rows"].values():
+        resamples = row.get("meta", {}).get("config", {}).get("resamples", 10_000)
+        row["summary"] = summarise(row["cells"], resamples)
+        row["targets"] = targets(row["summary"])
+    write_result(out, doc)
+    text = markdown(doc)
+    out.with_suffix(".md").write_text(text)
+    return text
+
+
+if __name__ == "__main__":  # python -m benchmarks.standard_stats [results.json]: the table again, from the file
+    import sys
+
+    print(render(sys.argv[1] if len(sys.argv) > 1 else None))
