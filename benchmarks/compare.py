@@ -173,8 +173,9 @@ def random_jobs(c: CellConfig, spec, budget, space, n: int) -> list[Job]:
     return jobs
 
 
-def search_arm(c: CellConfig, trials: int, storage_dir: str) -> Arm:
-    """autopeft's own search (TPE + ASHA, baselines first), through the engine, as `autopeft search` runs it."""
+def search_arm(c: CellConfig, trials: int, storage_dir: str, settings: dict[str, Any] | None = None) -> Arm:
+    """autopeft's own search (TPE + ASHA, baselines first), through the engine, as `autopeft search` runs it;
+    `settings` are search settings that replace autopeft's defaults (e.g. {"objectives": "acc"})."""
     import optuna
 
     from autopeft.search import search, settings_from
@@ -187,6 +188,7 @@ def search_arm(c: CellConfig, trials: int, storage_dir: str) -> Arm:
                  reduction_factor=c.reduction_factor, sampler="tpe", concurrency=c.concurrency, cpus_per_trial=1,
                  gpus_per_trial=c.gpus_per_trial,
                  storage=url, seed=c.seed, baselines=True)
+    flags.update(settings or {})
     start = time.perf_counter()
     outcome = search(settings_from(None, flags))
     arm = Arm("search", outcome.records, wall_s=time.perf_counter() - start)

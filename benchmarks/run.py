@@ -42,6 +42,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                       help="the standard grid of [I] (2 few-shot tasks × 4 seeds at 1 %%, equal compute per arm)")
     p.add_argument("--label", default=None, help="--standard: the row to write (e.g. before, or the change's name)")
     p.add_argument("--no-cache", action="store_true", help="--standard: run every arm again (cache not read)")
+    p.add_argument("--search-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="--standard: a search setting of the search arm instead of autopeft's default (repeatable), "
+                        "e.g. objectives=acc")
     p.add_argument("--suite", default="mini", choices=("mini", "vtab1k"))
     p.add_argument("--data-root", default=None, help="data folder (required for vtab1k)")
     p.add_argument("--weights", default=None, help="a local weights file for the suite's backbone")

@@ -37,7 +37,8 @@ from benchmarks import RESULTS, write_result
 from benchmarks.compare import Job
 
 CACHE_DIR = RESULTS / "cache"
-CODE_FILES = ("train.py", "plan.py", "backbones.py", "features.py", "methods/*.py", "data/*.py")
+CODE_FILES = ("train.py", "train_config.py", "optim.py", "plan.py", "backbones.py", "features.py", "methods/*.py",
+              "data/*.py")
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,8 @@ class StandardConfig:
     resamples: int = 10_000
     weights: str | None = None
     data_root: str | None = None
+    # search settings the search arm runs with instead of autopeft's defaults (`--search-set objectives=acc`)
+    search_settings: tuple[tuple[str, str], ...] = ()
 
     @property
     def compute(self) -> int:
@@ -297,7 +300,7 @@ def run_cell(c: StandardConfig, task: str, seed: int, space_path: Path, pool: Pr
     log(f"  hand-picked + random: {len(outs)} runs in {in_process_s:.0f} s (cache {cache.hits} hits so far)")
 
     trials = search_trials_for(c.compute, e, cell.grace_epochs, cell.reduction_factor)
-    found = search_arm(cell, trials, storage_dir)
+    found = search_arm(cell, trials, storage_dir, dict(c.search_settings))
     arms["search"] = CellArm(within_epochs(found.records, c.compute), found.hparams, found.wall_s)
     log(f"  search: {trials} trials asked, {len(arms['search'].records)} within {c.compute} epochs, "
         f"{found.wall_s:.0f} s")

@@ -10,11 +10,43 @@ import sys
 from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 from benchmarks import RESULTS, write_result
 from benchmarks.standard import CACHE_DIR, STANDARD, StandardConfig
 
 LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")
+
+
+# what the grid itself decides for every arm: the search arm may not change these
+GRID_KEYS = ("study", "dataset", "budget", "backbone", "weights", "data_root", "space", "trials", "epochs", "storage",
+             "seed", "resume", "address", "concurrency", "cpus_per_trial", "gpus_per_trial")
+
+
+def search_settings(pairs: list[str]) -> tuple[tuple[str, Any], ...]:
+    """`KEY=VALUE` strings as typed search settings of the search arm, checked against SearchSettings now (one
+    line), not an hour into the grid."""
+    from dataclasses import fields
+
+    from autopeft.errors import AutopeftError
+    from autopeft.search.settings import SearchSettings
+
+    defaults = {f.name: f.default for f in fields(SearchSettings) if f.name not in GRID_KEYS}
+    out = []
+    for pair in pairs:
+        key, sep, text = (part.strip() for part in pair.partition("="))
+        if not sep or key not in defaults:
+            raise AutopeftError(f"--search-set '{pair}': give KEY=VALUE with KEY one of {', '.join(sorted(defaults))}")
+        default = defaults[key]
+        try:
+            value: Any = (text.lower() in ("1", "true", "yes", "on") if isinstance(default, bool) else
+                          int(text) if isinstance(default, int) else float(text) if isinstance(default, float)
+                          else text)
+        except ValueError:
+            raise AutopeftError(f"--search-set '{pair}': {key} takes a {type(default).__name__}") from None
+        out.append((key, value))
+    SearchSettings(**dict(out))
+    return tuple(out)
 
 
 def resolve_standard(args: argparse.Namespace) -> tuple[StandardConfig, Path]:
@@ -31,7 +63,7 @@ def resolve_standard(args: argparse.Namespace) -> tuple[StandardConfig, Path]:
         raise AutopeftError("--standard runs on the mini suite only (the bundled backbone); drop --suite")
     if args.workers < 1:
         raise AutopeftError(f"--workers must be >= 1, got {args.workers}")
-    c = replace(STANDARD, workers=args.workers)
+    c = replace(STANDARD, workers=args.workers, search_settings=search_settings(args.search_set))
     if args.tasks:
         chosen = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
         unknown = [t for t in chosen if t not in MINI_TASKS]
