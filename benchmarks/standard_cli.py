@@ -43,7 +43,8 @@ def search_settings(pairs: list[str]) -> tuple[tuple[str, Any], ...]:
                           int(text) if isinstance(default, int) else float(text) if isinstance(default, float)
                           else text)
         except ValueError:
-            raise AutopeftError(f"--search-set '{pair}': {key} takes a {type(default).__name__}") from None
+            kind = "a whole number" if isinstance(default, int) else "a number"
+            raise AutopeftError(f"--search-set '{pair}': {key} takes {kind}") from None
         out.append((key, value))
     SearchSettings(**dict(out))
     return tuple(out)

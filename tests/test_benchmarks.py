@@ -318,3 +318,23 @@ def test_derived_space_changes_only_the_batch_size(tmp_path):
     assert ours["batch_size"].value == 32 and set(ours) == set(shipped)
     assert all(repr(ours[k]) == repr(shipped[k]) for k in shipped if k != "batch_size")
     assert std.derived_space(std.STANDARD, tmp_path) == path  # named by content: the same file again
+
+
+@pytest.mark.parametrize("pair, says", [
+    ("objectivs=acc", "KEY one of"),            # a typo names the valid keys
+    ("epochs=3", "KEY one of"),                 # the grid's own settings are not the search arm's to change
+    ("grace_epochs=two", "takes a whole number"),
+    ("objectives=acc,foo", "--objectives 'acc,foo' is not valid"),
+])
+def test_bad_search_settings_exit_2_before_anything_runs(pair, says, tmp_path, capsys) -> None:
+    assert bench_run.main(["--standard", "--label", "x", "--search-set", pair, "--out", str(tmp_path / "r.json")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and says in err[0], err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_search_settings_are_typed_as_the_fields() -> None:
+    from benchmarks.standard_cli import search_settings
+
+    assert search_settings(["objectives=acc", "grace_epochs=3", "early_stopping=false", "reduction_factor=3"]) == (
+        ("objectives", "acc"), ("grace_epochs", 3), ("early_stopping", False), ("reduction_factor", 3))
