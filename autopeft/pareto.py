@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 from autopeft.budget import Budget
 from autopeft.errors import AutopeftError
-from autopeft.objectives import BY_METRIC, OBJECTIVES  # noqa: F401  (OBJECTIVES re-exported)
+from autopeft.objectives import BY_METRIC
 from autopeft.records import TrialRecord
 
 DEFAULT_OBJECTIVES = ("val_acc", "peft_params")

@@ -25,8 +25,9 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,14 +66,19 @@ class Arm:
 
 
 def run_job(job: Job) -> dict[str, Any]:
-    """One in-process training run (a search-phase trial on train/val, or a final run on train_full with test)."""
+    """One in-process training run (a search-phase trial on train/val, or a final run on train_full with test).
+
+    The data split is drawn with `data_seed` when the job has one (a final retrained with another training seed
+    keeps its cell's split), else with `seed`.
+    """
     from autopeft.data import data_config, load_dataset
     from autopeft.plan import PeftPlan
     from autopeft.search.trainable import trial_config
     from autopeft.train import train
 
     start = time.perf_counter()
-    data = load_dataset(job["task"], job.get("data_root"), seed=job["seed"], **data_config(job["backbone"]))
+    data = load_dataset(job["task"], job.get("data_root"), seed=job.get("data_seed", job["seed"]),
+                        **data_config(job["backbone"]))
     # exactly as a search trial builds it (TrainConfig's defaults, the space's settings, the sampled ones)
     cfg = trial_config(job["hparams"], job["epochs"], job["seed"])
     final = bool(job.get("final"))
@@ -99,6 +105,24 @@ def make_pool(workers: int) -> ProcessPoolExecutor:
 
     return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
                                initializer=_init_worker)
+
+
+@contextmanager
+def compute_session(workers: int) -> Iterator[ProcessPoolExecutor | None]:
+    """A local Ray instance for the search arm and a pool of `workers` in-process runners (None for one), both
+    stopped on the way out."""
+    import ray
+    import torch
+
+    ray.init(num_cpus=max(2, workers), num_gpus=torch.cuda.device_count(), include_dashboard=False,
+             log_to_driver=False, configure_logging=False)
+    pool = make_pool(workers) if workers > 1 else None
+    try:
+        yield pool
+    finally:
+        if pool is not None:
+            pool.shutdown()
+        ray.shutdown()
 
 
 def run_jobs(jobs: Sequence[Job], pool: ProcessPoolExecutor | None) -> list[dict[str, Any]]:

@@ -151,22 +151,18 @@ def main(argv: list[str] | None = None) -> int:
             "mode": {k: v for k, v in vars(mode).items()}, "workers": args.workers}
     result: dict[str, Any] = {"meta": meta, "cells": [], "speed": None}
 
-    import ray
     import torch
 
     # search trials see GPUs only when they ask for them; split the machine's among the concurrent trials
     gpus = min(1.0, torch.cuda.device_count() / args.workers) if torch.cuda.is_available() else 0.0
 
-    from benchmarks.compare import CellConfig, make_pool, run_cell
+    from benchmarks.compare import CellConfig, compute_session, run_cell
     from benchmarks.report import aggregate, markdown
 
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="autopeft-bench-") as tmp:
         os.environ.setdefault("AUTOPEFT_CACHE", str(Path(tmp) / "cache"))
-        ray.init(num_cpus=max(2, args.workers), num_gpus=torch.cuda.device_count(), include_dashboard=False,
-                 log_to_driver=False, configure_logging=False)
-        pool = make_pool(args.workers) if args.workers > 1 else None
-        try:
+        with compute_session(args.workers) as pool:
             for task in mode.tasks:
                 for budget in mode.budgets:
                     for seed in mode.seeds:
@@ -179,10 +175,6 @@ def main(argv: list[str] | None = None) -> int:
                         write_result(out, result)  # after every cell: a long run that stops keeps what it measured
             if not args.no_speed:
                 result["speed"] = concurrency_figure(mode, weights, data_root, tmp, gpus)
-        finally:
-            if pool is not None:
-                pool.shutdown()
-            ray.shutdown()
     meta.update(wall_s=time.perf_counter() - start, load_after=os.getloadavg(),
                 finished=datetime.now(timezone.utc).isoformat(timespec="seconds"))
     result["summary"] = aggregate(result["cells"], mode.budgets)

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import RESULTS, write_result
-from benchmarks.compare import Job
+from benchmarks.compare import Job, run_job
 
 CACHE_DIR = RESULTS / "cache"
 CODE_FILES = ("train.py", "train_config.py", "optim.py", "plan.py", "backbones.py", "features.py", "methods/*.py",
@@ -122,25 +122,18 @@ def derived_space(c: StandardConfig, folder: Path) -> Path:
 
 def code_version() -> str:
     """Hash of the autopeft code that determines a training run (training loop, plans, methods, data) and of the
-    hyper-parameters → TrainConfig step, wherever it lives; the search code is left out on purpose, so a search
+    hyper-parameters → TrainConfig step (`trial_config`); the search code is left out on purpose, so a search
     change keeps the cache."""
     import autopeft
+    from autopeft.search.trainable import trial_config
 
     root = Path(autopeft.__file__).parent
     h = hashlib.sha256()
     for pattern in CODE_FILES:
         for p in sorted(root.glob(pattern)):
             h.update(p.relative_to(root).as_posix().encode() + b"\0" + p.read_bytes())
-    h.update(inspect.getsource(_trial_config()).encode())
+    h.update(inspect.getsource(trial_config).encode())
     return h.hexdigest()[:16]
-
-
-def _trial_config() -> Callable:
-    try:
-        from autopeft.train import trial_config  # type: ignore[attr-defined]  # where it may move
-    except ImportError:
-        from autopeft.search.trainable import trial_config
-    return trial_config
 
 
 class RunCache:
@@ -170,27 +163,6 @@ class RunCache:
         if self.folder is None or out.get("status") != "COMPLETE":
             return  # a failure may be the machine's (memory): run it again next time
         write_result(self.folder / f"{self.key(job)}.json", {"job": job, "context": self.context, "out": out})
-
-
-def run_job(job: Job) -> dict[str, Any]:
-    """One in-process run: the data split of `data_seed` (the cell's), training seed `seed` (a final may differ)."""
-    from autopeft.data import data_config, load_dataset
-    from autopeft.plan import PeftPlan
-    from autopeft.train import train
-
-    start = time.perf_counter()
-    data = load_dataset(job["task"], job.get("data_root"), seed=job["data_seed"], **data_config(job["backbone"]))
-    cfg = _trial_config()(job["hparams"], job["epochs"], job["seed"])
-    final = bool(job.get("final"))
-    try:
-        result = train(job["backbone"], PeftPlan.from_dict(job["plan"]), data, cfg, weights=job.get("weights"),
-                       train_split="train_full" if final else "train", eval_split=None if final else "val",
-                       test=final)
-    except Exception as exc:  # noqa: BLE001  a diverging run is a result (FAIL), not the end of the benchmark
-        return {"status": "FAIL", "reason": f"{type(exc).__name__}: {exc}"[:300], "curve": [], "test_acc": None,
-                "seconds": time.perf_counter() - start}
-    return {"status": "COMPLETE", "curve": [float(h["val_acc"]) for h in result.history if "val_acc" in h],
-            "test_acc": result.test_acc, "peft_params": result.peft_params, "seconds": time.perf_counter() - start}
 
 
 def run_cached(jobs: Sequence[Job], pool: ProcessPoolExecutor | None, cache: RunCache) -> list[dict[str, Any]]:
@@ -335,10 +307,9 @@ def run_grid(c: StandardConfig, label: str, out: Path, cache_dir: Path | None, m
     import os
     import tempfile
 
-    import ray
     import torch
 
-    from benchmarks.compare import make_pool
+    from benchmarks.compare import compute_session
     from benchmarks.run import backbone_record
     from benchmarks.standard_stats import markdown, summarise, targets
 
@@ -354,10 +325,7 @@ def run_grid(c: StandardConfig, label: str, out: Path, cache_dir: Path | None, m
         os.environ.setdefault("AUTOPEFT_CACHE", str(Path(tmp) / "features"))
         space_path = derived_space(c, (cache_dir or Path(tmp)) / "spaces")
         row["meta"]["space_file"] = space_path.name
-        ray.init(num_cpus=max(2, c.workers), num_gpus=torch.cuda.device_count(), include_dashboard=False,
-                 log_to_driver=False, configure_logging=False)
-        pool = make_pool(c.workers) if c.workers > 1 else None
-        try:
+        with compute_session(c.workers) as pool:
             for seed in c.seeds:
                 for task in c.tasks:
                     row["cells"].append(run_cell(c, task, seed, space_path, pool, cache, tmp, log))
@@ -368,10 +336,6 @@ def run_grid(c: StandardConfig, label: str, out: Path, cache_dir: Path | None, m
                     doc["rows"][label] = row
                     write_result(out, doc)  # after every cell: a run that stops keeps what it measured
                     out.with_suffix(".md").write_text(markdown(doc))
-        finally:
-            if pool is not None:
-                pool.shutdown()
-            ray.shutdown()
     row["meta"].update(complete=True, finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     write_result(out, doc)
     out.with_suffix(".md").write_text(markdown(doc))

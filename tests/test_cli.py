@@ -105,8 +105,11 @@ def test_embedded_default_study_is_the_same_outside_a_checkout(tmp_path, monkeyp
     the copy installed with the package (the built-in defaults are a different, larger study)."""
     from pathlib import Path
 
-    from autopeft.cli.search import _default_recipe
+    from autopeft.data.recipes import EMBEDDED_RECIPE, recipe_file
     from autopeft.search.settings import settings_from
+
+    def _default_recipe() -> str:
+        return str(recipe_file(EMBEDDED_RECIPE))
 
     repo = Path(__file__).resolve().parent.parent
     monkeypatch.chdir(repo)

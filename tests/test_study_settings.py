@@ -1,14 +1,14 @@
 """StudySettings: one typed, versioned record of what a study stores, read the same way by results, export, report.
 
-tests/fixtures/study_v0.db was written by `autopeft search --dataset digits --budget 2% --trials 4 --epochs 2
---study v0` with the code of 2026-11-30 (study format 1: a flat mapping without a format number or block count);
-it must keep loading.
+tests/fixtures/study_v0.sql is the SQL dump (sqlite3 `iterdump`) of the database that `autopeft search --dataset
+digits --budget 2% --trials 4 --epochs 2 --study v0` wrote with the code of 2026-11-30 (study format 1: a flat mapping
+without a format number or block count); kept as text because study databases are not tracked. It must keep loading.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
+import sqlite3
 from pathlib import Path
 
 import optuna
@@ -24,13 +24,16 @@ from autopeft.search import storage as st
 from autopeft.search.settings import SearchSettings
 from autopeft.search.study_settings import STUDY_FORMAT, StudySettings
 
-FIXTURE = Path(__file__).parent / "fixtures" / "study_v0.db"
+FIXTURE = Path(__file__).parent / "fixtures" / "study_v0.sql"
 
 
 @pytest.fixture()
 def v0(tmp_path: Path) -> str:
+    """The format-1 study database, rebuilt from its dump."""
     path = tmp_path / "v0.db"
-    shutil.copy(FIXTURE, path)  # the fixture itself stays as it was written
+    with sqlite3.connect(path) as con:
+        con.executescript(FIXTURE.read_text())
+    con.close()
     return f"sqlite:///{path}"
 
 

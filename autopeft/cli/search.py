@@ -82,14 +82,6 @@ def cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
-def _default_recipe() -> str:
-    """The embedded default study: ./studies/digits.yaml where there is one (a checkout, or the user's own copy),
-    else the copy installed with the package (studies/digits.yaml in the repository links to it)."""
-    from autopeft.data.recipes import EMBEDDED_RECIPE, recipe_file
-
-    return str(recipe_file(EMBEDDED_RECIPE))
-
-
 def _storage(args: argparse.Namespace) -> str:
     from autopeft.search.storage import default_storage
 
