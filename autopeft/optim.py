@@ -26,14 +26,21 @@ if TYPE_CHECKING:
     from autopeft.train_config import TrainConfig
 
 
+def _peak(config: TrainConfig) -> float:
+    if config.lr is None:  # `auto` is resolved where the plan and the data are known (autopeft.train.set_up)
+        raise ValueError("the optimiser needs a resolved learning rate; autopeft.learning_rate.peak_lr gives it")
+    return config.lr
+
+
 def make_optimizer(params: list[torch.nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
-    """The optimiser of `config.optimizer` over the trainable `params` (decay on matrices only)."""
+    """The optimiser of `config.optimizer` over the trainable `params` (decay on matrices only), at `config.lr`."""
+    lr = _peak(config)
     decay = [p for p in params if p.ndim > 1]
     no_decay = [p for p in params if p.ndim <= 1]
     groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if config.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=config.lr, momentum=SGD_MOMENTUM, nesterov=False)
-    return torch.optim.AdamW(groups, lr=config.lr)
+        return torch.optim.SGD(groups, lr=lr, momentum=SGD_MOMENTUM, nesterov=False)
+    return torch.optim.AdamW(groups, lr=lr)
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, total_steps: int,
@@ -43,13 +50,14 @@ def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, total_
     Both schedules are one timm cosine after the warm-up: `constant` is the cosine whose floor is the peak, so the
     warm-up is the same code under both and the flat part is exactly the peak lr.
     """
-    floor = config.lr if config.scheduler == "constant" else config.lr * 1e-3
+    lr = _peak(config)
+    floor = lr if config.scheduler == "constant" else lr * 1e-3
     timm_log = logging.getLogger("timm.scheduler.cosine_lr")
     level = timm_log.level
     timm_log.setLevel(logging.ERROR)  # a 1-step cosine is a constant, which timm logs a warning about
     try:
         return CosineLRScheduler(optimizer, t_initial=max(total_steps - warmup_steps, 1), warmup_t=warmup_steps,
-                                 warmup_lr_init=config.lr * 1e-2, warmup_prefix=True, lr_min=floor,
+                                 warmup_lr_init=lr * 1e-2, warmup_prefix=True, lr_min=floor,
                                  t_in_epochs=False)
     finally:
         timm_log.setLevel(level)

@@ -129,7 +129,8 @@ class Recipe:
 
     def to_dict(self) -> dict[str, Any]:
         out = {k: getattr(self, k) for k in _KEYS if k not in ("version", "plan")}
-        out.update(version=RECIPE_VERSION, plan=self.plan.to_dict(), training=dict(self.training),
+        training = {k: "auto" if k == "lr" and v is None else v for k, v in self.training.items()}
+        out.update(version=RECIPE_VERSION, plan=self.plan.to_dict(), training=training,
                    provenance=_plain(self.provenance))
         return out
 

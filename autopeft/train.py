@@ -6,11 +6,10 @@ a local logger), so search and final training cannot drift apart.
 
 from __future__ import annotations
 
-import math
 import random
 import time
 from collections.abc import Callable, Iterator, Sized
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, cast
 
 import numpy as np
@@ -22,6 +21,7 @@ from autopeft.backbones import BackboneSpec, create_backbone, is_head_param, spe
 from autopeft.data import DataSplits
 from autopeft.errors import AutopeftError
 from autopeft.features import FeatureCache, prefix_modules, suffix_forward, supports_cache, weights_hash
+from autopeft.learning_rate import peak_lr
 from autopeft.optim import make_optimizer, make_scheduler
 from autopeft.plan import PeftPlan
 from autopeft.train_config import (  # noqa: F401  (the training settings, also importable from here)
@@ -31,6 +31,8 @@ from autopeft.train_config import (  # noqa: F401  (the training settings, also 
     TrainConfig,
     check_training,
     rescale_warmup,
+    steps_per_epoch,
+    total_steps,
     training_value,
 )
 
@@ -51,6 +53,7 @@ class TrainResult:
     head_params: int = 0
     seconds: float = 0.0
     cached_blocks: int = 0
+    lr: float = 0.0  # the peak learning rate it trained at
 
     @property
     def val_acc(self) -> float | None:
@@ -135,6 +138,7 @@ class TrainSetup:
     eval_src: _Source | None
     forward: Callable[[torch.Tensor], torch.Tensor] | None  # replaces model(x) on cached features
     source: Callable[[str, str, Dataset], _Source]  # (role, split name, dataset) -> batches, for the test split
+    lr: float  # the peak learning rate (autopeft.learning_rate.peak_lr: given or derived, times lr_scale)
 
 
 def set_up(backbone: str, plan: PeftPlan, data: DataSplits, config: TrainConfig, *, weights: str | None = None,
@@ -171,19 +175,22 @@ def set_up(backbone: str, plan: PeftPlan, data: DataSplits, config: TrainConfig,
     return TrainSetup(model=model, spec=spec, device=device, frozen_blocks=k, cached_blocks=k if use_cache else 0,
                   train_src=source("train", train_split, splits["train"]),
                   eval_src=source("eval", eval_split, splits["eval"]) if eval_split else None,
-                  forward=(lambda x: suffix_forward(model, x, k)) if use_cache else None, source=source)
+                  forward=(lambda x: suffix_forward(model, x, k)) if use_cache else None, source=source,
+                  lr=peak_lr(config, plan, spec, num_samples(splits["train"])))
 
 
 def run_epochs(run: TrainSetup, config: TrainConfig, report: Report | None = None,
                on_step: Callable[[int, int], None] | None = None) -> list[dict]:
-    """Optimise for `config.epochs` epochs, evaluating after each; returns the per-epoch metrics."""
+    """Optimise for `config.epochs` epochs at the set-up's peak rate, evaluating after each; returns the per-epoch
+    metrics."""
+    config = replace(config, lr=run.lr, lr_scale=1.0)
     model, device, forward = run.model, run.device, run.forward
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(trainable, config)
     batches = _Batches(len(run.train_src), config.batch_size, config.seed)
-    steps_per_epoch = math.ceil(len(run.train_src) / config.batch_size)
-    total = steps_per_epoch * config.epochs
-    warmup = min(int(config.warmup_epochs * steps_per_epoch), max(total - 1, 0))
+    per_epoch = steps_per_epoch(len(run.train_src), config.batch_size)
+    total = total_steps(len(run.train_src), config.batch_size, config.epochs)
+    warmup = min(int(config.warmup_epochs * per_epoch), max(total - 1, 0))
     scheduler = make_scheduler(optimizer, config, total, warmup)
     criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     frozen_prefix = prefix_modules(model, run.frozen_blocks) if run.frozen_blocks else []
@@ -259,7 +266,7 @@ def train(
                  eval_split=eval_split)
     history = run_epochs(run, config, report, on_step)
     model = run.model
-    result = TrainResult(model=model, history=history, cached_blocks=run.cached_blocks,
+    result = TrainResult(model=model, history=history, cached_blocks=run.cached_blocks, lr=run.lr,
                          peft_params=plan.count(run.spec),
                          head_params=sum(p.numel() for n, p in model.named_parameters() if is_head_param(n)))
     if test:

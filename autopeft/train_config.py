@@ -41,7 +41,8 @@ class TrainConfig:
 
     epochs: int = 10
     batch_size: int = 32
-    lr: float = 1e-3
+    lr: float | None = None  # None: derived from the plan's methods and the schedule (autopeft.learning_rate)
+    lr_scale: float = 1.0  # multiplies the peak rate, given or derived (what the default spaces search)
     weight_decay: float = 1e-4
     warmup_epochs: float = 1.0
     optimizer: str = "adamw"
@@ -62,7 +63,9 @@ class TrainConfig:
         checks = [
             (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
             (self.batch_size >= 1, f"batch size must be >= 1, got {self.batch_size}"),
-            (self.lr > 0 and math.isfinite(self.lr), f"learning rate must be > 0, got {self.lr}"),
+            (self.lr is None or (self.lr > 0 and math.isfinite(self.lr)),
+             f"learning rate must be > 0 (or auto), got {self.lr}"),
+            (self.lr_scale > 0 and math.isfinite(self.lr_scale), f"lr_scale must be > 0, got {self.lr_scale}"),
             (self.weight_decay >= 0, f"weight decay must be >= 0, got {self.weight_decay}"),
             (0 < self.train_fraction <= 1, f"train fraction must be in (0, 1], got {self.train_fraction}"),
             (0 <= self.label_smoothing < 1, f"label smoothing must be in [0, 1), got {self.label_smoothing}"),
@@ -91,12 +94,20 @@ TRAINING_KEYS = tuple(sorted(f.name for f in fields(TrainConfig) if f.name not i
 SPACE_TRAINING_KEYS = tuple(sorted((*TRAINING_KEYS, "epochs")))
 
 
+def value_kind(key: str) -> type:
+    """The type of a training setting's values (`lr` is a float also where its default, auto, is None)."""
+    return float if key == "lr" else type(TrainConfig.defaults()[key])
+
+
 def training_value(key: str, value: Any) -> Any:
     """One training setting as its field's type (YAML reads `1e-3` as text), or an AutopeftError naming the key.
 
-    Only the type is checked here; TrainConfig checks the value itself (lr > 0, a known optimizer, ...).
+    Only the type is checked here; TrainConfig checks the value itself (lr > 0, a known optimizer, ...). `lr` is a
+    number or `auto` (or null): the rate derived from the plan and the schedule (autopeft.learning_rate).
     """
-    kind = type(TrainConfig.defaults()[key])
+    if key == "lr" and (value is None or value == "auto"):
+        return None
+    kind = value_kind(key)
     try:
         if kind is bool or kind is str:
             if not isinstance(value, kind):
@@ -125,6 +136,16 @@ def check_training(training: Mapping[str, Any], valid: tuple[str, ...] = TRAININ
     typed = {k: training_value(k, v) for k, v in sorted(training.items())}
     TrainConfig(**typed)
     return typed
+
+
+def steps_per_epoch(train_size: int, batch_size: int) -> int:
+    """Optimiser steps of one epoch over `train_size` images (the last, partial batch is a step)."""
+    return max(math.ceil(train_size / batch_size), 1)
+
+
+def total_steps(train_size: int, batch_size: int, epochs: int) -> int:
+    """Optimiser steps of a whole run."""
+    return steps_per_epoch(train_size, batch_size) * epochs
 
 
 def rescale_warmup(training: Mapping[str, Any], from_epochs: float | None, to_epochs: float) -> dict[str, Any]:

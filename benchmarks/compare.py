@@ -151,7 +151,7 @@ def _records(jobs: Sequence[Job], outs: Sequence[dict[str, Any]], epochs: int, s
             number=i, plan=job["plan"], peft_params=PeftPlan.from_dict(job["plan"]).count(spec),
             val_acc=out["curve"][-1] if ok else None, curve=out["curve"], epochs=len(out["curve"]) if ok else 0,
             max_epochs=epochs, status="COMPLETE" if ok else "FAIL", seconds=out["seconds"], tags=dict(tag),
-            params={k: v for k, v in job["hparams"].items() if k in ("lr", "weight_decay")}))
+            params={k: v for k, v in job["hparams"].items() if k in ("lr", "lr_scale", "weight_decay")}))
     return records
 
 
@@ -265,7 +265,7 @@ def summarise(arm: Arm, limit: int | None) -> tuple[dict[str, Any], TrialRecord 
         out.update(best_val=best.val_acc,
                    best={"number": best.number, "peft_params": best.peft_params, "tags": best.tags,
                          "hparams": {k: v for k, v in arm.hparams.get(best.number, {}).items()
-                                     if k in ("lr", "weight_decay")}, "plan": best.plan})
+                                     if k in ("lr", "lr_scale", "weight_decay")}, "plan": best.plan})
     return out, best
 
 

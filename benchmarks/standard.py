@@ -37,8 +37,8 @@ from benchmarks import RESULTS, write_result
 from benchmarks.compare import Job, run_job
 
 CACHE_DIR = RESULTS / "cache"
-CODE_FILES = ("train.py", "train_config.py", "optim.py", "plan.py", "backbones.py", "features.py", "methods/*.py",
-              "data/*.py")
+CODE_FILES = ("train.py", "train_config.py", "learning_rate.py", "optim.py", "plan.py", "backbones.py", "features.py",
+              "methods/*.py", "data/*.py")
 
 
 @dataclass(frozen=True)
@@ -71,12 +71,12 @@ STANDARD = StandardConfig()
 
 
 def lr_points(k: int, low: float, high: float) -> list[float]:
-    """`k` learning rates a decade apart from the top of the range down, never below `low`: one is `high`, two
-    are high/10 and high (for the unified space's 1e-4 … 1e-2: {1e-3, 1e-2}, PETL_Vision's grid), three add
-    high/100. From the top because at E = 15 epochs the largest learning rates train best (what [G] saw, and the
-    best random and search picks of a first run sat at 6e-3 … 7e-3); a measuring stick must not flatter the
-    search with a weak hand-picked arm. (A first try with quantile points of the log range, 3.2e-4 / 3.2e-3 and
-    1e-3, left hand-picked 20 points of val behind random search on the first cell.)"""
+    """`k` absolute learning rates a decade apart from the top of the range down, never below `low`: one is `high`,
+    two are high/10 and high (for a space's 1e-4 … 1e-2: {1e-3, 1e-2}, PETL_Vision's grid), three add high/100.
+    From the top because at E = 15 epochs the largest rates of such a range train best (what [G] saw, and the best
+    random and search picks of a first run sat at 6e-3 … 7e-3); a measuring stick must not flatter the search with
+    a weak hand-picked arm. (A first try with quantile points of the log range, 3.2e-4 / 3.2e-3 and 1e-3, left
+    hand-picked 20 points of val behind random search on the first cell.)"""
     decades = int(math.floor(math.log10(high / low) + 1e-9)) + 1  # how many fit a decade apart
     if k <= decades:
         points = [high / 10**i for i in range(k)]
@@ -86,17 +86,35 @@ def lr_points(k: int, low: float, high: float) -> list[float]:
     return sorted(float(f"{p:.3g}") for p in points)
 
 
-def allocate_handpicked(names: Sequence[str], runs: int, low: float, high: float) -> list[tuple[str, float]]:
-    """Exactly `runs` (method, lr) pairs: every method gets runs // M learning rates and the first runs % M methods
-    (baseline order: LoRA first) one more, each method's lrs being `lr_points` of its count. With fewer runs than
-    methods, the first `runs` methods at the range's top."""
+def scale_points(k: int, low: float, high: float) -> list[float]:
+    """`k` multipliers of the method's own rate (a space that searches `lr_scale`): the centres of k equal parts of
+    the log range, so one is its centre (1 for 0.25 … 4: the rate `autopeft train` uses by default, what a user
+    picking a method by hand takes) and two are 0.5 and 2."""
+    a, b = math.log(low), math.log(high)
+    return [float(f"{math.exp(a + (b - a) * (i + 0.5) / k):.3g}") for i in range(k)]
+
+
+def rate_key(space) -> str:
+    """The learning-rate key the space searches: `lr_scale` (relative to each plan's own rate) or `lr`."""
+    training = dict(space.training)
+    for key in ("lr_scale", "lr"):
+        if key in training and training[key].searched:
+            return key
+    raise ValueError(f"space {space.name} searches no learning rate (lr_scale or lr)")
+
+
+def allocate_handpicked(names: Sequence[str], runs: int, low: float, high: float,
+                        points: Callable[[int, float, float], list[float]] = lr_points) -> list[tuple[str, float]]:
+    """Exactly `runs` (method, rate) pairs: every method gets runs // M rates and the first runs % M methods
+    (baseline order: LoRA first) one more, each method's rates being `points` of its count (`lr_points` for an
+    absolute range, `scale_points` for `lr_scale`). With fewer runs than methods, the first `runs` methods."""
     m = len(names)
     if m == 0 or runs < 1:
         return []
     out = []
     for i, name in enumerate(names):
         k = runs // m + (1 if i < runs % m else 0)
-        out.extend((name, lr) for lr in (lr_points(k, low, high) if k else []))
+        out.extend((name, lr) for lr in (points(k, low, high) if k else []))
     return out
 
 
@@ -201,7 +219,7 @@ def _records(jobs: Sequence[Job], outs: Sequence[dict[str, Any]], epochs: int, s
             number=i, plan=job["plan"], peft_params=PeftPlan.from_dict(job["plan"]).count(spec),
             val_acc=out["curve"][-1] if ok else None, curve=out["curve"], epochs=epochs,
             max_epochs=epochs, status="COMPLETE" if ok else "FAIL", seconds=out["seconds"], tags=dict(tag),
-            params={k: v for k, v in job["hparams"].items() if k in ("lr", "weight_decay")}))
+            params={k: v for k, v in job["hparams"].items() if k in ("lr", "lr_scale", "weight_decay")}))
     return records  # a failed run spent its compute too: it keeps its epochs in the trace
 
 
@@ -223,7 +241,7 @@ def _arm_row(arm: CellArm, limit: int) -> tuple[dict[str, Any], Any]:
         hp = arm.hparams.get(best.number, {})
         row.update(best_val=best.val_acc, best={
             "number": best.number, "peft_params": best.peft_params, "tags": best.tags, "plan": best.plan,
-            "hparams": {k: hp.get(k) for k in ("lr", "weight_decay", "batch_size")}})
+            "hparams": {k: hp.get(k) for k in ("lr", "lr_scale", "weight_decay", "batch_size") if k in hp}})
     return row, best
 
 
@@ -241,13 +259,15 @@ def run_cell(c: StandardConfig, task: str, seed: int, space_path: Path, pool: Pr
     budget = parse_budget(c.budget, spec)
     space = load_space(str(space_path))
     limit, e = budget.limit, c.epochs
-    lr = dict(space.training)["lr"]
+    key = rate_key(space)
+    lr = dict(space.training)[key]
     fixed = {name: d.value for name, d in space.training if not d.searched}
     base: Job = dict(task=task, backbone=c.backbone, weights=c.weights, data_root=c.data_root, data_seed=seed,
                      seed=seed, epochs=e)
     plans = dict(baseline_plans(spec, limit))
-    alloc = allocate_handpicked(list(plans), c.runs, float(lr.low), float(lr.high))
-    hand_jobs = [dict(base, plan=plans[name].to_dict(), hparams={**fixed, "batch_size": c.batch_size, "lr": rate,
+    alloc = allocate_handpicked(list(plans), c.runs, float(lr.low), float(lr.high),
+                                scale_points if key == "lr_scale" else lr_points)
+    hand_jobs = [dict(base, plan=plans[name].to_dict(), hparams={**fixed, "batch_size": c.batch_size, key: rate,
                                                                   "weight_decay": c.weight_decay})
                  for name, rate in alloc]
     defaults = SearchSettings()

@@ -119,3 +119,33 @@ def test_parts_of_gives_back_the_plan_or_none(space: str) -> None:
         assert parts is None or bound.plan(parts) == plan
     foreign = PeftPlan.single(make_spec("lora", {"rank": 3}), [0])  # rank 3 is offered by no shipped space
     assert bound.parts_of(foreign) is None
+
+
+def test_baselines_are_enqueued_once_per_learning_rate_scale(tmp_path) -> None:
+    """`--baseline-lr-scales 0.5,2`: every baseline twice, at half and twice the space's centre lr_scale (1), in
+    baseline order; the study's trial count still caps what is enqueued."""
+    url = f"sqlite:///{tmp_path}/studies.db"
+    s = SearchSettings(study="g", dataset="digits", backbone=VIT, budget="2%", storage=url, trials=5,
+                       baseline_lr_scales="0.5,2")
+    assert s.baseline_lr_scales == (0.5, 2.0)
+    study, _ = create_or_resume(prepare(s))
+    waiting = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.WAITING]
+    fixed = [study._storage.get_trial_system_attrs(t._trial_id)["fixed_params"] for t in waiting]
+    names = [t.user_attrs[st.ATTR_BASELINE] for t in waiting]
+    assert len(waiting) == 5 and names[:4] == ["lora", "lora", "adapter", "adapter"]
+    assert [f["lr_scale"] for f in fixed] == pytest.approx([0.5, 2.0, 0.5, 2.0, 0.5])
+
+
+@pytest.mark.parametrize("scales,message", [
+    ("8", r"lr_scale 8 is outside the space's range 0.25 … 4"),
+    ("0,1", "must be numbers > 0"),
+    ("fast", "is not valid; use numbers"),
+])
+def test_bad_baseline_lr_scales_are_refused_before_the_study_exists(tmp_path, scales, message) -> None:
+    from autopeft.errors import AutopeftError
+
+    url = f"sqlite:///{tmp_path}/studies.db"
+    with pytest.raises(AutopeftError, match=message):
+        prepare(SearchSettings(study="bad", dataset="digits", backbone=VIT, budget="2%", storage=url,
+                               baseline_lr_scales=scales))
+    assert not (tmp_path / "studies.db").exists()

@@ -70,7 +70,7 @@ def test_storage_holds_every_trial_with_names_and_attrs(study_dir) -> None:
     baselines = [t.user_attrs.get("baseline") for t in trials if t.user_attrs.get("baseline")]
     assert {"lora", "adapter", "linear"} <= set(baselines)
     searched = [t for t in trials if not t.user_attrs.get("baseline")]
-    assert searched and all("lr" in t.params for t in searched)
+    assert searched and all("lr_scale" in t.params for t in searched)
     assert any(name.startswith(("block", "group", "global", "noah")) for t in searched for name in t.params)
 
 
@@ -108,6 +108,28 @@ def test_without_early_stopping_every_trial_trains_all_epochs(tmp_path, monkeypa
                  "--sampler", "random"]) == 0
     _, records = st.load_records("fifo", f"sqlite:///{tmp_path}/studies/fifo.db")
     assert len(records) == 4 and all(r.status == "COMPLETE" and r.epochs == 3 for r in records), records
+
+
+def test_max_epochs_caps_the_study_and_resume_keeps_the_cap(tmp_path, monkeypatch, ray_instance, capsys) -> None:
+    """`--max-epochs 7` with 3-epoch trials (two at a time, ASHA on): the study's trials spend at most 7 epochs and
+    it ends before its 10 trials; `--resume` without the flag keeps the stored cap (nothing more runs), with a
+    larger one it goes on to that."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("AUTOPEFT_CACHE", str(tmp_path / "cache"))
+    url = f"sqlite:///{tmp_path}/studies/cap.db"
+    base = [*SEARCH, "--trials", "10", "--study", "cap", "--no-baselines"]
+    assert main([*base, "--max-epochs", "7"]) == 0
+    _, records = st.load_records("cap", url)
+    spent = sum(r.epochs for r in records)
+    assert 4 <= spent <= 7 and len(records) < 10, [(r.number, r.epochs, r.status) for r in records]
+    assert all(r.status in ("COMPLETE", "PRUNED") for r in records)
+    assert "at most 7 epochs in all" in capsys.readouterr().err
+    assert main([*base, "--resume"]) == 0
+    _, again = st.load_records("cap", url)
+    assert len(again) == len(records)
+    assert main([*base, "--resume", "--max-epochs", "12"]) == 0
+    _, more = st.load_records("cap", url)
+    assert len(more) > len(records) and sum(r.epochs for r in more) <= 12
 
 
 def test_a_single_objective_study_tells_the_sampler_every_epoch(tmp_path, monkeypatch, ray_instance, capsys) -> None:
@@ -221,6 +243,8 @@ def test_the_pickled_searcher_holds_no_storage_url(tmp_path) -> None:
         (["--space", "nope"], "nope"),
         (["--resume"], "no study"),
         (["--trials", "0"], "--trials must be >= 1"),
+        (["--max-epochs", "2"], "less than one trial's 3 epochs"),
+        (["--baseline-lr-scales", "9"], "outside the space's range"),
         (["--storage", "notaurl"], "not a database URL"),
         (["--study", "a b"], "study name"),
     ],

@@ -60,7 +60,7 @@ def test_shipped_spaces_are_package_data_and_linked_at_the_top() -> None:
     for name in list_spaces():
         space = load_space(name)
         assert space.name == name and space.description
-        assert dict(space.training)["lr"].log
+        assert dict(space.training)["lr_scale"].log and "lr" not in dict(space.training)  # relative to each plan
 
 
 def test_mergeable_space_has_no_inference_overhead() -> None:
@@ -151,8 +151,8 @@ def test_parameter_names_are_stable_and_conditional() -> None:
             trial = study.ask()
             sample_plan(trial, load_space(name), spec, None)
             hparams = sample_hparams(trial, load_space(name))
-            assert 1e-4 <= hparams["lr"] <= 1e-2 and hparams["epochs"] == 100
-            plan_params = {k for k in trial.params if k not in ("lr", "weight_decay")}
+            assert 0.25 <= hparams["lr_scale"] <= 4.0 and hparams["epochs"] == 100 and "lr" not in hparams
+            plan_params = {k for k in trial.params if k not in ("lr_scale", "weight_decay")}
             assert all(re.fullmatch(pattern, k) for k in plan_params), plan_params
             for key in trial.params:  # options are asked only for a method the unit chose
                 unit, *rest = key.split(".")

@@ -24,6 +24,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--space", help="search space name (autopeft space list) or YAML file")
     p.add_argument("--trials", type=int, help="number of trials (baselines included)")
     p.add_argument("--epochs", type=int, help="epochs of a full-fidelity trial")
+    p.add_argument("--max-epochs", type=int, metavar="N",
+                   help="training epochs the whole study may spend, stopped trials' included (e.g. 10 × --epochs "
+                        "for ten full runs); it ends at N or at --trials, whichever comes first; --resume keeps it")
     p.add_argument("--grace-epochs", type=int, help="epochs before ASHA may stop a trial")
     p.add_argument("--no-early-stopping", dest="early_stopping", action="store_false", default=None,
                    help="train every trial for all --epochs (no ASHA), e.g. for a plain random search")
@@ -40,6 +43,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--no-baselines", dest="baselines", action="store_false", default=None,
                    help="do not start with the hand-picked baseline plans")
+    p.add_argument("--baseline-lr-scales", metavar="S,S,...",
+                   help="enqueue each baseline at these multiples of the space's centre learning rate (default 1: "
+                        "each method's own rate; e.g. 0.5,2 tries two, early stopping culls the worse)")
     p.set_defaults(func=cmd_search)
 
     p = sub.add_parser("results", help="print a study's trials or Pareto configs from its storage")
@@ -67,7 +73,8 @@ def cmd_search(args: argparse.Namespace) -> int:
     flags = {k: getattr(args, k) for k in ("dataset", "budget", "backbone", "weights", "data_root", "space", "trials",
                                              "epochs", "grace_epochs", "early_stopping", "sampler", "objectives",
                                              "gpus_per_trial", "cpus_per_trial", "concurrency", "address", "storage",
-                                             "study", "resume", "warm_start", "seed", "baselines")}
+                                             "study", "resume", "warm_start", "seed", "baselines",
+                                             "baseline_lr_scales", "max_epochs")}
     from autopeft.data.recipes import choose_recipe
 
     choice = choose_recipe(args.recipe, args.dataset)  # the dataset's own recipe, or defaults that suit it

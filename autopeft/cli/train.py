@@ -19,7 +19,18 @@ if TYPE_CHECKING:
 
 # the training keys with a flag of their own (--augment is a switch, below); without --config the flags not given
 # take TrainConfig's defaults, with --config a flag given overrides the recipe
-TRAINING_FLAGS = ("batch_size", "lr", "weight_decay", "warmup_epochs", "optimizer", "scheduler", "label_smoothing")
+TRAINING_FLAGS = ("batch_size", "lr", "lr_scale", "weight_decay", "warmup_epochs", "optimizer", "scheduler",
+                  "label_smoothing")
+
+
+def _lr(text: str) -> float | str:
+    """--lr: a number, or `auto` (the rate derived from the plan and the schedule; over a recipe's rate too)."""
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number or auto, got {text!r}") from None
 
 
 def _shown(value: float) -> str:
@@ -41,7 +52,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_plan_arguments(p, required=False)
     p.add_argument("--epochs", type=int, help=f"epochs (default {d['epochs']}; a recipe's warm-up keeps its share)")
     p.add_argument("--batch-size", type=int, help=f"batch size (default {d['batch_size']})")
-    p.add_argument("--lr", type=float, help=f"peak learning rate (default {_shown(d['lr'])})")
+    p.add_argument("--lr", type=_lr, help="peak learning rate, or auto (default: auto, the plan's methods' own rates "
+                                          "fitted to the run's steps and the backbone's width, see README; printed "
+                                          "when training starts)")
+    p.add_argument("--lr-scale", type=float, help=f"multiplies the peak rate, given or auto (default "
+                                                   f"{_shown(d['lr_scale'])})")
     p.add_argument("--weight-decay", type=float,
                    help=f"weight decay of matrices (default {_shown(d['weight_decay'])}; decoupled under AdamW, "
                         "L2 under SGD)")
@@ -139,7 +154,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     # printed once training starts, so that an error building the model stays the only line
     header = [f"[bold]{recipe.plan.short()}[/] on {recipe.backbone} · {data.name} ({data.num_classes} classes, "
               f"{', '.join(f'{k} {v}' for k, v in data.sizes().items())}) · {recipe.protocol} protocol, "
-              f"{recipe.epochs} epochs"]
+              f"{recipe.epochs} epochs, {_lr_text(recipe, data)}"]
     seeds = [recipe.seed + i for i in range(args.seeds)]
     runs: dict[str, dict] = {}
     with staged_dir(out) as tmp:
@@ -165,6 +180,18 @@ def cmd_train(args: argparse.Namespace) -> int:
               f"{trial_acc:.4f} after {recipe.provenance.get('search_epochs')} epochs → test accuracy {mean:.4f} "
               f"(gap {mean - trial_acc:+.4f})")
     return 0
+
+
+def _lr_text(recipe: Recipe, data: DataSplits) -> str:
+    """The peak rate as the header shows it: `lr 3.2e-02 (auto)` when derived."""
+    from autopeft.backbones import backbone_spec
+    from autopeft.learning_rate import peak_lr
+    from autopeft.train import num_samples
+
+    config = recipe.train_config()
+    train_size = num_samples(data.split("train_full" if recipe.protocol == "final" else "train"))
+    lr = peak_lr(config, recipe.plan, backbone_spec(recipe.backbone), train_size)
+    return f"lr {lr:.2e}" + (" (auto)" if config.lr is None else "")
 
 
 def _one_run(recipe: Recipe, data: DataSplits, run_dir: Path, args: argparse.Namespace, console: Console,

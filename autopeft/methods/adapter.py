@@ -37,6 +37,7 @@ class Adapter(MethodSpec):
     """Bottleneck adapter of width `dim` after the MLP (Pfeiffer), the attention, or both (Houlsby)."""
 
     name = "adapter"
+    lr_range = (6e-4, 6e-3)
     category = "addition"
     identity_at_init = True
     order = 40

@@ -61,6 +61,7 @@ class AdaptFormer(MethodSpec):
     """
 
     name = "adaptformer"
+    lr_range = (1e-3, 1e-2)
     category = "addition"
     identity_at_init = True
     order = 40

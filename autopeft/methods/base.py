@@ -37,6 +37,12 @@ class MethodSpec:
     order: ClassVar[int] = 50  # application order: lower first (unfreezing before inner wrappers before outer)
     # The integer option that sets the method's size (LoRA rank, adapter dim, prompt length, ...); None: unsized.
     size_option: ClassVar[str | None] = None
+    # The AdamW peak learning rates the method wants on the reference schedule (autopeft.learning_rate: 100 epochs,
+    # batch 64, ViT-B/16 on VTAB-1k), a decade wide around the rate its published tuning prefers. From
+    # PETL_Vision's tuning of 14 methods on the 19 VTAB-1k tasks (lr {1e-3, 1e-2} × wd × size, 100 epochs): a
+    # method most tasks tuned to 1e-2 is centred there (linear, VPT-shallow), one most tuned to 1e-3 at 1e-3 (LoRA,
+    # SSF, LN-tune, FacT), one the tasks split on at 3e-3 (VPT-deep, BitFit, AdaptFormer, Convpass); see README.
+    lr_range: ClassVar[tuple[float, float]] = (3e-4, 3e-3)
 
     def count(self, spec: BackboneSpec, blocks: Sequence[int]) -> int:
         """Closed-form number of trainable parameters this method adds or unfreezes at `blocks`."""

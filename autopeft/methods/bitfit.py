@@ -17,6 +17,7 @@ class BitFit(MethodSpec):
     """Every parameter named `*bias` inside the block (qkv, proj, fc1, fc2 and the norms) is trainable."""
 
     name = "bitfit"
+    lr_range = (1e-3, 1e-2)
     category = "partial"
     mergeable = True
     identity_at_init = True

@@ -68,6 +68,7 @@ class Convpass(MethodSpec):
     """Convolutional bypasses of width `dim` beside attention and MLP, scaled by `scale` (10 in the paper)."""
 
     name = "convpass"
+    lr_range = (1e-3, 1e-2)
     category = "addition"
     families = ("vit",)
     identity_at_init = True

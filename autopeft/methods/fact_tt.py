@@ -108,6 +108,7 @@ class FacTTT(MethodSpec):
     """FacT tensor-train (Jie & Deng): shared U, V of rank `rank`, per-block cores, output scaled by `scale`."""
 
     name = "fact_tt"
+    lr_range = (3e-4, 3e-3)
     category = "partial"
     mergeable = True
     identity_at_init = True

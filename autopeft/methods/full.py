@@ -17,6 +17,7 @@ class Full(MethodSpec):
     """All parameters of the backbone are trainable."""
 
     name = "full"
+    lr_range = (1e-4, 1e-3)
     category = "partial"
     mergeable = True
     scope = "global"

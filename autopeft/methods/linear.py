@@ -17,6 +17,7 @@ class Linear(MethodSpec):
     """Head only: zero PEFT parameters."""
 
     name = "linear"
+    lr_range = (3e-3, 3e-2)
     category = "partial"
     mergeable = True
     identity_at_init = True

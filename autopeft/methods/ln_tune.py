@@ -22,6 +22,7 @@ class LNTune(MethodSpec):
     """
 
     name = "ln_tune"
+    lr_range = (3e-4, 3e-3)
     category = "partial"
     mergeable = True
     identity_at_init = True

@@ -70,6 +70,7 @@ class LoRA(MethodSpec):
     """Low-rank adaptation (Hu et al.): ΔW = (alpha / rank) · B·A with A random and B zero at start."""
 
     name = "lora"
+    lr_range = (3e-4, 3e-3)
     category = "partial"
     mergeable = True
     identity_at_init = True

@@ -17,6 +17,7 @@ class Partial(MethodSpec):
     """Fine-tune the last `k` blocks and the norm after them."""
 
     name = "partial"
+    lr_range = (1e-4, 1e-3)
     category = "partial"
     mergeable = True
     scope = "global"

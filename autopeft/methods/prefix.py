@@ -59,6 +59,7 @@ class Prefix(MethodSpec):
     """Prefix tuning (Li & Liang) as used for ViTs: per-block learned key/value prefixes, small random start."""
 
     name = "prefix"
+    lr_range = (1e-3, 1e-2)
     category = "addition"
     families = ("vit",)
     order = 30  # innermost around attention: adapters and bypasses wrap it

@@ -66,6 +66,7 @@ class SSF(MethodSpec):
     """
 
     name = "ssf"
+    lr_range = (3e-4, 3e-3)
     category = "partial"
     mergeable = True
     order = 20

@@ -26,6 +26,7 @@ class VPTDeep(MethodSpec):
     """Visual prompt tuning, deep variant (Jia et al.)."""
 
     name = "vpt_deep"
+    lr_range = (1e-3, 1e-2)
     category = "addition"
     families = ("vit",)
     order = 60

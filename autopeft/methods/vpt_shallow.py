@@ -23,6 +23,7 @@ class VPTShallow(MethodSpec):
     """
 
     name = "vpt_shallow"
+    lr_range = (3e-3, 3e-2)
     category = "addition"
     families = ("vit",)
     scope = "global"

@@ -39,7 +39,7 @@ def prepare(s: SearchSettings) -> Prepared:
     import optuna
 
     from autopeft.data import data_config, load_dataset
-    from autopeft.search.engine import Prepared
+    from autopeft.search.engine import Prepared, baseline_hparams
     from autopeft.space import check_feasible, load_space
 
     # cheap checks first, then the storage, then what reads files (weights, every image)
@@ -69,8 +69,10 @@ def prepare(s: SearchSettings) -> Prepared:
     data = load_dataset(s.dataset, s.data_root, seed=s.seed, **data_config(s.backbone))
     check_images(data)
     baselines = baseline_plans(spec, budget.limit) if s.baselines and not s.resume else []
-    return Prepared(settings=s, spec=spec, budget=budget, space=space, storage_url=url,
+    prep = Prepared(settings=s, spec=spec, budget=budget, space=space, storage_url=url,
                     num_classes=data.num_classes, baselines=baselines)
+    baseline_hparams(prep)  # scaled learning rates inside the space's range, before the study exists
+    return prep
 
 
 def check_local_gpus(s: SearchSettings) -> None:
@@ -134,7 +136,8 @@ def check_images(data: Any, workers: int = 4) -> None:
 def search(s: SearchSettings, console: Console | None = None) -> Outcome:
     """Run (or resume) a search; return the study's settings and records."""
     from autopeft.search.cluster import ray_session
-    from autopeft.search.engine import create_or_resume, run
+    from autopeft.search.engine import create_or_resume, epoch_cap, run
+    from autopeft.search.epoch_cap import spent_epochs
 
     console = console or Console(stderr=True, soft_wrap=True)
     prep = prepare(s)
@@ -142,11 +145,18 @@ def search(s: SearchSettings, console: Console | None = None) -> Outcome:
     with ray_session(s):  # Ray first: a request the cluster cannot serve fails before the study exists
         study, remaining = create_or_resume(prep)
         done = s.trials - remaining
+        cap = epoch_cap(prep, study)
+        spent = spent_epochs(study.get_trials(deepcopy=False)) if cap is not None else 0
+        capped = f", at most {cap:,} epochs in all" + (f" ({spent:,} spent)" if spent else "") if cap else ""
         console.print(f"study [bold]{s.study}[/] in {escape(st.mask_url(prep.storage_url))}: {escape(s.dataset)} "
                       f"on {s.backbone}, budget {prep.budget.text} = {prep.budget.limit:,} params, space "
-                      f"{escape(prep.space.name)}, {s.trials} trials × {s.epochs} epochs"
+                      f"{escape(prep.space.name)}, {s.trials} trials × {s.epochs} epochs{capped}"
                       + (f" ({done} already finished or running)" if done else ""), highlight=False)
-        progress = SearchProgress(s.trials, s.epochs, prep.budget.limit, console, offset=done)
+        progress = SearchProgress(s.trials, s.epochs, prep.budget.limit, console, offset=done, epoch_cap=cap,
+                                  spent=spent)
         run(prep, study, remaining, callbacks=[progress])
+        if cap is not None and progress.spent + 1 > cap:
+            console.print(f"the study has spent {progress.spent:,} of its {cap:,} epochs (--max-epochs): done; "
+                          "resume with a larger --max-epochs to go on", highlight=False)
     settings, records = st.load_records(s.study, prep.storage_url)
     return Outcome(settings=settings, records=records, storage=prep.storage_url)

@@ -34,6 +34,7 @@ from autopeft.objectives import objectives_of
 from autopeft.plan import PeftPlan
 from autopeft.search import storage as st
 from autopeft.search.cluster import check_resources, ray_session  # noqa: F401  (check_resources: also here)
+from autopeft.search.epoch_cap import EpochCount, epoch_stopper, spent_epochs
 from autopeft.search.liveness import ATTR_DRIVER, Heartbeat, interrupted, this_driver
 from autopeft.search.settings import SearchSettings
 from autopeft.search.study_settings import StudySettings
@@ -91,10 +92,12 @@ def _searcher_class() -> type:
         count together. Every write is retried (`retry`), and no outcome is dropped silently.
         """
 
-        def __init__(self, *args: Any, max_epochs: int, target: int | None = None, **kwargs: Any) -> None:
+        def __init__(self, *args: Any, max_epochs: int, target: int | None = None, epoch_cap: int | None = None,
+                     spent: int = 0, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             self.max_epochs = max_epochs
             self.target = target
+            self.epoch_cap, self.epochs = epoch_cap, EpochCount(spent)  # --max-epochs (see epoch_cap)
 
         @property
         def study(self) -> optuna.Study:
@@ -112,6 +115,11 @@ def _searcher_class() -> type:
                 finished, running = st.retry(lambda: tally(self.study.get_trials(deepcopy=False)))
                 if finished + running >= self.target:
                     return Searcher.FINISHED  # type: ignore[return-value]  # Ray's documented end signal, a str
+            if self.epoch_cap is not None and trial_id not in self._ot_trials:
+                mine = len(self.running_trial_ids())
+                if not self.epochs.room_for_another(self.epoch_cap, mine):
+                    # no epoch left for another trial: wait for the running ones, end when none runs
+                    return None if mine else Searcher.FINISHED  # type: ignore[return-value]
             for attempt in range(3):
                 try:
                     config = st.retry(lambda: super(FidelityAwareSearch, self).suggest(trial_id))
@@ -129,6 +137,7 @@ def _searcher_class() -> type:
 
         def on_trial_result(self, trial_id: str, result: dict) -> None:
             """Each epoch's value to a single-objective study (a failing trial's last report carries none)."""
+            self.epochs.see(trial_id, result)
             if isinstance(self.metric, str) and result.get(self.metric) is not None:
                 st.retry(lambda: super(FidelityAwareSearch, self).on_trial_result(trial_id, result))
 
@@ -137,6 +146,7 @@ def _searcher_class() -> type:
             if ot_trial is None or trial_id in self._completed_trials:
                 return super().on_trial_complete(trial_id, result, error)
             r = result or {}
+            self.epochs.see(trial_id, r)
             epochs = int(r.get("epoch", 0) or 0)
             attrs = {st.ATTR_CURVE: list(r.get("curve") or []), st.ATTR_EPOCHS: epochs,
                      st.ATTR_SECONDS: float(r.get("seconds", 0.0) or 0.0), st.ATTR_NODE: str(r.get("node", ""))}
@@ -263,14 +273,13 @@ def create_or_resume(prep: Prepared) -> tuple[optuna.Study, int]:
             study.set_metric_names(metrics)
         st.write_settings(study, prep.study_settings)
         bound = bind(prep.space, prep.spec)
-        for name, plan in prep.baselines[: s.trials]:  # a short study runs only the first baselines
+        queue = [(name, plan, hp) for name, plan in prep.baselines for hp in baseline_hparams(prep)]
+        for name, plan, hp in queue[: s.trials]:  # a short study runs only the first baselines
             parts = bound.parts_of(plan)
             if parts is not None:  # as the space's own parameters: the sampler learns from it like any draw
-                study.enqueue_trial({**bound.params(parts), **_baseline_params(prep)},
-                                    user_attrs={st.ATTR_BASELINE: name})
+                study.enqueue_trial({**bound.params(parts), **hp}, user_attrs={st.ATTR_BASELINE: name})
             else:  # a plan the space cannot express (e.g. a linear probe): trained as it is
-                study.enqueue_trial(_baseline_params(prep), user_attrs={st.ATTR_PLAN: plan.to_dict(),
-                                                                        st.ATTR_BASELINE: name})
+                study.enqueue_trial(hp, user_attrs={st.ATTR_PLAN: plan.to_dict(), st.ATTR_BASELINE: name})
         if s.warm_start:
             enqueue_warm_start(study, prep)
     finished, running = tally(study.get_trials(deepcopy=False))  # running: other live drivers' trials
@@ -288,6 +297,32 @@ def _baseline_params(prep: Prepared) -> dict[str, Any]:
             lo, hi = float(domain.low), float(domain.high)
             centre = math.sqrt(lo * hi) if domain.log and lo > 0 else (lo + hi) / 2
             out[name] = int(round(centre)) if domain.kind == "int" else centre
+    return out
+
+
+RATE_KEYS = ("lr_scale", "lr")  # the learning-rate keys a space may search: relative to each plan's rate, absolute
+
+
+def baseline_hparams(prep: Prepared) -> list[dict[str, Any]]:
+    """The hyper-parameters of each baseline's trials: `_baseline_params` once per `baseline_lr_scales` entry, the
+    searched learning rate (lr_scale, else lr) times that entry. Raises AutopeftError when a scaled rate leaves
+    the space's range, or when scales other than 1 are asked of a space that searches no learning rate."""
+    centre = _baseline_params(prep)
+    scales = prep.settings.baseline_lr_scales
+    training = dict(prep.space.training)
+    key = next((k for k in RATE_KEYS if k in training and training[k].kind == "float"), None)
+    if key is None:
+        if set(scales) != {1.0}:
+            raise AutopeftError(f"--baseline-lr-scales: space '{prep.space.name}' searches no learning-rate range "
+                                f"({' or '.join(RATE_KEYS)}); drop the flag or search one")
+        return [centre]
+    domain, out = training[key], []
+    for scale in scales:
+        value = centre[key] * scale
+        if not (float(domain.low) <= value * (1 + 1e-9) and value <= float(domain.high) * (1 + 1e-9)):
+            raise AutopeftError(f"--baseline-lr-scales {scale:g}: {key} {value:g} is outside the space's range "
+                                f"{float(domain.low):g} … {float(domain.high):g}")
+        out.append({**centre, key: min(max(value, float(domain.low)), float(domain.high))})
     return out
 
 
@@ -341,6 +376,13 @@ def enqueue_warm_start(study: optuna.Study, prep: Prepared) -> int:
     return n
 
 
+def epoch_cap(prep: Prepared, study: optuna.Study) -> int | None:
+    """The study's `--max-epochs`: the one given, else (on --resume) the one the study was created with."""
+    if prep.settings.max_epochs is not None or not prep.settings.resume:
+        return prep.settings.max_epochs
+    return st.read_settings(study).search.max_epochs
+
+
 def make_scheduler(s: SearchSettings) -> Any:
     """ASHA on val_acc (stops weak trials after `grace_epochs`), or, with early stopping off, first-in first-out:
     every trial trains all `epochs`."""
@@ -361,7 +403,9 @@ def run(prep: Prepared, study: optuna.Study, remaining: int, callbacks: list | N
     from ray import tune
 
     s = prep.settings
-    if remaining <= 0:
+    cap = epoch_cap(prep, study)
+    spent = spent_epochs(study.get_trials(deepcopy=False)) if cap is not None else 0
+    if remaining <= 0 or (cap is not None and spent + 1 > cap):
         return
     # a failing trial's final report carries its reason and no accuracy; the scheduler must accept it
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
@@ -387,6 +431,8 @@ def run(prep: Prepared, study: optuna.Study, remaining: int, callbacks: list | N
             storage=storage,
             max_epochs=s.epochs,
             target=s.trials,
+            epoch_cap=cap,
+            spent=spent,
         )
         scheduler = make_scheduler(s)
         trainable = tune.with_resources(tune.with_parameters(run_trial, settings=trial_settings),
@@ -403,7 +449,8 @@ def run(prep: Prepared, study: optuna.Study, remaining: int, callbacks: list | N
                 tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=remaining,
                                             max_concurrent_trials=s.concurrency, reuse_actors=True),
                 run_config=tune.RunConfig(name=s.study, storage_path=workdir, verbose=0, callbacks=callbacks or [],
-                                          log_to_file=True),
+                                          log_to_file=True,
+                                          stop=epoch_stopper(cap, spent) if cap is not None else None),
             )
             tuner.fit()
         finally:

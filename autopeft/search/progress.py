@@ -13,8 +13,9 @@ class SearchProgress(Callback):
     """A Ray Tune callback printing one line per finished trial and a running tally."""
 
     def __init__(self, total: int, max_epochs: int, budget_limit: int, console: Console | None = None,
-                 offset: int = 0):
+                 offset: int = 0, epoch_cap: int | None = None, spent: int = 0):
         self.total, self.max_epochs, self.limit = total, max_epochs, budget_limit
+        self.epoch_cap, self.spent = epoch_cap, spent  # --max-epochs, and the epochs the finished trials spent
         self.console = console or Console(stderr=True, soft_wrap=True)
         self.counts = {"done": 0, "pruned": 0, "failed": 0}
         self.offset = offset
@@ -48,6 +49,7 @@ class SearchProgress(Callback):
         meta = self._info(trial)
         params, number = int(meta.get("peft_params", 0)), meta.get("number", "?")
         epochs = int(r.get("epoch", 0) or 0)
+        self.spent += epochs
         if error or r.get("fail_reason"):
             self.counts["failed"] += 1
             status = f"[red]FAIL[/] {escape(str(r.get('fail_reason', 'worker failed')))}"  # text, not markup
@@ -62,6 +64,8 @@ class SearchProgress(Callback):
                 self.best = (acc, params, f"trial {number}")
         finished = sum(self.counts.values()) + self.offset
         best = f"best under budget {self.best[0]:.4f} ({self.best[2]}, {self.best[1]:,} params)" if self.best else ""
+        if self.epoch_cap is not None:
+            best = f"{self.spent:,}/{self.epoch_cap:,} epochs · {best}"
         self.console.print(
             f"trial {number}: {status} · {params:,} params · "
             f"[dim]{finished}/{self.total} finished · {len(self.running)} running · {self.counts['pruned']} "

@@ -44,8 +44,24 @@ class SearchSettings:
     warm_storage: str | None = None
     seed: int = 0
     baselines: bool = True
+    # each baseline is enqueued once per scale of its learning rate (the space's centre times it); early stopping
+    # culls the ones that train badly
+    baseline_lr_scales: tuple[float, ...] = (1.0,)
+    # the training epochs the study may spend (stopped and failed trials' too); None: no cap, `trials` ends it
+    max_epochs: int | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.baseline_lr_scales, (str, int, float)):
+            text = str(self.baseline_lr_scales)
+            try:
+                self.baseline_lr_scales = tuple(float(x) for x in text.split(",") if x.strip())
+            except ValueError:
+                raise AutopeftError(f"--baseline-lr-scales '{text}' is not valid; use numbers such as 0.5,1,2"
+                                    ) from None
+        self.baseline_lr_scales = tuple(float(x) for x in self.baseline_lr_scales)
+        if not self.baseline_lr_scales or any(not x > 0 for x in self.baseline_lr_scales):
+            raise AutopeftError(f"--baseline-lr-scales must be numbers > 0, got "
+                                f"{','.join(f'{x:g}' for x in self.baseline_lr_scales) or 'none'}")
         if isinstance(self.objectives, str):
             self.objectives = tuple(o.strip() for o in self.objectives.split(",") if o.strip())
         self.objectives = tuple(self.objectives)
@@ -63,6 +79,9 @@ class SearchSettings:
             (self.concurrency >= 1, f"--concurrency must be >= 1, got {self.concurrency}"),
             (self.cpus_per_trial > 0, f"--cpus-per-trial must be > 0, got {self.cpus_per_trial}"),
             (self.gpus_per_trial >= 0, f"--gpus-per-trial must be >= 0, got {self.gpus_per_trial}"),
+            (self.max_epochs is None or self.max_epochs >= self.epochs,
+             f"--max-epochs {self.max_epochs} is less than one trial's {self.epochs} epochs (--epochs): no trial "
+             "could finish; give at least that many"),
         ]
         for ok, message in checks:
             if not ok:

@@ -327,7 +327,7 @@ def _training(raw: Any, source: str, fail: Fail) -> tuple[tuple[str, Domain], ..
     is typed and validated by TrainConfig, so a typo or a bad value (`optimizr: sgd`, `optimizer: adam`) stops the
     search here, before any trial trains with a setting other than the one written.
     """
-    from autopeft.train_config import SPACE_TRAINING_KEYS, TrainConfig, check_training
+    from autopeft.train_config import SPACE_TRAINING_KEYS, check_training, value_kind
 
     if not isinstance(raw, dict):
         fail("training", "must map hyper-parameter names (lr, weight_decay, epochs, ...) to values")
@@ -339,7 +339,7 @@ def _training(raw: Any, source: str, fail: Fail) -> tuple[tuple[str, Domain], ..
         if key not in SPACE_TRAINING_KEYS:
             raise UnknownKey(f"{source}: {where}: unknown training key '{key}'; valid keys: "
                              f"{', '.join(SPACE_TRAINING_KEYS)}")
-        kind = type(TrainConfig.defaults()[key])
+        kind = value_kind(key)
         if isinstance(value, dict):
             if kind not in (int, float):
                 fail(where, f"{key} takes a value or a list of choices, not a range")
