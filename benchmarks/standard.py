@@ -61,6 +61,9 @@ class StandardConfig:
     data_root: str | None = None
     # search settings the search arm runs with instead of autopeft's defaults (`--search-set objectives=acc`)
     search_settings: tuple[tuple[str, str], ...] = ()
+    # the search arm spends the arm's compute through the engine's own cap (`--max-epochs N × E`, trials enough never
+    # to bind); False: as rows before [I] item 7 (trials estimated by `search_trials_for`, records cut after the run)
+    search_cap: bool = True
 
     @property
     def compute(self) -> int:
@@ -291,8 +294,13 @@ def run_cell(c: StandardConfig, task: str, seed: int, space_path: Path, pool: Pr
         arms[name].wall_s = in_process_s * len(jobs) / max(1, len(outs))
     log(f"  hand-picked + random: {len(outs)} runs in {in_process_s:.0f} s (cache {cache.hits} hits so far)")
 
-    trials = search_trials_for(c.compute, e, cell.grace_epochs, cell.reduction_factor)
-    found = search_arm(cell, trials, storage_dir, dict(c.search_settings))
+    settings = dict(c.search_settings)
+    if c.search_cap:  # the engine stops at the compute itself; every trial stopped at its grace would be the most
+        trials = c.compute // cell.grace_epochs + 1
+        settings["max_epochs"] = c.compute
+    else:
+        trials = search_trials_for(c.compute, e, cell.grace_epochs, cell.reduction_factor)
+    found = search_arm(cell, trials, storage_dir, settings)
     arms["search"] = CellArm(within_epochs(found.records, c.compute), found.hparams, found.wall_s)
     log(f"  search: {trials} trials asked, {len(arms['search'].records)} within {c.compute} epochs, "
         f"{found.wall_s:.0f} s")

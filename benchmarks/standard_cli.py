@@ -7,6 +7,8 @@ import os
 import platform
 import re
 import sys
+import types
+import typing
 from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -20,7 +22,7 @@ LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")
 
 # what the grid itself decides for every arm: the search arm may not change these
 GRID_KEYS = ("study", "dataset", "budget", "backbone", "weights", "data_root", "space", "trials", "epochs", "storage",
-             "seed", "resume", "address", "concurrency", "cpus_per_trial", "gpus_per_trial")
+             "seed", "resume", "address", "concurrency", "cpus_per_trial", "gpus_per_trial", "max_epochs")
 
 
 def search_settings(pairs: list[str]) -> tuple[tuple[str, Any], ...]:
@@ -31,19 +33,20 @@ def search_settings(pairs: list[str]) -> tuple[tuple[str, Any], ...]:
     from autopeft.errors import AutopeftError
     from autopeft.search.settings import SearchSettings
 
+    hints = typing.get_type_hints(SearchSettings)
     defaults = {f.name: f.default for f in fields(SearchSettings) if f.name not in GRID_KEYS}
     out = []
     for pair in pairs:
         key, sep, text = (part.strip() for part in pair.partition("="))
         if not sep or key not in defaults:
             raise AutopeftError(f"--search-set '{pair}': give KEY=VALUE with KEY one of {', '.join(sorted(defaults))}")
-        default = defaults[key]
+        hint = hints[key]  # `int | None` -> {int, NoneType}; `tuple[float, ...]` stays itself (text, parsed later)
+        kinds = set(typing.get_args(hint)) if typing.get_origin(hint) in (typing.Union, types.UnionType) else {hint}
         try:
-            value: Any = (text.lower() in ("1", "true", "yes", "on") if isinstance(default, bool) else
-                          int(text) if isinstance(default, int) else float(text) if isinstance(default, float)
-                          else text)
+            value: Any = (text.lower() in ("1", "true", "yes", "on") if bool in kinds else
+                          int(text) if int in kinds else float(text) if float in kinds else text)
         except ValueError:
-            kind = "a whole number" if isinstance(default, int) else "a number"
+            kind = "a whole number" if int in kinds else "a number"
             raise AutopeftError(f"--search-set '{pair}': {key} takes {kind}") from None
         out.append((key, value))
     SearchSettings(**dict(out))
@@ -64,7 +67,8 @@ def resolve_standard(args: argparse.Namespace) -> tuple[StandardConfig, Path]:
         raise AutopeftError("--standard runs on the mini suite only (the bundled backbone); drop --suite")
     if args.workers < 1:
         raise AutopeftError(f"--workers must be >= 1, got {args.workers}")
-    c = replace(STANDARD, workers=args.workers, search_settings=search_settings(args.search_set))
+    c = replace(STANDARD, workers=args.workers, search_settings=search_settings(args.search_set),
+                search_cap=not args.no_search_cap)
     if args.tasks:
         chosen = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
         unknown = [t for t in chosen if t not in MINI_TASKS]

@@ -302,6 +302,8 @@ def std_markdown(doc):
     (["--standard", "--label", "x", "--tasks", "cifar10"], "not in the mini suite"),
     (["--standard", "--label", "x", "--workers", "0"], "--workers must be >= 1"),
     (["--quick", "--label", "x"], "belong to --standard"),
+    (["--quick", "--no-search-cap"], "belong to --standard"),
+    (["--quick", "--search-set", "objectives=acc"], "belong to --standard"),
 ])
 def test_standard_bad_input_exits_2_with_one_line(argv, says, tmp_path, capsys):
     assert bench_run.main([*argv, "--out", str(tmp_path / "s.json")]) == 2
@@ -323,6 +325,7 @@ def test_derived_space_changes_only_the_batch_size(tmp_path):
 @pytest.mark.parametrize("pair, says", [
     ("objectivs=acc", "KEY one of"),            # a typo names the valid keys
     ("epochs=3", "KEY one of"),                 # the grid's own settings are not the search arm's to change
+    ("max_epochs=50", "KEY one of"),            # the grid caps the search at its compute itself
     ("grace_epochs=two", "takes a whole number"),
     ("objectives=acc,foo", "--objectives 'acc,foo' is not valid"),
 ])
@@ -338,3 +341,6 @@ def test_search_settings_are_typed_as_the_fields() -> None:
 
     assert search_settings(["objectives=acc", "grace_epochs=3", "early_stopping=false", "reduction_factor=3"]) == (
         ("objectives", "acc"), ("grace_epochs", 3), ("early_stopping", False), ("reduction_factor", 3))
+    # a field whose default is None takes its annotated type; a tuple field its text (the settings parse it)
+    assert search_settings(["warm_start=other", "baseline_lr_scales=0.5,2"]) == (
+        ("warm_start", "other"), ("baseline_lr_scales", "0.5,2"))
