@@ -47,6 +47,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                         "e.g. objectives=acc")
     p.add_argument("--no-search-cap", action="store_true",
                    help="--standard: the search arm as rows before --max-epochs (trials estimated, records cut)")
+    p.add_argument("--search-space", default=None, metavar="SPACE",
+                   help="--standard: the search arm's space (the other arms stay in the grid's unified space)")
     p.add_argument("--suite", default="mini", choices=("mini", "vtab1k"))
     p.add_argument("--data-root", default=None, help="data folder (required for vtab1k)")
     p.add_argument("--weights", default=None, help="a local weights file for the suite's backbone")
@@ -65,8 +67,9 @@ def resolve(args: argparse.Namespace):
     from benchmarks.suite import check_data, get_mode
 
     mode = get_mode(args.suite, args.quick)
-    if args.label or args.no_cache or args.search_set or args.no_search_cap:
-        raise AutopeftError("--label, --no-cache, --search-set and --no-search-cap belong to --standard")
+    if args.label or args.no_cache or args.search_set or args.no_search_cap or args.search_space:
+        raise AutopeftError("--label, --no-cache, --search-set, --search-space and --no-search-cap belong to "
+                            "--standard")
     if args.workers < 1:
         raise AutopeftError(f"--workers must be >= 1, got {args.workers}")
     if args.tasks:

@@ -29,7 +29,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +64,8 @@ class StandardConfig:
     # the search arm spends the arm's compute through the engine's own cap (`--max-epochs N × E`, trials enough never
     # to bind); False: as rows before [I] item 7 (trials estimated by `search_trials_for`, records cut after the run)
     search_cap: bool = True
+    # the search arm's own space (`--search-space compact`); None: the grid's `space`, which the other arms train in
+    search_space: str | None = None
 
     @property
     def compute(self) -> int:
@@ -121,7 +123,7 @@ def allocate_handpicked(names: Sequence[str], runs: int, low: float, high: float
     return out
 
 
-def derived_space(c: StandardConfig, folder: Path) -> Path:
+def derived_space(c: StandardConfig, folder: Path, name: str | None = None) -> Path:
     """The shipped space with the grid's batch size, written to `folder` (named by its content). The unified
     space fixes batch 64 (4 steps per epoch on 200 images); the grid needs ≥ 6, and every arm must train alike."""
     import yaml
@@ -129,10 +131,11 @@ def derived_space(c: StandardConfig, folder: Path) -> Path:
     from autopeft.space import load_space
     from autopeft.yamlfile import read_yaml
 
-    source = Path(load_space(c.space).source)
+    name = name or c.space
+    source = Path(load_space(name).source)
     data = read_yaml(source, "search space file")
     data.setdefault("training", {})["batch_size"] = c.batch_size
-    data["name"] = f"{data.get('name', c.space)}-b{c.batch_size}"
+    data["name"] = f"{data.get('name', name)}-b{c.batch_size}"
     text = yaml.safe_dump(data, sort_keys=True)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"space-{data['name']}-{hashlib.sha256(text.encode()).hexdigest()[:10]}.yaml"
@@ -249,8 +252,10 @@ def _arm_row(arm: CellArm, limit: int) -> tuple[dict[str, Any], Any]:
 
 
 def run_cell(c: StandardConfig, task: str, seed: int, space_path: Path, pool: ProcessPoolExecutor | None,
-             cache: RunCache, storage_dir: str, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """The three arms of one (task, seed) cell at equal compute, the selection by val, the averaged finals."""
+             cache: RunCache, storage_dir: str, log: Callable[[str], None] = print,
+             search_space_path: Path | None = None) -> dict[str, Any]:
+    """The three arms of one (task, seed) cell at equal compute, the selection by val, the averaged finals (the
+    search arm in `search_space_path` when given, the others always in `space_path`)."""
     from autopeft.backbones import backbone_spec
     from autopeft.budget import parse_budget
     from autopeft.search.baselines import baseline_plans
@@ -300,7 +305,8 @@ def run_cell(c: StandardConfig, task: str, seed: int, space_path: Path, pool: Pr
         settings["max_epochs"] = c.compute
     else:
         trials = search_trials_for(c.compute, e, cell.grace_epochs, cell.reduction_factor)
-    found = search_arm(cell, trials, storage_dir, settings)
+    search_cell = replace(cell, space=str(search_space_path)) if search_space_path else cell
+    found = search_arm(search_cell, trials, storage_dir, settings)
     arms["search"] = CellArm(within_epochs(found.records, c.compute), found.hparams, found.wall_s)
     log(f"  search: {trials} trials asked, {len(arms['search'].records)} within {c.compute} epochs, "
         f"{found.wall_s:.0f} s")
@@ -353,10 +359,12 @@ def run_grid(c: StandardConfig, label: str, out: Path, cache_dir: Path | None, m
         os.environ.setdefault("AUTOPEFT_CACHE", str(Path(tmp) / "features"))
         space_path = derived_space(c, (cache_dir or Path(tmp)) / "spaces")
         row["meta"]["space_file"] = space_path.name
+        search_path = derived_space(c, (cache_dir or Path(tmp)) / "spaces", c.search_space) if c.search_space else None
+        row["meta"]["search_space_file"] = search_path.name if search_path else space_path.name
         with compute_session(c.workers) as pool:
             for seed in c.seeds:
                 for task in c.tasks:
-                    row["cells"].append(run_cell(c, task, seed, space_path, pool, cache, tmp, log))
+                    row["cells"].append(run_cell(c, task, seed, space_path, pool, cache, tmp, log, search_path))
                     row["summary"] = summarise(row["cells"], c.resamples)
                     row["targets"] = targets(row["summary"])
                     row["meta"].update(wall_s=time.perf_counter() - start, cache_hits=cache.hits,

@@ -68,7 +68,11 @@ def resolve_standard(args: argparse.Namespace) -> tuple[StandardConfig, Path]:
     if args.workers < 1:
         raise AutopeftError(f"--workers must be >= 1, got {args.workers}")
     c = replace(STANDARD, workers=args.workers, search_settings=search_settings(args.search_set),
-                search_cap=not args.no_search_cap)
+                search_cap=not args.no_search_cap, search_space=args.search_space)
+    if args.search_space:
+        from autopeft.space import load_space
+
+        load_space(args.search_space)  # one line now for a space that does not exist, not after the other arms
     if args.tasks:
         chosen = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
         unknown = [t for t in chosen if t not in MINI_TASKS]

@@ -304,6 +304,7 @@ def std_markdown(doc):
     (["--quick", "--label", "x"], "belong to --standard"),
     (["--quick", "--no-search-cap"], "belong to --standard"),
     (["--quick", "--search-set", "objectives=acc"], "belong to --standard"),
+    (["--standard", "--label", "x", "--search-space", "nope"], "nope"),
 ])
 def test_standard_bad_input_exits_2_with_one_line(argv, says, tmp_path, capsys):
     assert bench_run.main([*argv, "--out", str(tmp_path / "s.json")]) == 2
@@ -320,6 +321,8 @@ def test_derived_space_changes_only_the_batch_size(tmp_path):
     assert ours["batch_size"].value == 32 and set(ours) == set(shipped)
     assert all(repr(ours[k]) == repr(shipped[k]) for k in shipped if k != "batch_size")
     assert std.derived_space(std.STANDARD, tmp_path) == path  # named by content: the same file again
+    other = std.derived_space(std.STANDARD, tmp_path, "compact")  # the search arm's own space (--search-space)
+    assert load_space(str(other)).mode == "depth" and dict(load_space(str(other)).training)["batch_size"].value == 32
 
 
 @pytest.mark.parametrize("pair, says", [

@@ -100,7 +100,7 @@ def test_baselines_are_enqueued_as_the_spaces_own_parameters(tmp_path) -> None:
     assert as_params >= 4
 
 
-@pytest.mark.parametrize("space", ["unified", "noah", "lora", "adapter", "vpt", "mergeable"])
+@pytest.mark.parametrize("space", ["unified", "noah", "lora", "adapter", "vpt", "mergeable", "compact"])
 def test_parts_of_gives_back_the_plan_or_none(space: str) -> None:
     """`BoundSpace.parts_of` inverts `plan`: for plans the space drew itself, and for each baseline it can express."""
     from autopeft.search.baselines import baseline_plans

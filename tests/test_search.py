@@ -186,7 +186,7 @@ def test_resume_finishes_the_requested_count_without_duplicates(tmp_path, ray_in
     before = {t.number: (t.state, t.values) for t in study.get_trials()}
     # a driver killed mid-trial leaves a RUNNING trial behind
     orphan = study.ask()
-    orphan.suggest_float("lr", 1e-4, 1e-2, log=True)
+    orphan.suggest_float("lr_scale", 0.25, 4.0, log=True)  # the space's own learning-rate parameter
     assert main([*SEARCH, "--trials", "5", "--study", "r", "--resume"]) == 0
     trials = optuna.load_study(study_name="r", storage=url).get_trials()
     numbers = [t.number for t in trials]
@@ -198,7 +198,7 @@ def test_resume_finishes_the_requested_count_without_duplicates(tmp_path, ray_in
             assert (t.state, t.values) == before[t.number]
     dead = trials[orphan.number]
     assert dead.state.name == "FAIL" and "interrupted" in dead.user_attrs["fail_reason"]
-    assert any(t.params.get("lr") == dead.params["lr"] for t in trials if t.number > orphan.number)
+    assert any(t.params.get("lr_scale") == dead.params["lr_scale"] for t in trials if t.number > orphan.number)
 
 
 def test_fidelity_aware_searcher_marks_states() -> None:
@@ -287,3 +287,16 @@ def test_progress_prints_one_unwrapped_line_per_trial(capsys) -> None:
     lines = capsys.readouterr().err.splitlines()
     assert [line.split(":")[0] for line in lines] == ["trial 0", "trial 1", "trial 2"], lines
     assert "best under budget 0.5000 (trial 0, 1,234 params)" in lines[2] and "3/12 finished" in lines[2]
+
+
+def test_epoch_count_adds_each_trials_last_epoch_to_the_finished_ones() -> None:
+    from autopeft.search.epoch_cap import EpochCount
+
+    count = EpochCount(base=5)
+    count.see("a", {"epoch": 1})
+    count.see("a", {"epoch": 2})
+    count.see("b", {"epoch": 1})
+    count.see("a", {"epoch": 2})  # a repeated report (Ray's final result) is not counted twice
+    count.see("c", None)
+    assert count.spent == 8
+    assert count.room_for_another(cap=11, running=2) and not count.room_for_another(cap=10, running=2)

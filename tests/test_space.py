@@ -40,7 +40,7 @@ from autopeft.space.format import shipped_dir
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
-SHIPPED = ["adapter", "lora", "mergeable", "noah", "unified", "vpt"]
+SHIPPED = ["adapter", "compact", "lora", "mergeable", "noah", "unified", "vpt"]
 BUDGETS = ["0.05%", "0.5%", "2%"]
 # 2,000 draws per space on the benchmark backbone (~25 s, optuna's own bookkeeping is most of it); fewer on the tiny
 # backbones, whose spaces are the same and whose budgets are tight (so the repair is exercised on most draws anyway).
@@ -144,6 +144,7 @@ def test_parameter_names_are_stable_and_conditional() -> None:
         "unified": r"block\d+\.(tune|module|tokens)|block\d+\.[a-z_]+\.[a-z]+|global\.(method|vpt_shallow\.length)",
         "noah": r"noah\.(vpt_deep|lora|adapter)\.(depth|length|rank|dim)",
         "lora": r"group[0-3]\.method|group[0-3]\.lora\.(rank|targets)",
+        "compact": r"noah\.(vpt_deep|lora|adapter|ln_tune)\.(depth|side|length|rank|dim)",
     }
     for name, pattern in patterns.items():
         study = random_study()
