@@ -13,8 +13,6 @@ exits 2 before anything is written.
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import os
 import platform
 import sys
@@ -24,7 +22,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, NoReturn
 
-from benchmarks import RESULTS, write_result
+from benchmarks import RESULTS, backbone_record, write_result
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -86,23 +84,6 @@ def resolve(args: argparse.Namespace):
         raise AutopeftError(f"--out {args.out} is a folder; give a .json file path")
     check_data(mode, args.data_root)
     return mode
-
-
-def backbone_record(name: str, weights: str | None) -> dict[str, Any]:
-    """Name, weights file and its sha256, and (bundled backbone) its recorded Fashion-MNIST test accuracy."""
-    out: dict[str, Any] = {"name": name, "weights_file": weights, "weights_sha256": None}
-    path = Path(weights) if weights else None
-    if path is None and name == "autopeft_tiny_vit":
-        from autopeft.bundled import INFO_FILE, WEIGHTS_FILE
-
-        path = WEIGHTS_FILE
-        info = json.loads(INFO_FILE.read_text())
-        out.update(fashion_mnist_test_accuracy=info.get("test_accuracy"), pretrain_command=info.get("command"),
-                   pretrain_date=info.get("date"))
-    if path is not None and path.is_file():
-        out["weights_file"] = str(path)
-        out["weights_sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
-    return out
 
 
 def concurrency_figure(mode, weights: str | None, data_root: str | None, storage_dir: str, gpus: float = 0.0

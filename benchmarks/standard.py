@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from benchmarks import RESULTS, write_result
+from benchmarks import RESULTS, backbone_record, write_result
 from benchmarks.compare import Job, run_job
 
 CACHE_DIR = RESULTS / "cache"
@@ -344,7 +344,6 @@ def run_grid(c: StandardConfig, label: str, out: Path, cache_dir: Path | None, m
     import torch
 
     from benchmarks.compare import compute_session
-    from benchmarks.run import backbone_record
     from benchmarks.standard_stats import markdown, summarise, targets
 
     backbone = backbone_record(c.backbone, c.weights)
