@@ -149,3 +149,29 @@ def test_bad_baseline_lr_scales_are_refused_before_the_study_exists(tmp_path, sc
         prepare(SearchSettings(study="bad", dataset="digits", backbone=VIT, budget="2%", storage=url,
                                baseline_lr_scales=scales))
     assert not (tmp_path / "studies.db").exists()
+
+
+@pytest.mark.parametrize("space", ["compact", "unified", "lora", "adapter", "vpt", "mergeable"])
+def test_an_enqueued_baseline_fixes_every_decision_of_its_plan(space: str) -> None:
+    """The parameters a baseline is enqueued with decide the whole plan: drawn as the sampler's own trial (every
+    other decision left to a random sampler), they give exactly the baseline. In a depth space the components the
+    baseline leaves out are fixed at depth 0 under their own names (`noah.adapter.depth`), not left to the sampler."""
+    from autopeft.search.baselines import baseline_plans
+    from autopeft.space import load_space
+    from autopeft.space.bound import bind
+    from autopeft.space.sampler import suggest_parts
+
+    spec = backbone_spec(VIT)
+    bound = bind(load_space(space), spec)
+    expressed = 0
+    for name, plan in baseline_plans(spec, parse_budget("1%", spec).limit):
+        parts = bound.parts_of(plan)
+        if parts is None:
+            continue
+        expressed += 1
+        for seed in range(3):
+            study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
+            study.enqueue_trial(bound.params(parts))
+            drawn = bound.plan(suggest_parts(study.ask(), bound))
+            assert drawn == plan, (space, name, drawn.short(), plan.short())
+    assert expressed >= (3 if space in ("compact", "unified") else 1)

@@ -224,7 +224,9 @@ class BoundSpace:
             t = replace(t, depth=len(on), side=side)
             held = [s for s in plan.blocks.get(on[0], ()) if s.name == t.method] if on else []
         if not held:
-            return replace(t, method=NONE, values=()) if NONE in t.choices or t.depth == 0 else None
+            if t.depth == 0:  # a depth component left out keeps its method: its parameter is `noah.<method>.depth`
+                return replace(t, values=())
+            return replace(t, method=NONE, values=()) if NONE in t.choices else None
         space = self.methods.get(held[0].name)
         if len(held) > 1 or space is None:
             return None
