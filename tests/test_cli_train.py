@@ -149,7 +149,8 @@ def test_help_shows_train_configs_defaults(capsys) -> None:
     with pytest.raises(SystemExit):
         _parse("--help")
     text = " ".join(capsys.readouterr().out.split())
-    for needle in ("batch size (default 32)", "peak learning rate, or auto (default: auto,", "multiplies the peak rate, given or auto (default 1)", "linear warm-up epochs (default 1)",
+    for needle in ("batch size (default 32)", "peak learning rate, or auto (default: auto,",
+                   "multiplies the peak rate, given or auto (default 1)", "linear warm-up epochs (default 1)",
                    "label smoothing (default 0)", "adamw or sgd (default adamw; sgd: momentum 0.9, no Nesterov)",
                    "cosine or constant (default cosine; constant stays at the peak lr)", "epochs (default 10;"):
         assert needle in text, needle
