@@ -34,6 +34,7 @@ from typing import Any
 from autopeft.records import TrialRecord
 
 Job = dict[str, Any]
+RECORDED_HPARAMS = ("lr", "lr_scale", "weight_decay")  # the hyper-parameters a benchmark record keeps
 
 
 @dataclass(frozen=True)
@@ -151,7 +152,7 @@ def _records(jobs: Sequence[Job], outs: Sequence[dict[str, Any]], epochs: int, s
             number=i, plan=job["plan"], peft_params=PeftPlan.from_dict(job["plan"]).count(spec),
             val_acc=out["curve"][-1] if ok else None, curve=out["curve"], epochs=len(out["curve"]) if ok else 0,
             max_epochs=epochs, status="COMPLETE" if ok else "FAIL", seconds=out["seconds"], tags=dict(tag),
-            params={k: v for k, v in job["hparams"].items() if k in ("lr", "lr_scale", "weight_decay")}))
+            params={k: v for k, v in job["hparams"].items() if k in RECORDED_HPARAMS}))
     return records
 
 
@@ -265,7 +266,7 @@ def summarise(arm: Arm, limit: int | None) -> tuple[dict[str, Any], TrialRecord 
         out.update(best_val=best.val_acc,
                    best={"number": best.number, "peft_params": best.peft_params, "tags": best.tags,
                          "hparams": {k: v for k, v in arm.hparams.get(best.number, {}).items()
-                                     if k in ("lr", "lr_scale", "weight_decay")}, "plan": best.plan})
+                                     if k in RECORDED_HPARAMS}, "plan": best.plan})
     return out, best
 
 

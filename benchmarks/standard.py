@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import RESULTS, backbone_record, write_result
-from benchmarks.compare import Job, run_job
+from benchmarks.compare import RECORDED_HPARAMS, Job, run_job
 
 CACHE_DIR = RESULTS / "cache"
 CODE_FILES = ("train.py", "train_config.py", "learning_rate.py", "optim.py", "plan.py", "backbones.py", "features.py",
@@ -97,15 +97,6 @@ def scale_points(k: int, low: float, high: float) -> list[float]:
     picking a method by hand takes) and two are 0.5 and 2."""
     a, b = math.log(low), math.log(high)
     return [float(f"{math.exp(a + (b - a) * (i + 0.5) / k):.3g}") for i in range(k)]
-
-
-def rate_key(space) -> str:
-    """The learning-rate key the space searches: `lr_scale` (relative to each plan's own rate) or `lr`."""
-    training = dict(space.training)
-    for key in ("lr_scale", "lr"):
-        if key in training and training[key].searched:
-            return key
-    raise ValueError(f"space {space.name} searches no learning rate (lr_scale or lr)")
 
 
 def allocate_handpicked(names: Sequence[str], runs: int, low: float, high: float,
@@ -225,7 +216,7 @@ def _records(jobs: Sequence[Job], outs: Sequence[dict[str, Any]], epochs: int, s
             number=i, plan=job["plan"], peft_params=PeftPlan.from_dict(job["plan"]).count(spec),
             val_acc=out["curve"][-1] if ok else None, curve=out["curve"], epochs=epochs,
             max_epochs=epochs, status="COMPLETE" if ok else "FAIL", seconds=out["seconds"], tags=dict(tag),
-            params={k: v for k, v in job["hparams"].items() if k in ("lr", "lr_scale", "weight_decay")}))
+            params={k: v for k, v in job["hparams"].items() if k in RECORDED_HPARAMS}))
     return records  # a failed run spent its compute too: it keeps its epochs in the trace
 
 
@@ -247,7 +238,7 @@ def _arm_row(arm: CellArm, limit: int) -> tuple[dict[str, Any], Any]:
         hp = arm.hparams.get(best.number, {})
         row.update(best_val=best.val_acc, best={
             "number": best.number, "peft_params": best.peft_params, "tags": best.tags, "plan": best.plan,
-            "hparams": {k: hp.get(k) for k in ("lr", "lr_scale", "weight_decay", "batch_size") if k in hp}})
+            "hparams": {k: hp.get(k) for k in (*RECORDED_HPARAMS, "batch_size") if k in hp}})
     return row, best
 
 
@@ -259,6 +250,7 @@ def run_cell(c: StandardConfig, task: str, seed: int, space_path: Path, pool: Pr
     from autopeft.backbones import backbone_spec
     from autopeft.budget import parse_budget
     from autopeft.search.baselines import baseline_plans
+    from autopeft.search.engine import rate_key
     from autopeft.search.settings import SearchSettings
     from autopeft.space import load_space
     from benchmarks.compare import CellConfig, random_jobs, search_arm, search_trials_for, within_epochs
@@ -268,6 +260,8 @@ def run_cell(c: StandardConfig, task: str, seed: int, space_path: Path, pool: Pr
     space = load_space(str(space_path))
     limit, e = budget.limit, c.epochs
     key = rate_key(space)
+    if key is None:
+        raise ValueError(f"space {space.name} searches no learning-rate range (lr_scale or lr)")
     lr = dict(space.training)[key]
     fixed = {name: d.value for name, d in space.training if not d.searched}
     base: Job = dict(task=task, backbone=c.backbone, weights=c.weights, data_root=c.data_root, data_seed=seed,

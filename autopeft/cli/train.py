@@ -189,7 +189,7 @@ def _lr_text(recipe: Recipe, data: DataSplits) -> str:
     from autopeft.train import num_samples
 
     config = recipe.train_config()
-    train_size = num_samples(data.split("train_full" if recipe.protocol == "final" else "train"))
+    train_size = num_samples(data.split(recipe.splits[0]))
     lr = peak_lr(config, recipe.plan, backbone_spec(recipe.backbone), train_size)
     return f"lr {lr:.2e}" + (" (auto)" if config.lr is None else "")
 

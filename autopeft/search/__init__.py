@@ -137,7 +137,7 @@ def search(s: SearchSettings, console: Console | None = None) -> Outcome:
     """Run (or resume) a search; return the study's settings and records."""
     from autopeft.search.cluster import ray_session
     from autopeft.search.engine import create_or_resume, epoch_cap, run
-    from autopeft.search.epoch_cap import spent_epochs
+    from autopeft.search.epoch_cap import EpochCount
 
     console = console or Console(stderr=True, soft_wrap=True)
     prep = prepare(s)
@@ -145,8 +145,7 @@ def search(s: SearchSettings, console: Console | None = None) -> Outcome:
     with ray_session(s):  # Ray first: a request the cluster cannot serve fails before the study exists
         study, remaining = create_or_resume(prep)
         done = s.trials - remaining
-        cap = epoch_cap(prep, study)
-        spent = spent_epochs(study.get_trials(deepcopy=False)) if cap is not None else 0
+        cap, spent = epoch_cap(prep, study)
         capped = f", at most {cap:,} epochs in all" + (f" ({spent:,} spent)" if spent else "") if cap else ""
         console.print(f"study [bold]{s.study}[/] in {escape(st.mask_url(prep.storage_url))}: {escape(s.dataset)} "
                       f"on {s.backbone}, budget {prep.budget.text} = {prep.budget.limit:,} params, space "
@@ -154,8 +153,8 @@ def search(s: SearchSettings, console: Console | None = None) -> Outcome:
                       + (f" ({done} already finished or running)" if done else ""), highlight=False)
         progress = SearchProgress(s.trials, s.epochs, prep.budget.limit, console, offset=done, epoch_cap=cap,
                                   spent=spent)
-        run(prep, study, remaining, callbacks=[progress])
-        if cap is not None and progress.spent + 1 > cap:
+        run(prep, study, remaining, callbacks=[progress], epochs=(cap, spent))
+        if cap is not None and not EpochCount(progress.spent).room_for_another(cap, running=0):
             console.print(f"the study has spent {progress.spent:,} of its {cap:,} epochs (--max-epochs): done; "
                           "resume with a larger --max-epochs to go on", highlight=False)
     settings, records = st.load_records(s.study, prep.storage_url)

@@ -273,7 +273,8 @@ def create_or_resume(prep: Prepared) -> tuple[optuna.Study, int]:
             study.set_metric_names(metrics)
         st.write_settings(study, prep.study_settings)
         bound = bind(prep.space, prep.spec)
-        queue = [(name, plan, hp) for name, plan in prep.baselines for hp in baseline_hparams(prep)]
+        grid = baseline_hparams(prep)
+        queue = [(name, plan, hp) for name, plan in prep.baselines for hp in grid]
         for name, plan, hp in queue[: s.trials]:  # a short study runs only the first baselines
             parts = bound.parts_of(plan)
             if parts is not None:  # as the space's own parameters: the sampler learns from it like any draw
@@ -303,20 +304,25 @@ def _baseline_params(prep: Prepared) -> dict[str, Any]:
 RATE_KEYS = ("lr_scale", "lr")  # the learning-rate keys a space may search: relative to each plan's rate, absolute
 
 
+def rate_key(space: SearchSpace) -> str | None:
+    """The learning-rate key `space` searches as a range (`lr_scale`, else `lr`), None when it searches neither."""
+    training = dict(space.training)
+    return next((k for k in RATE_KEYS if k in training and training[k].kind == "float"), None)
+
+
 def baseline_hparams(prep: Prepared) -> list[dict[str, Any]]:
     """The hyper-parameters of each baseline's trials: `_baseline_params` once per `baseline_lr_scales` entry, the
     searched learning rate (lr_scale, else lr) times that entry. Raises AutopeftError when a scaled rate leaves
     the space's range, or when scales other than 1 are asked of a space that searches no learning rate."""
     centre = _baseline_params(prep)
     scales = prep.settings.baseline_lr_scales
-    training = dict(prep.space.training)
-    key = next((k for k in RATE_KEYS if k in training and training[k].kind == "float"), None)
+    key = rate_key(prep.space)
     if key is None:
         if set(scales) != {1.0}:
             raise AutopeftError(f"--baseline-lr-scales: space '{prep.space.name}' searches no learning-rate range "
                                 f"({' or '.join(RATE_KEYS)}); drop the flag or search one")
         return [centre]
-    domain, out = training[key], []
+    domain, out = dict(prep.space.training)[key], []
     for scale in scales:
         value = centre[key] * scale
         if not (float(domain.low) <= value * (1 + 1e-9) and value <= float(domain.high) * (1 + 1e-9)):
@@ -376,11 +382,13 @@ def enqueue_warm_start(study: optuna.Study, prep: Prepared) -> int:
     return n
 
 
-def epoch_cap(prep: Prepared, study: optuna.Study) -> int | None:
-    """The study's `--max-epochs`: the one given, else (on --resume) the one the study was created with."""
-    if prep.settings.max_epochs is not None or not prep.settings.resume:
-        return prep.settings.max_epochs
-    return st.read_settings(study).search.max_epochs
+def epoch_cap(prep: Prepared, study: optuna.Study) -> tuple[int | None, int]:
+    """The study's `--max-epochs` (the one given, else on --resume the one the study was created with) and the
+    epochs its finished trials spent (0 without a cap)."""
+    cap = prep.settings.max_epochs
+    if cap is None and prep.settings.resume:
+        cap = st.read_settings(study).search.max_epochs
+    return cap, spent_epochs(study.get_trials(deepcopy=False)) if cap is not None else 0
 
 
 def make_scheduler(s: SearchSettings) -> Any:
@@ -394,7 +402,8 @@ def make_scheduler(s: SearchSettings) -> Any:
                          grace_period=min(s.grace_epochs, s.epochs), reduction_factor=s.reduction_factor)
 
 
-def run(prep: Prepared, study: optuna.Study, remaining: int, callbacks: list | None = None) -> None:
+def run(prep: Prepared, study: optuna.Study, remaining: int, callbacks: list | None = None,
+        epochs: tuple[int | None, int] | None = None) -> None:
     """Run up to `remaining` trials on Ray Tune, until the study holds `settings.trials` finished trials.
 
     While it runs, a heartbeat marks this driver's trials as alive in the storage and re-queues trials whose
@@ -403,9 +412,8 @@ def run(prep: Prepared, study: optuna.Study, remaining: int, callbacks: list | N
     from ray import tune
 
     s = prep.settings
-    cap = epoch_cap(prep, study)
-    spent = spent_epochs(study.get_trials(deepcopy=False)) if cap is not None else 0
-    if remaining <= 0 or (cap is not None and spent + 1 > cap):
+    cap, spent = epochs if epochs is not None else epoch_cap(prep, study)  # `epochs`: what the caller read
+    if remaining <= 0 or (cap is not None and not EpochCount(spent).room_for_another(cap, running=0)):
         return
     # a failing trial's final report carries its reason and no accuracy; the scheduler must accept it
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
