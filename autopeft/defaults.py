@@ -8,6 +8,7 @@ from autopeft.errors import AutopeftError
 
 BUNDLED_BACKBONE = "autopeft_tiny_vit"  # the tiny ViT shipped in autopeft/bundled, registered with timm there
 DEFAULT_BACKBONE = BUNDLED_BACKBONE  # offline and small: the default of `train`, `search` and the tests
+MAX_FOLDS = 20  # cross-validation folds `--select cv:K` accepts
 
 
 def env_megabytes(name: str, default: float) -> int:

@@ -88,7 +88,8 @@ def _check_trial(study: Study, number: int, limit: int, mergeable: bool) -> Tria
 
 
 def pick_trial(study: Study, pick: str, limit: int, mergeable: bool = False) -> TrialRecord:
-    """The trial `pick` names: `best` (highest val accuracy under `limit`), `knee` (of the Pareto front) or a number."""
+    """The trial `pick` names: `best` (under `limit`: the highest cross-validation accuracy when the study scored
+    trials with `--select cv:K`, else the highest val accuracy), `knee` (of the Pareto front) or a number."""
     if pick.isdigit():
         return _check_trial(study, int(pick), limit, mergeable)
     if pick not in PICKS:
@@ -129,7 +130,8 @@ def recipe_of(study: Study, record: TrialRecord, epochs: int | None = None, pick
         notes.append("the study stored no hyper-parameters for this trial; TrainConfig defaults apply")
     provenance = {
         "study": study.name, "storage": st.mask_url(study.storage), "trial": record.number, "pick": pick,
-        "val_acc": record.val_acc, "curve": record.curve, "peft_params": record.peft_params,
+        "val_acc": record.val_acc, "curve": record.curve, "cv_accs": record.cv_accs, "cv_acc": record.cv_acc,
+        "peft_params": record.peft_params,
         "percent": study.settings.percent(record.peft_params), "budget": s.budget,
         "budget_limit": limit if limit is not None else study.settings.budget_limit, "space": s.space,
         "search_epochs": search_epochs, "baseline": record.tags.get(ATTR_BASELINE), "hparams": hp,

@@ -213,15 +213,28 @@ def record_hypervolume(
 
 
 def best_under_budget(records: Sequence[TrialRecord], budget: int | Budget) -> TrialRecord | None:
-    """The eligible record with the highest val accuracy among those within `budget` parameters.
+    """The eligible record within `budget` parameters that the study selects: the highest cross-validation accuracy
+    among the cross-validated ones when any is (`--select cv:K` scores a study's top trials), else the highest val
+    accuracy.
 
-    Ties go to fewer parameters, then the lower trial number. None when no eligible record fits.
+    Ties go to the higher val accuracy, fewer parameters, then the lower trial number. None when no eligible record
+    fits.
     """
     limit = budget.limit if isinstance(budget, Budget) else int(budget)
     fitting = [r for r in eligible(records) if r.peft_params <= limit]
+    scored = [r for r in fitting if r.cv_acc is not None]
+    if scored:
+        return min(scored, key=lambda r: (-(r.cv_acc or 0.0), *accuracy_order(r)))
     if not fitting:
         return None
     return min(fitting, key=accuracy_order)
+
+
+def top_by_val(records: Sequence[TrialRecord], budget: int | Budget, k: int) -> list[TrialRecord]:
+    """The `k` eligible records within `budget` with the highest val accuracy (`accuracy_order`): what
+    cross-validation scores."""
+    limit = budget.limit if isinstance(budget, Budget) else int(budget)
+    return sorted((r for r in eligible(records) if r.peft_params <= limit), key=accuracy_order)[:k]
 
 
 def accuracy_order(record: TrialRecord) -> tuple[float, int, int]:

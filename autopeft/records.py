@@ -20,6 +20,37 @@ ATTR_PLAN, ATTR_PARAMS, ATTR_PERCENT, ATTR_BASELINE = "plan", "peft_params", "pe
 ATTR_CURVE, ATTR_EPOCHS, ATTR_MAX_EPOCHS, ATTR_SECONDS = "curve", "epochs", "max_epochs", "seconds"
 ATTR_STATUS, ATTR_REASON, ATTR_OVERHEAD, ATTR_HPARAMS = "status", "fail_reason", "overhead", "hparams"
 ATTR_NODE, ATTR_WARM_START, ATTR_RERUN_OF = "node", "warm_start", "rerun_of"
+# cross-validation results are study user attributes (a finished trial takes no new attributes), one per fold run:
+# `cv:<folds>:<trial>:<fold>` -> {"acc": held-out accuracy, "loss": ..., "seconds": ...} or {"fail": reason}
+CV_PREFIX = "cv:"
+
+
+def cv_attr(folds: int, number: int, fold: int) -> str:
+    """The study user attribute holding fold `fold` of `folds` of trial `number`."""
+    return f"{CV_PREFIX}{folds}:{number}:{fold}"
+
+
+def cv_results(attrs: dict[str, Any]) -> dict[int, dict[int, dict[int, dict[str, Any]]]]:
+    """Every stored fold run of a study's user attributes: trial -> folds -> fold -> its result."""
+    out: dict[int, dict[int, dict[int, dict[str, Any]]]] = {}
+    for key, value in attrs.items():
+        if not key.startswith(CV_PREFIX) or not isinstance(value, dict):
+            continue
+        try:
+            folds, number, fold = (int(x) for x in key[len(CV_PREFIX):].split(":"))
+        except ValueError:
+            continue
+        out.setdefault(number, {}).setdefault(folds, {})[fold] = value
+    return out
+
+
+def cv_accuracies(runs: dict[int, dict[int, dict[str, Any]]]) -> list[float]:
+    """A trial's fold accuracies (fold order) for the largest fold count whose every fold ran; [] when none did."""
+    for folds in sorted(runs, reverse=True):
+        done = runs[folds]
+        if all(isinstance(done.get(f, {}).get("acc"), (int, float)) for f in range(folds)):
+            return [float(done[f]["acc"]) for f in range(folds)]
+    return []
 
 
 @dataclass
@@ -40,6 +71,7 @@ class TrialRecord:
         tags: free labels, e.g. {ATTR_BASELINE: "lora"} or {ATTR_REASON: "out of memory ..."}.
         test_acc: test accuracy when the trial was evaluated on the test split.
         params: the sampled hyper-parameters (optuna parameter names to values).
+        cv_accs: held-out accuracy of each cross-validation fold (`--select cv:K`), [] when not cross-validated.
     """
 
     number: int
@@ -55,6 +87,7 @@ class TrialRecord:
     tags: dict[str, str] = field(default_factory=dict)
     test_acc: float | None = None
     params: dict[str, Any] = field(default_factory=dict)
+    cv_accs: list[float] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.status not in STATUSES:
@@ -66,6 +99,11 @@ class TrialRecord:
     def full_fidelity(self) -> bool:
         """Completed and trained for the full number of epochs (early-stopped trials report low-fidelity values)."""
         return self.status == "COMPLETE" and self.epochs >= self.max_epochs
+
+    @property
+    def cv_acc(self) -> float | None:
+        """Mean held-out accuracy over the cross-validation folds; None when not cross-validated."""
+        return math.fsum(self.cv_accs) / len(self.cv_accs) if self.cv_accs else None
 
     @cached_property
     def peft_plan(self) -> PeftPlan:
@@ -92,4 +130,5 @@ class TrialRecord:
         out["curve"] = [float(v) for v in out.get("curve") or []]
         out["tags"] = dict(out.get("tags") or {})
         out["params"] = dict(out.get("params") or {})
+        out["cv_accs"] = [float(v) for v in out.get("cv_accs") or []]
         return cls(**out)

@@ -70,7 +70,9 @@ def run_job(job: Job) -> dict[str, Any]:
     """One in-process training run (a search-phase trial on train/val, or a final run on train_full with test).
 
     The data split is drawn with `data_seed` when the job has one (a final retrained with another training seed
-    keeps its cell's split), else with `seed`.
+    keeps its cell's split), else with `seed`. A job with `cv` ({folds, fold, seed}) is a cross-validation fold
+    run, as `autopeft search --select cv:K` trains it: train on the other folds of train+val, its curve is the
+    held-out fold's accuracy.
     """
     from autopeft.data import data_config, load_dataset
     from autopeft.plan import PeftPlan
@@ -80,6 +82,10 @@ def run_job(job: Job) -> dict[str, Any]:
     start = time.perf_counter()
     data = load_dataset(job["task"], job.get("data_root"), seed=job.get("data_seed", job["seed"]),
                         **data_config(job["backbone"]))
+    if job.get("cv"):
+        from autopeft.data.folds import cv_splits
+
+        data = cv_splits(data, int(job["cv"]["folds"]), int(job["cv"]["fold"]), int(job["cv"]["seed"]))
     # exactly as a search trial builds it (TrainConfig's defaults, the space's settings, the sampled ones)
     cfg = trial_config(job["hparams"], job["epochs"], job["seed"])
     final = bool(job.get("final"))

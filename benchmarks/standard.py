@@ -66,6 +66,17 @@ class StandardConfig:
     search_cap: bool = True
     # the search arm's own space (`--search-space compact`); None: the grid's `space`, which the other arms train in
     search_space: str | None = None
+    # how every arm picks its final: `val`, or `cv:K`: its `select_top` best by val are trained in K folds of
+    # train+val (as `autopeft search --select cv:K` does) and the best mean fold accuracy is the pick; the row
+    # keeps each arm's val pick and its test too (`val_pick`), so one row compares the two ways of picking
+    select: str = "val"
+    select_top: int = 3
+
+    @property
+    def cv_folds(self) -> int | None:
+        from autopeft.search.settings import SearchSettings
+
+        return SearchSettings(select=self.select).cv_folds
 
     @property
     def compute(self) -> int:
@@ -249,6 +260,7 @@ def run_cell(c: StandardConfig, task: str, seed: int, space_path: Path, pool: Pr
     search arm in `search_space_path` when given, the others always in `space_path`)."""
     from autopeft.backbones import backbone_spec
     from autopeft.budget import parse_budget
+    from autopeft.pareto import best_under_budget
     from autopeft.search.baselines import baseline_plans
     from autopeft.search.engine import rate_key
     from autopeft.search.settings import SearchSettings
@@ -306,27 +318,62 @@ def run_cell(c: StandardConfig, task: str, seed: int, space_path: Path, pool: Pr
         f"{found.wall_s:.0f} s")
 
     rows: dict[str, dict[str, Any]] = {}
-    finals: dict[str, list[Job]] = {}
+    finals: dict[tuple[str, str], list[Job]] = {}
+    cv_s = 0.0
     for name in ("search", "random", "handpicked"):
+        val_best = best_under_budget(arms[name].records, limit)
+        if c.cv_folds and val_best is not None:
+            t = time.perf_counter()
+            arms[name].records, cv_epochs = cross_validated(c, arms[name], base, limit, pool, cache)
+            cv_s += time.perf_counter() - t
         rows[name], best = _arm_row(arms[name], limit)
-        if best is not None:
-            chosen = dict(base, plan=best.plan, final=True,
-                          hparams={"batch_size": c.batch_size, **arms[name].hparams.get(best.number, {})})
-            finals[name] = [dict(chosen, seed=seed + off) for off in c.final_seed_offsets]
+        picks = {"pick": best, "val_pick": val_best if c.cv_folds else None}
+        if c.cv_folds and val_best is not None:
+            rows[name].update(cv_epochs=cv_epochs, cv={r.number: r.cv_accs for r in arms[name].records if r.cv_accs},
+                              val_pick={"number": val_best.number, "best_val": val_best.val_acc})
+        for role, record in picks.items():
+            if record is not None:
+                chosen = dict(base, plan=record.plan, final=True,
+                              hparams={"batch_size": c.batch_size, **arms[name].hparams.get(record.number, {})})
+                finals[(name, role)] = [dict(chosen, seed=seed + off) for off in c.final_seed_offsets]
     t = time.perf_counter()
     flat = [j for jobs in finals.values() for j in jobs]
     results = iter(run_cached(flat, pool, cache))
-    for name, jobs in finals.items():
+    for (name, role), jobs in finals.items():
         tests = [next(results).get("test_acc") for _ in jobs]
-        rows[name]["tests"] = tests
-        rows[name]["final_seeds"] = [j["seed"] for j in jobs]
-        rows[name]["test"] = sum(tests) / len(tests) if all(x is not None for x in tests) else None
+        into = rows[name] if role == "pick" else rows[name]["val_pick"]
+        into["tests"] = tests
+        into["final_seeds"] = [j["seed"] for j in jobs]
+        into["test"] = sum(tests) / len(tests) if all(x is not None for x in tests) else None
     finals_s = time.perf_counter() - t
+    if c.cv_folds:
+        log(f"  cross-validation ({c.select}, top {c.select_top} per arm): {cv_s:.0f} s")
     log(f"  finals: {len(flat)} ({len(finals)} arms × {len(c.final_seed_offsets)} seeds) in {finals_s:.0f} s; test "
         + ", ".join(f"{n} {rows[n]['test']:.3f}" for n in rows if rows[n]["test"] is not None))
     return {"task": task, "seed": seed, "budget": c.budget, "budget_params": limit, "epochs_per_run": e,
             "horizon": c.compute, "search_trials_asked": trials, "arms": rows,
-            "wall_s": {"in_process": in_process_s, "search": found.wall_s, "finals": finals_s}}
+            "wall_s": {"in_process": in_process_s, "search": found.wall_s, "finals": finals_s, "cv": cv_s}}
+
+
+def cross_validated(c: StandardConfig, arm: CellArm, base: Job, limit: int, pool: ProcessPoolExecutor | None,
+                    cache: RunCache) -> tuple[list, int]:
+    """The arm's records, its `select_top` best by val carrying their fold accuracies (the fold runs of
+    `autopeft search --select cv:K`, here as cached in-process jobs), and the epochs the fold runs took."""
+    from autopeft.pareto import top_by_val
+
+    folds = c.cv_folds
+    assert folds is not None
+    top = top_by_val(arm.records, limit, c.select_top)
+    jobs = [dict(base, plan=r.plan, hparams={"batch_size": c.batch_size, **arm.hparams.get(r.number, {})},
+                 cv={"folds": folds, "fold": fold, "seed": base["data_seed"]})
+            for r in top for fold in range(folds)]
+    outs = iter(run_cached(jobs, pool, cache))
+    accs: dict[int, list[float]] = {}
+    for r in top:
+        runs = [next(outs) for _ in range(folds)]
+        if all(o["status"] == "COMPLETE" and len(o["curve"]) == c.epochs for o in runs):
+            accs[r.number] = [o["curve"][-1] for o in runs]  # a fold that failed leaves its trial unscored
+    return [replace(r, cv_accs=accs.get(r.number, [])) for r in arm.records], len(jobs) * c.epochs
 
 
 def run_grid(c: StandardConfig, label: str, out: Path, cache_dir: Path | None, meta: dict[str, Any],

@@ -22,7 +22,8 @@ LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")
 
 # what the grid itself decides for every arm: the search arm may not change these
 GRID_KEYS = ("study", "dataset", "budget", "backbone", "weights", "data_root", "space", "trials", "epochs", "storage",
-             "seed", "resume", "address", "concurrency", "cpus_per_trial", "gpus_per_trial", "max_epochs")
+             "seed", "resume", "address", "concurrency", "cpus_per_trial", "gpus_per_trial", "max_epochs", "select",
+             "select_top")  # select: the grid's --select, the same for every arm
 
 
 def search_settings(pairs: list[str]) -> tuple[tuple[str, Any], ...]:
@@ -69,6 +70,12 @@ def resolve_standard(args: argparse.Namespace) -> tuple[StandardConfig, Path]:
         raise AutopeftError(f"--workers must be >= 1, got {args.workers}")
     c = replace(STANDARD, workers=args.workers, search_settings=search_settings(args.search_set),
                 search_cap=not args.no_search_cap, search_space=args.search_space)
+    if args.select is not None or args.select_top is not None:
+        from autopeft.search.settings import SearchSettings
+
+        c = replace(c, select=args.select or c.select, select_top=c.select_top if args.select_top is None
+                    else args.select_top)
+        SearchSettings(select=c.select, select_top=c.select_top)  # one line for a bad value
     if args.search_space:
         from autopeft.space import load_space
 

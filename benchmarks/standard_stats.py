@@ -107,12 +107,26 @@ def summarise(cells: Sequence[dict[str, Any]], resamples: int = 10_000, seed: in
                                                                                           "handpicked")}
     out["epochs_mean"] = {a: sum(c["arms"][a].get("epochs", 0) for c in done) / len(done)
                           for a in ("search", "random", "handpicked")}
+    arms = ("search", "random", "handpicked")
+    if all(c["arms"][a].get("val_pick", {}).get("test") is not None for c in done for a in arms):
+        # a `--select cv:K` row: every arm picked by CV (above) and by val; what picking by CV is worth per arm
+        by_val = {a: [c["arms"][a]["val_pick"]["test"] for c in done] for a in arms}
+        out["cv_minus_val"] = {a: _interval([c["arms"][a]["test"] for c in done], by_val[a], resamples, seed)
+                               for a in arms}
+        out["val_pick_search_minus_handpicked"] = _interval(by_val["search"], by_val["handpicked"], resamples, seed)
+        out["cv_epochs_mean"] = {a: sum(c["arms"][a].get("cv_epochs", 0) for c in done) / len(done) for a in arms}
     horizon = min(c["horizon"] for c in done)
     curves = {a: mean_curve([best_so_far(c["arms"][a]["trace"], horizon) for c in done])
               for a in ("search", "random", "handpicked")}
     out["curves"] = curves
     out["reach"] = reach_ratio(curves["search"], curves["random"])
     return out
+
+
+def _interval(a: Sequence[float], b: Sequence[float], resamples: int, seed: int) -> dict[str, Any]:
+    diffs = [x - y for x, y in zip(a, b, strict=True)]
+    mean, lo, hi = bootstrap_ci(diffs, resamples, seed)
+    return {"mean": mean, "ci95": [lo, hi], "per_cell": diffs}
 
 
 def targets(summary: dict[str, Any]) -> dict[str, Any]:
@@ -167,6 +181,18 @@ def markdown(doc: dict[str, Any]) -> str:
         used_s = f"{used['search']:.0f} of {s['reach']['random_epochs']}" if used and s.get("reach") else "–"
         lines.append(f"| {label} | {meta.get('started', '')[:16]} | {cells} | {_ci(d)} | {per_task} | "
                      f"{_ci(s.get('random_minus_handpicked'))} | {ratio_s} | {used_s} | {wall} | {tests} | {flags} |")
+    cv_rows = [(label, row["summary"]) for label, row in doc.get("rows", {}).items()
+               if (row.get("summary") or {}).get("cv_minus_val")]
+    if cv_rows:
+        lines += ["", "Picking by cross-validation (`--select cv:K`): each arm's test with its CV pick − with its val "
+                  "pick, in points [bootstrap 95 %]; search − hand-picked when both pick by val; fold-run epochs per "
+                  "arm and cell.", "",
+                  "| label | search: cv − val | random: cv − val | hand-picked: cv − val | "
+                  "search − hand-picked, val picks | fold-run epochs |", "|---|---|---|---|---|---:|"]
+        for label, s in cv_rows:
+            d = s["cv_minus_val"]
+            lines.append(f"| {label} | {_ci(d['search'])} | {_ci(d['random'])} | {_ci(d['handpicked'])} | "
+                         f"{_ci(s['val_pick_search_minus_handpicked'])} | {s['cv_epochs_mean']['search']:.0f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -305,6 +305,9 @@ def std_markdown(doc):
     (["--quick", "--no-search-cap"], "belong to --standard"),
     (["--quick", "--search-set", "objectives=acc"], "belong to --standard"),
     (["--standard", "--label", "x", "--search-space", "nope"], "nope"),
+    (["--standard", "--label", "x", "--select", "cv:1"], "--select 'cv:1' is not valid"),
+    (["--standard", "--label", "x", "--select-top", "0"], "--select-top must be >= 1"),
+    (["--quick", "--select", "cv:3"], "belong to --standard"),
 ])
 def test_standard_bad_input_exits_2_with_one_line(argv, says, tmp_path, capsys):
     assert bench_run.main([*argv, "--out", str(tmp_path / "s.json")]) == 2
@@ -329,6 +332,7 @@ def test_derived_space_changes_only_the_batch_size(tmp_path):
     ("objectivs=acc", "KEY one of"),            # a typo names the valid keys
     ("epochs=3", "KEY one of"),                 # the grid's own settings are not the search arm's to change
     ("max_epochs=50", "KEY one of"),            # the grid caps the search at its compute itself
+    ("select=cv:3", "KEY one of"),              # the grid's --select picks for every arm alike
     ("grace_epochs=two", "takes a whole number"),
     ("objectives=acc,foo", "--objectives 'acc,foo' is not valid"),
 ])
@@ -347,3 +351,34 @@ def test_search_settings_are_typed_as_the_fields() -> None:
     # a field whose default is None takes its annotated type; a tuple field its text (the settings parse it)
     assert search_settings(["warm_start=other", "baseline_lr_scales=0.5,2"]) == (
         ("warm_start", "other"), ("baseline_lr_scales", "0.5,2"))
+
+
+def test_grid_cross_validation_scores_each_arms_top_trials_in_fold_runs(tmp_path, monkeypatch) -> None:
+    """`--select cv:2 --select-top 2`: an arm's two best by val get their fold accuracies (the fold runs of
+    `autopeft search --select cv:K`, as cached jobs); the others stay unscored; the pick is then by CV."""
+    from dataclasses import replace
+
+    from autopeft.backbones import create_backbone
+    from autopeft.methods import make_spec
+    from autopeft.pareto import best_under_budget
+    from autopeft.plan import PeftPlan
+    from autopeft.records import TrialRecord
+
+    monkeypatch.setenv("AUTOPEFT_CACHE", str(tmp_path / "cache"))
+    weights = tmp_path / "vit.safetensors"
+    torch.manual_seed(0)
+    save_file(create_backbone("autopeft_test_vit").state_dict(), str(weights))
+    plans = [PeftPlan.single(make_spec("bitfit", {}), range(3)).to_dict(), PeftPlan().to_dict()]
+    records = [TrialRecord(number=i, plan=plans[i % 2], peft_params=100 * (i % 2 == 0), val_acc=v, epochs=1,
+                           max_epochs=1) for i, v in enumerate([0.5, 0.9, 0.7])]
+    arm = std.CellArm(records, {i: {"lr_scale": 1.0} for i in range(3)})
+    c = replace(std.STANDARD, epochs=1, select="cv:2", select_top=2, backbone="autopeft_test_vit")
+    base = dict(task="digits", backbone="autopeft_test_vit", weights=str(weights), data_root=None, data_seed=0,
+                seed=0, epochs=1)
+    cache = std.RunCache(tmp_path / "runs", {"t": 1})
+    scored, epochs = std.cross_validated(c, arm, base, 1000, None, cache)
+    assert epochs == 4 and cache.misses == 4
+    assert [len(r.cv_accs) for r in scored] == [0, 2, 2]
+    assert best_under_budget(scored, 1000).number in (1, 2)
+    again, _ = std.cross_validated(c, arm, base, 1000, None, cache)  # cached: the same fold accuracies
+    assert cache.hits == 4 and [r.cv_accs for r in again] == [r.cv_accs for r in scored]

@@ -217,3 +217,24 @@ def test_record_round_trip_and_validation() -> None:
         TrialRecord.from_dict({**r.to_dict(), "bogus": 1})
     with pytest.raises(AutopeftError, match="lacks"):
         TrialRecord.from_dict({"number": 1})
+
+
+def test_best_under_budget_prefers_cross_validation_when_the_study_has_it():
+    """`--select cv:K` scored some trials: the pick is the best mean fold accuracy among them, even when another
+    trial has a higher val accuracy; ties go to val. Without CV scores, the best val as before."""
+    from autopeft.pareto import top_by_val
+
+    def rec(n, val, params, cv=()):
+        return TrialRecord(number=n, plan={}, peft_params=params, val_acc=val, epochs=3, max_epochs=3,
+                           cv_accs=list(cv))
+
+    plain = [rec(0, 0.90, 10), rec(1, 0.95, 10), rec(2, 0.93, 5), rec(3, 0.99, 500)]
+    best_under_budget = pareto.best_under_budget
+    assert best_under_budget(plain, 100).number == 1
+    assert [r.number for r in top_by_val(plain, 100, 2)] == [1, 2]
+    scored = [rec(0, 0.90, 10), rec(1, 0.95, 10, [0.80, 0.82]), rec(2, 0.93, 5, [0.86, 0.84]), rec(3, 0.99, 500)]
+    assert best_under_budget(scored, 100).number == 2
+    assert best_under_budget(scored, 100).cv_acc == pytest.approx(0.85)
+    tie = [rec(1, 0.95, 10, [0.8, 0.9]), rec(2, 0.93, 5, [0.9, 0.8])]
+    assert best_under_budget(tie, 100).number == 1
+    assert TrialRecord.from_dict(scored[1].to_dict()).cv_accs == [0.80, 0.82]

@@ -132,6 +132,58 @@ def test_max_epochs_caps_the_study_and_resume_keeps_the_cap(tmp_path, monkeypatc
     assert len(more) > len(records) and sum(r.epochs for r in more) <= 12
 
 
+def test_select_cv_scores_the_top_trials_in_folds_and_resume_runs_only_the_missing(tmp_path, monkeypatch,
+                                                                                    ray_instance, capsys) -> None:
+    """`--select cv:2 --select-top 2`: after the trials, the two best by val are trained in 2 folds of train+val as
+    Ray Tune trials; each fold's held-out accuracy is in the study, the pick is the best mean, export records the
+    folds; a fold that failed is the only one `--resume` runs again."""
+    from autopeft.pareto import best_under_budget, top_by_val
+    from autopeft.records import cv_attr
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("AUTOPEFT_CACHE", str(tmp_path / "cache"))
+    url = f"sqlite:///{tmp_path}/studies/cv.db"
+    base = [*SEARCH, "--trials", "4", "--study", "cv", "--no-early-stopping", "--select", "cv:2", "--select-top", "2"]
+    assert main(base) == 0
+    err = capsys.readouterr().err
+    assert "4 fold runs × 3 epochs = 12 epochs" in err, err
+    settings, records = st.load_records("cv", url)
+    top = top_by_val(records, settings.budget_limit, 2)
+    scored = [r for r in records if r.cv_accs]
+    assert sorted(r.number for r in scored) == sorted(r.number for r in top) and len(top) == 2
+    assert all(len(r.cv_accs) == 2 and 0 <= r.cv_acc <= 1 for r in scored)
+    pick = best_under_budget(records, settings.budget_limit)
+    assert pick is not None and pick.cv_acc == max(r.cv_acc for r in scored)
+    assert main(["results", "--study", "cv", "--storage", url, "--format", "json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert {row["trial"]: row["cv_acc"] for row in rows if row["cv_acc"] is not None} == \
+        {r.number: pytest.approx(r.cv_acc) for r in scored}
+    assert [row["trial"] for row in rows if row["best"]] == [pick.number]
+    assert main(["export", "--study", "cv", "--storage", url, "-o", str(tmp_path / "r.yaml")]) == 0
+    recipe = (tmp_path / "r.yaml").read_text()
+    assert f"trial: {pick.number}" in recipe and "cv_accs:" in recipe
+    # one fold failed (a lost node, say): --resume runs that fold only, and no new trial
+    study = optuna.load_study(study_name="cv", storage=url)
+    study.set_user_attr(cv_attr(2, top[1].number, 1), {"fail": "lost"})
+    assert main([*base, "--resume"]) == 0
+    err = capsys.readouterr().err
+    assert "1 fold runs × 3 epochs" in err and "(3 ran before)" in err, err
+    _, again = st.load_records("cv", url)
+    assert len(again) == 4 and len(next(r for r in again if r.number == top[1].number).cv_accs) == 2
+
+
+def test_the_pickled_fold_recorder_holds_no_storage_url(tmp_path) -> None:
+    import ray.cloudpickle as cloudpickle
+    from rich.console import Console
+
+    from autopeft.search.selection import _recorder_class
+
+    url = f"sqlite:///{tmp_path}/secret-s3cr3t.db"
+    study = optuna.create_study(study_name="s", storage=st.open_storage(url))
+    recorder = _recorder_class()(study, 3, 1, Console())
+    assert b"s3cr3t" not in cloudpickle.dumps(recorder)
+
+
 def test_a_single_objective_study_tells_the_sampler_every_epoch(tmp_path, monkeypatch, ray_instance, capsys) -> None:
     """`--objectives acc`: one direction, each epoch's val accuracy reported to the Optuna trial (so a trial ASHA
     stops reaches TPE with its last value), and the Pareto views still trade accuracy against parameters."""
@@ -246,6 +298,9 @@ def test_the_pickled_searcher_holds_no_storage_url(tmp_path) -> None:
         (["--max-epochs", "2"], "less than one trial's 3 epochs"),
         (["--baseline-lr-scales", "9"], "outside the space's range"),
         (["--storage", "notaurl"], "not a database URL"),
+        (["--select", "cv:1"], "--select 'cv:1' is not valid"),
+        (["--select", "best"], "--select 'best' is not valid"),
+        (["--select-top", "0"], "--select-top must be >= 1"),
         (["--study", "a b"], "study name"),
     ],
 )

@@ -15,7 +15,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--study", required=True, help="study name")
     p.add_argument("--storage", help="Optuna storage URL (default sqlite:///studies/<study>.db)")
     p.add_argument("--pick", default="best",
-                   help="best (highest val accuracy under the budget, default), knee (of the Pareto front) or a "
+                   help="best (under the budget, default: the highest cross-validation accuracy of a study "
+                        "searched with --select cv:K, else the highest val accuracy), knee (of the Pareto front) or a "
                         "trial number")
     p.add_argument("--budget", help="a tighter budget than the study's: 0.5%%, 0.2M, 150k, 150000")
     p.add_argument("--mergeable", action="store_true",
@@ -73,7 +74,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     p = recipe.provenance
     how = {"best": "best under the budget", "knee": "Pareto knee", "trial": "chosen",
            "confirm": f"best mean of {args.confirm_seeds} seeds"}[p["pick"]]
-    print(f"trial {p['trial']} ({how}): {recipe.plan.short()} · val_acc {p['val_acc']:.4f} · "
+    cv = f" · cv_acc {p['cv_acc']:.4f} ({len(p['cv_accs'])} folds)" if p.get("cv_acc") is not None else ""
+    print(f"trial {p['trial']} ({how}): {recipe.plan.short()} · val_acc {p['val_acc']:.4f}{cv} · "
           f"{p['peft_params']:,} params ({p['percent']:.3f} %) → {out}")
     for note in p.get("notes", []):
         print(f"  note: {note}")

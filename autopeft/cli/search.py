@@ -46,6 +46,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--baseline-lr-scales", metavar="S,S,...",
                    help="enqueue each baseline at these multiples of the space's centre learning rate (default 1: "
                         "each method's own rate; e.g. 0.5,2 tries two, early stopping culls the worse)")
+    p.add_argument("--select", metavar="val|cv:K",
+                   help="how the study picks its best trial: val (default: the best val accuracy) or cv:K (the "
+                        "--select-top best by val are trained again in K folds of train+val, as Ray Tune trials, "
+                        "and the best mean fold accuracy is the pick; less noise than one small val split)")
+    p.add_argument("--select-top", type=int, metavar="N", help="trials --select cv:K scores (default 3)")
     p.set_defaults(func=cmd_search)
 
     p = sub.add_parser("results", help="print a study's trials or Pareto configs from its storage")
@@ -74,7 +79,7 @@ def cmd_search(args: argparse.Namespace) -> int:
                                              "epochs", "grace_epochs", "early_stopping", "sampler", "objectives",
                                              "gpus_per_trial", "cpus_per_trial", "concurrency", "address", "storage",
                                              "study", "resume", "warm_start", "seed", "baselines",
-                                             "baseline_lr_scales", "max_epochs")}
+                                             "baseline_lr_scales", "max_epochs", "select", "select_top")}
     from autopeft.data.recipes import choose_recipe
 
     choice = choose_recipe(args.recipe, args.dataset)  # the dataset's own recipe, or defaults that suit it
@@ -83,6 +88,11 @@ def cmd_search(args: argparse.Namespace) -> int:
     settings = outcome.settings
     table = frame(settings, outcome.records, pareto=True)
     _print_table(table, f"Pareto configs under {settings.search.budget} ({settings.budget_limit:,} params)")
+    from autopeft.pareto import best_under_budget
+
+    best = best_under_budget(outcome.records, settings.budget_limit)
+    if best is not None and best.number not in set(table["trial"]):  # picked by cross-validation, off the front
+        _print_table(frame(settings, [best]), f"selected by cross-validation: trial {best.number}")
     from autopeft.search.storage import mask_url
 
     print(f"study '{settings.study}' stored in {mask_url(outcome.storage)}")
@@ -117,14 +127,19 @@ def _print_table(table: pd.DataFrame, title: str) -> None:
     from rich.table import Table
     from rich.text import Text
 
+    def acc(value: float | None) -> str:
+        return "-" if value is None or value != value else f"{value:.4f}"
+
     t = Table(title=Text(title))  # Text: strings from the study (failure reasons, plans) are shown, not parsed
-    cols = ["trial", "status", "val_acc", "peft_params", "percent", "epochs", "baseline", "plan"]
+    cv = bool(table["cv_acc"].notna().any())  # a column only for a study with cross-validated trials
+    cols = ["trial", "status", "val_acc", *(["cv_acc"] if cv else []), "peft_params", "percent", "epochs",
+            "baseline", "plan"]
     for c in cols:
         t.add_column(c, overflow="fold")
     for row in table.to_dict(orient="records"):
-        cells = [str(row["trial"]), row["status"] + (" ★" if row["best"] else ""),
-                 "-" if row["val_acc"] is None or row["val_acc"] != row["val_acc"] else f"{row['val_acc']:.4f}",
-                 f"{row['peft_params']:,}", f"{row['percent']:.3f}", str(row["epochs"]), str(row["baseline"]),
+        cells = [str(row["trial"]), row["status"] + (" ★" if row["best"] else ""), acc(row["val_acc"]),
+                 *([acc(row["cv_acc"])] if cv else []), f"{row['peft_params']:,}", f"{row['percent']:.3f}",
+                 str(row["epochs"]), str(row["baseline"]),
                  row["plan"] if not row["fail_reason"] else f"{row['plan']} — {row['fail_reason']}"]
         t.add_row(*(Text(c) for c in cells))
     Console(width=160).print(t)

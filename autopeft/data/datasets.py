@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -90,7 +91,7 @@ class ImageFileDataset(Dataset):
         self, samples: Sequence[tuple[str, int]], settings: TransformSettings, train: bool = False, hflip: bool = True
     ) -> None:
         self.samples = [(str(p), int(y)) for p, y in samples]
-        self.settings = settings
+        self.settings, self.hflip = settings, hflip
         self.augment = bool(train and settings.augment)
         self.transform = pil_transform(settings, train=train, hflip=hflip)
         self.normalize = Normalizer(settings)
@@ -101,6 +102,10 @@ class ImageFileDataset(Dataset):
     @property
     def targets(self) -> list[int]:
         return [y for _, y in self.samples]
+
+    def as_eval(self) -> ImageFileDataset:
+        """The same files read as an evaluation split (no augmentation)."""
+        return ImageFileDataset(self.samples, self.settings, train=False, hflip=self.hflip)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -163,6 +168,12 @@ class TensorImageDataset(Dataset):
     @property
     def targets(self) -> list[int]:
         return self.labels.tolist()
+
+    def as_eval(self) -> TensorImageDataset:
+        """The same images read as an evaluation split (no augmentation)."""
+        out = copy.copy(self)
+        out.augment = False
+        return out
 
     def __getstate__(self) -> dict:
         return dict(self.__dict__, _prepared=None)  # the cache is rebuilt where it is used, not shipped

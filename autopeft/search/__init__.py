@@ -68,6 +68,10 @@ def prepare(s: SearchSettings) -> Prepared:
         check_pretrained(s.backbone)
     data = load_dataset(s.dataset, s.data_root, seed=s.seed, **data_config(s.backbone))
     check_images(data)
+    if s.cv_folds is not None:
+        from autopeft.data.folds import check_folds
+
+        check_folds(s.cv_folds, len(data.train_full))  # type: ignore[arg-type]  # every split has a length
     baselines = baseline_plans(spec, budget.limit) if s.baselines and not s.resume else []
     prep = Prepared(settings=s, spec=spec, budget=budget, space=space, storage_url=url,
                     num_classes=data.num_classes, baselines=baselines)
@@ -138,6 +142,7 @@ def search(s: SearchSettings, console: Console | None = None) -> Outcome:
     from autopeft.search.cluster import ray_session
     from autopeft.search.engine import create_or_resume, epoch_cap, run
     from autopeft.search.epoch_cap import EpochCount
+    from autopeft.search.selection import cross_validate
 
     console = console or Console(stderr=True, soft_wrap=True)
     prep = prepare(s)
@@ -150,12 +155,15 @@ def search(s: SearchSettings, console: Console | None = None) -> Outcome:
         console.print(f"study [bold]{s.study}[/] in {escape(st.mask_url(prep.storage_url))}: {escape(s.dataset)} "
                       f"on {s.backbone}, budget {prep.budget.text} = {prep.budget.limit:,} params, space "
                       f"{escape(prep.space.name)}, {s.trials} trials × {s.epochs} epochs{capped}"
-                      + (f" ({done} already finished or running)" if done else ""), highlight=False)
+                      + (f" ({done} already finished or running)" if done else "")
+                      + (f"; then the top {s.select_top} by val cross-validated in {s.cv_folds} folds (--select)"
+                         if s.cv_folds else ""), highlight=False)
         progress = SearchProgress(s.trials, s.epochs, prep.budget.limit, console, offset=done, epoch_cap=cap,
                                   spent=spent)
         run(prep, study, remaining, callbacks=[progress], epochs=(cap, spent))
         if cap is not None and not EpochCount(progress.spent).room_for_another(cap, running=0):
             console.print(f"the study has spent {progress.spent:,} of its {cap:,} epochs (--max-epochs): done; "
                           "resume with a larger --max-epochs to go on", highlight=False)
+        cross_validate(prep, study, console)  # --select cv:K (nothing for --select val)
     settings, records = st.load_records(s.study, prep.storage_url)
     return Outcome(settings=settings, records=records, storage=prep.storage_url)

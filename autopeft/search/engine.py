@@ -402,6 +402,16 @@ def make_scheduler(s: SearchSettings) -> Any:
                          grace_period=min(s.grace_epochs, s.epochs), reduction_factor=s.reduction_factor)
 
 
+def trial_trainable(s: SearchSettings) -> Any:
+    """The Ray Tune trainable of a study's trials (and of its cross-validation fold runs), with their resources."""
+    from ray import tune
+
+    trial_settings = TrialSettings(dataset=s.dataset, backbone=s.backbone, epochs=s.epochs, weights=s.weights,
+                                   data_root=s.data_root, seed=s.seed)
+    return tune.with_resources(tune.with_parameters(run_trial, settings=trial_settings),
+                               {"cpu": s.cpus_per_trial, "gpu": s.gpus_per_trial})
+
+
 def run(prep: Prepared, study: optuna.Study, remaining: int, callbacks: list | None = None,
         epochs: tuple[int | None, int] | None = None) -> None:
     """Run up to `remaining` trials on Ray Tune, until the study holds `settings.trials` finished trials.
@@ -420,8 +430,6 @@ def run(prep: Prepared, study: optuna.Study, remaining: int, callbacks: list | N
     # Ray's new console output prints an experiment table even at verbose=0; progress is ours (SearchProgress)
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     with ray_session(s):
-        trial_settings = TrialSettings(dataset=s.dataset, backbone=s.backbone, epochs=s.epochs, weights=s.weights,
-                                       data_root=s.data_root, seed=s.seed)
         storage = st.open_storage(prep.storage_url)  # a plain RDBStorage: Ray pickles the searcher
         objectives = objectives_of(s.objectives)
         # one objective goes to Ray as a plain metric, so every epoch's value reaches the Optuna trial (Ray passes no
@@ -443,8 +451,7 @@ def run(prep: Prepared, study: optuna.Study, remaining: int, callbacks: list | N
             spent=spent,
         )
         scheduler = make_scheduler(s)
-        trainable = tune.with_resources(tune.with_parameters(run_trial, settings=trial_settings),
-                                        {"cpu": s.cpus_per_trial, "gpu": s.gpus_per_trial})
+        trainable = trial_trainable(s)
         heartbeat = Heartbeat(storage, searcher.running_trial_ids,
                               tick=lambda: requeue_interrupted(study, unstamped_after_s=60.0))
         workdir = tempfile.mkdtemp(prefix=f"autopeft-{s.study}-")

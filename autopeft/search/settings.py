@@ -8,7 +8,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from autopeft.defaults import DEFAULT_BACKBONE
+from autopeft.defaults import DEFAULT_BACKBONE, MAX_FOLDS
 from autopeft.errors import AutopeftError
 from autopeft.objectives import OBJECTIVES
 from autopeft.yamlfile import read_yaml
@@ -49,6 +49,10 @@ class SearchSettings:
     baseline_lr_scales: tuple[float, ...] = (1.0,)
     # the training epochs the study may spend (stopped and failed trials' too); None: no cap, `trials` ends it
     max_epochs: int | None = None
+    # how the study's pick is made: `val` (the best val accuracy) or `cv:K`: the `select_top` best by val are
+    # cross-validated over train+val in K folds after the trials, and the best mean fold accuracy is the pick
+    select: str = "val"
+    select_top: int = 3
 
     def __post_init__(self) -> None:
         if isinstance(self.baseline_lr_scales, (str, int, float)):
@@ -86,6 +90,9 @@ class SearchSettings:
         for ok, message in checks:
             if not ok:
                 raise AutopeftError(message)
+        self.cv_folds  # noqa: B018  (validates `select`)
+        if self.select_top < 1:
+            raise AutopeftError(f"--select-top must be >= 1, got {self.select_top}")
         # trials run in other working directories (and on other nodes): paths must not be relative
         for name in ("weights", "data_root"):
             value = getattr(self, name)
@@ -93,6 +100,18 @@ class SearchSettings:
                 setattr(self, name, str(Path(value).expanduser().absolute()))
         if self.space and (self.space.endswith((".yaml", ".yml")) or os.sep in self.space):
             self.space = str(Path(self.space).expanduser().absolute())
+
+    @property
+    def cv_folds(self) -> int | None:
+        """The folds of `select` (`cv:5` -> 5), None for `val`; AutopeftError for anything else."""
+        text = str(self.select).strip()
+        if text == "val":
+            return None
+        match = re.fullmatch(r"cv:(\d+)", text)
+        if not match or not 2 <= int(match.group(1)) <= MAX_FOLDS:
+            raise AutopeftError(f"--select '{text}' is not valid; use val or cv:K with K folds, 2 to {MAX_FOLDS} "
+                                "(e.g. cv:5)")
+        return int(match.group(1))
 
     def local_cpus(self) -> int:
         """CPUs of a local Ray instance: the machine's, but at least what the requested concurrency needs."""

@@ -35,6 +35,9 @@ from autopeft.records import (  # noqa: F401  (the trial attribute names, also h
     ATTR_STATUS,
     ATTR_WARM_START,
     TrialRecord,
+    cv_accuracies,
+    cv_attr,
+    cv_results,
 )
 from autopeft.search.study_settings import StudySettings
 
@@ -172,8 +175,9 @@ def read_settings(study: optuna.Study) -> StudySettings:
     return StudySettings.from_stored(study.user_attrs.get(STUDY_SETTINGS), study.study_name)
 
 
-def record_of(trial: FrozenTrial) -> TrialRecord:
-    """A TrialRecord from an Optuna trial and the attributes autopeft stored on it."""
+def record_of(trial: FrozenTrial, cv: dict[int, dict[int, dict[str, Any]]] | None = None) -> TrialRecord:
+    """A TrialRecord from an Optuna trial and the attributes autopeft stored on it (`cv`: its fold runs, from the
+    study's attributes, see `cv_results`)."""
     a = trial.user_attrs
     state = _STATE_NAMES.get(trial.state, "FAIL")
     values = trial.values or []
@@ -194,12 +198,14 @@ def record_of(trial: FrozenTrial) -> TrialRecord:
         overhead=float(a.get(ATTR_OVERHEAD, 0.0)),
         tags=tags,
         params=dict(trial.params),
+        cv_accs=cv_accuracies(cv or {}),
     )
 
 
 def records_of(study: optuna.Study) -> list[TrialRecord]:
-    """The study's TrialRecords in trial-number order."""
-    return [record_of(t) for t in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)]
+    """The study's TrialRecords in trial-number order, with their cross-validation folds."""
+    cv = cv_results(study.user_attrs)
+    return [record_of(t, cv.get(t.number)) for t in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)]
 
 
 def load_records(study: str, storage: str) -> tuple[StudySettings, list[TrialRecord]]:

@@ -64,7 +64,9 @@ def run_trial(config: dict, settings: TrialSettings) -> None:
     """Train the trial's plan, reporting after every epoch; failures are reported, not raised.
 
     A failure becomes a final report carrying `fail_reason` (and no `val_acc`, so the scheduler ignores it); the
-    searcher records the trial as FAIL with that reason and the study goes on.
+    searcher records the trial as FAIL with that reason and the study goes on. A config with a `cv` entry
+    ({folds, fold, seed}) is a cross-validation fold run: it trains on the other folds of train+val and reports
+    the held-out fold as `val_acc` (autopeft.data.folds).
     """
     from ray import tune
 
@@ -81,6 +83,11 @@ def run_trial(config: dict, settings: TrialSettings) -> None:
         cfg = trial_config(info.get("hparams", {}), settings.epochs, settings.seed)
         data = load_dataset(settings.dataset, settings.data_root, augment=cfg.augment, seed=settings.seed,
                             **data_config(settings.backbone))
+        if info.get("cv"):
+            from autopeft.data.folds import cv_splits
+
+            cv = info["cv"]
+            data = cv_splits(data, int(cv["folds"]), int(cv["fold"]), int(cv["seed"]))
 
         def report(m: dict) -> None:
             curve.append(float(m["val_acc"]))
