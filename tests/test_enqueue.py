@@ -175,3 +175,36 @@ def test_an_enqueued_baseline_fixes_every_decision_of_its_plan(space: str) -> No
             drawn = bound.plan(suggest_parts(study.ask(), bound))
             assert drawn == plan, (space, name, drawn.short(), plan.short())
     assert expressed >= (3 if space in ("compact", "unified") else 1)
+
+
+def test_the_sampler_models_each_trial_by_the_plan_it_trained() -> None:
+    """A draw the budget repair changed (rank 16 drawn, rank 2 trained; a module switched off) reaches TPE's
+    observations with the repaired values, through TPE's own path (`_get_internal_repr`)."""
+    from autopeft.search.engine import RepairedTPE, make_sampler
+    from autopeft.space import load_space, repaired_params, sample_parts
+    from autopeft.space.bound import bind
+
+    sampler = make_sampler("tpe", seed=0)
+    assert isinstance(sampler, RepairedTPE)
+    study = optuna.create_study(sampler=sampler, directions=["maximize"])
+    rank = optuna.distributions.CategoricalDistribution([1, 2, 4, 8, 16])
+    module = optuna.distributions.CategoricalDistribution(["none", "adapter"])
+    dim = optuna.distributions.CategoricalDistribution([8, 32])
+    trial = create_trial(params={"block0.lora.rank": 16, "block0.module": "adapter", "block0.adapter.dim": 32},
+                         distributions={"block0.lora.rank": rank, "block0.module": module, "block0.adapter.dim": dim},
+                         value=0.9, user_attrs={"repaired": {"block0.lora.rank": 2, "block0.module": "none",
+                                                             "block0.adapter.dim": None}})
+    study.add_trial(trial)
+    seen = sampler._get_internal_repr(study.trials, {"block0.lora.rank": rank, "block0.module": module}, study)
+    assert seen["block0.lora.rank"].tolist() == [rank.to_internal_repr(2)]
+    assert seen["block0.module"].tolist() == [module.to_internal_repr("none")]
+    # the adapter's option is not part of the trained plan: the trial is no observation of it
+    assert sampler._get_internal_repr(study.trials, {"block0.adapter.dim": dim}, study)["block0.adapter.dim"].size == 0
+
+    # and the attribute the engine's draws carry is what repair did: every repaired value trains
+    spec = backbone_spec(VIT)
+    space = load_space("unified")
+    budget = parse_budget("0.5%", spec)
+    draw = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=3)).ask()
+    parts = sample_parts(draw, space, spec, budget)
+    assert bind(space, spec).params(parts) == repaired_params(draw)

@@ -39,7 +39,7 @@ from autopeft.search.liveness import ATTR_DRIVER, Heartbeat, interrupted, this_d
 from autopeft.search.settings import SearchSettings
 from autopeft.search.study_settings import StudySettings
 from autopeft.search.trainable import TrialSettings, run_trial
-from autopeft.space import SearchSpace, plan_overhead, sample_hparams, sample_plan
+from autopeft.space import SearchSpace, plan_overhead, repaired_params, sample_hparams, sample_plan
 from autopeft.space.bound import bind, is_plan_param
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -220,12 +220,24 @@ def _quiet(factory: Callable[..., T], **kwargs: Any) -> T:
 TPE_STARTUP = 4
 
 
+class RepairedTPE(optuna.samplers.TPESampler):
+    """TPE that models every trial by the plan it trained: where the budget repair changed a draw (a smaller rank,
+    a block switched off), the sampler sees the repaired values (`repaired_params`), not the drawn ones, so the
+    density of what worked sits on what actually ran.
+
+    TPE reads a trial's parameters through `_get_params` (Optuna >= 5, pinned in pyproject.toml); a test checks
+    that it still does."""
+
+    def _get_params(self, trial: FrozenTrial, study: optuna.Study) -> dict[str, Any]:
+        return repaired_params(trial, super()._get_params(trial, study))
+
+
 def make_sampler(name: str, seed: int, enqueued: int = 0) -> optuna.samplers.BaseSampler:
     """The sampler `name`; `enqueued` trials (baselines, warm start) come first and are not part of TPE's random
     start, which Optuna would otherwise count them in."""
     factories = {
         # group=True: TPE models each conditional sub-space (a method's options) on the trials that used it
-        "tpe": lambda: _quiet(optuna.samplers.TPESampler, seed=seed, multivariate=True, group=True,
+        "tpe": lambda: _quiet(RepairedTPE, seed=seed, multivariate=True, group=True,
                               constant_liar=True, n_startup_trials=TPE_STARTUP + enqueued),
         "nsga2": lambda: optuna.samplers.NSGAIISampler(seed=seed),
         "gp": lambda: optuna.samplers.GPSampler(seed=seed),
