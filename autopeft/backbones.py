@@ -116,6 +116,15 @@ class BackboneSpec:
         return asdict(self)
 
 
+def pretrained_drop_path(name: str) -> float | None:
+    """The drop-path rate `name`'s weights were pretrained with, where autopeft knows it (its bundled backbone,
+    pretrained without), else None (the run's setting stands)."""
+    from autopeft.bundled import PRETRAINED_DROP_PATH
+    from autopeft.defaults import BUNDLED_BACKBONE
+
+    return PRETRAINED_DROP_PATH if name == BUNDLED_BACKBONE else None
+
+
 def is_head_param(name: str) -> bool:
     return name.split(".", 1)[0].startswith(HEAD_PREFIXES)
 

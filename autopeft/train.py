@@ -25,11 +25,13 @@ from autopeft.learning_rate import peak_lr
 from autopeft.optim import make_optimizer, make_scheduler
 from autopeft.plan import PeftPlan
 from autopeft.train_config import (  # noqa: F401  (the training settings, also importable from here)
+    MIN_STEPS_PER_EPOCH,
     RUN_FIELDS,
     SPACE_TRAINING_KEYS,
     TRAINING_KEYS,
     TrainConfig,
     check_training,
+    fitted_batch,
     rescale_warmup,
     steps_per_epoch,
     total_steps,
@@ -54,6 +56,9 @@ class TrainResult:
     seconds: float = 0.0
     cached_blocks: int = 0
     lr: float = 0.0  # the peak learning rate it trained at
+    batch_size: int = 0  # the batch it trained with (fitted to the split, see `fitted_config`)
+    drop_path: float = 0.0  # the drop-path rate it trained with
+    notes: list[str] = field(default_factory=list)  # where the run trained otherwise than its config said, and why
 
     @property
     def val_acc(self) -> float | None:
@@ -90,8 +95,10 @@ class _Batches:
         self.n, self.batch_size, self.generator = n, batch_size, torch.Generator().manual_seed(seed)
 
     def epoch(self) -> list[list[int]]:
+        """The epoch's full batches (a partial last batch is dropped: `steps_per_epoch`)."""
         order = torch.randperm(self.n, generator=self.generator).tolist()
-        return [order[i : i + self.batch_size] for i in range(0, self.n, self.batch_size)]
+        steps = steps_per_epoch(self.n, self.batch_size)
+        return [order[i * self.batch_size : (i + 1) * self.batch_size] for i in range(steps)]
 
 
 def num_samples(dataset: Dataset) -> int:
@@ -139,6 +146,28 @@ class TrainSetup:
     forward: Callable[[torch.Tensor], torch.Tensor] | None  # replaces model(x) on cached features
     source: Callable[[str, str, Dataset], _Source]  # (role, split name, dataset) -> batches, for the test split
     lr: float  # the peak learning rate (autopeft.learning_rate.peak_lr: given or derived, times lr_scale)
+    config: TrainConfig  # the run's config as it trains (`fitted_config`: batch and drop-path)
+    notes: list[str]  # what `fitted_config` changed, and why
+
+
+def fitted_config(config: TrainConfig, backbone: str, train_size: int) -> tuple[TrainConfig, list[str]]:
+    """`config` as a run on `train_size` images of `backbone` trains it, and a note for each change: the batch
+    fitted to the split (`fitted_batch`: at least MIN_STEPS_PER_EPOCH full batches per epoch) and drop-path no
+    higher than the backbone was pretrained with, where that is known (`pretrained_drop_path`: frozen blocks never
+    learned to work with their branches dropped)."""
+    from autopeft.backbones import pretrained_drop_path
+
+    notes = []
+    batch = fitted_batch(config.batch_size, train_size)
+    if batch != config.batch_size:
+        notes.append(f"batch {batch} instead of {config.batch_size}: {train_size} train images give at least "
+                     f"{MIN_STEPS_PER_EPOCH} steps per epoch")
+    drop = config.drop_path
+    pretrained = pretrained_drop_path(backbone)
+    if pretrained is not None and drop > pretrained:
+        notes.append(f"drop-path {pretrained:g} instead of {drop:g}: {backbone} was pretrained with {pretrained:g}")
+        drop = pretrained
+    return replace(config, batch_size=batch, drop_path=drop), notes
 
 
 def set_up(backbone: str, plan: PeftPlan, data: DataSplits, config: TrainConfig, *, weights: str | None = None,
@@ -150,6 +179,8 @@ def set_up(backbone: str, plan: PeftPlan, data: DataSplits, config: TrainConfig,
     """
     device = resolve_device(config.device)
     seed_everything(config.seed)
+    splits = {"train": _subset(data.split(train_split), config.train_fraction, config.seed)}
+    config, notes = fitted_config(config, backbone, num_samples(splits["train"]))
     model, spec = build_model(backbone, plan, data.num_classes, weights, pretrained, config.drop_path)
     model = model.to(device)
     if device.type == "cuda":
@@ -159,7 +190,6 @@ def set_up(backbone: str, plan: PeftPlan, data: DataSplits, config: TrainConfig,
     augmenting = config.augment or bool(getattr(getattr(data.split(train_split), "settings", None), "augment", False))
     use_cache = config.feature_cache and k > 0 and not augmenting
 
-    splits = {"train": _subset(data.split(train_split), config.train_fraction, config.seed)}
     if eval_split:
         splits["eval"] = data.split(eval_split)
     cache = FeatureCache(config.cache_dir)
@@ -176,14 +206,14 @@ def set_up(backbone: str, plan: PeftPlan, data: DataSplits, config: TrainConfig,
                   train_src=source("train", train_split, splits["train"]),
                   eval_src=source("eval", eval_split, splits["eval"]) if eval_split else None,
                   forward=(lambda x: suffix_forward(model, x, k)) if use_cache else None, source=source,
-                  lr=peak_lr(config, plan, spec, num_samples(splits["train"])))
+                  lr=peak_lr(config, plan, spec, num_samples(splits["train"])), config=config, notes=notes)
 
 
 def run_epochs(run: TrainSetup, config: TrainConfig, report: Report | None = None,
                on_step: Callable[[int, int], None] | None = None) -> list[dict]:
     """Optimise for `config.epochs` epochs at the set-up's peak rate, evaluating after each; returns the per-epoch
     metrics."""
-    config = replace(config, lr=run.lr, lr_scale=1.0)
+    config = replace(config, lr=run.lr, lr_scale=1.0, batch_size=run.config.batch_size)
     model, device, forward = run.model, run.device, run.forward
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(trainable, config)
@@ -267,6 +297,7 @@ def train(
     history = run_epochs(run, config, report, on_step)
     model = run.model
     result = TrainResult(model=model, history=history, cached_blocks=run.cached_blocks, lr=run.lr,
+                         batch_size=run.config.batch_size, drop_path=run.config.drop_path, notes=list(run.notes),
                          peft_params=plan.count(run.spec),
                          head_params=sum(p.numel() for n, p in model.named_parameters() if is_head_param(n)))
     if test:

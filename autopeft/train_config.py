@@ -138,9 +138,21 @@ def check_training(training: Mapping[str, Any], valid: tuple[str, ...] = TRAININ
     return typed
 
 
+# an epoch takes at least this many optimiser steps: a smaller batch where `batch_size` would give fewer (64 on 200
+# images would be 3 full batches; fitted, 6 of 33)
+MIN_STEPS_PER_EPOCH = 6
+
+
+def fitted_batch(batch_size: int, train_size: int) -> int:
+    """The batch a run on `train_size` images trains with: `batch_size`, or the largest batch that still gives
+    MIN_STEPS_PER_EPOCH full batches per epoch when it is smaller (at least 1)."""
+    return max(1, min(batch_size, train_size // MIN_STEPS_PER_EPOCH))
+
+
 def steps_per_epoch(train_size: int, batch_size: int) -> int:
-    """Optimiser steps of one epoch over `train_size` images (the last, partial batch is a step)."""
-    return max(math.ceil(train_size / batch_size), 1)
+    """Optimiser steps of one epoch over `train_size` images: its full batches of the fitted batch (the partial
+    last batch is dropped, a few images that a fresh order per epoch brings back in other epochs)."""
+    return max(train_size // fitted_batch(batch_size, train_size), 1)
 
 
 def total_steps(train_size: int, batch_size: int, epochs: int) -> int:

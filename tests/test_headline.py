@@ -29,6 +29,9 @@ def test_headline_search_on_flowers102_layout(tmp_path) -> None:
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Pareto configs under 0.5%" in proc.stdout and "studies/flowers102.db" in proc.stdout
+    # 68 train images and the bundled backbone: the trials' batch is fitted and drop-path is off, and it says so
+    assert "trials train with batch 11 instead of" in proc.stderr, proc.stderr[-3000:]
+    assert "trials train with drop-path 0 instead of 0.1: autopeft_tiny_vit was pretrained with 0" in proc.stderr
     out = subprocess.run([sys.executable, "-m", "autopeft", "results", "--study", "flowers102", "--format", "json"],
                          capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
     rows = json.loads(out.stdout)

@@ -22,10 +22,10 @@ def digits():
     return load_dataset("digits", **data_config(TINY))
 
 
-def _run(data, plan, tmp_path, **kw):
+def _run(data, plan, tmp_path, on_step=None, **kw):
     cfg = dict(epochs=2, lr=3e-3, batch_size=64, cache_dir=str(tmp_path / "cache"))
     cfg.update(kw)
-    return train(TINY, plan, data, TrainConfig(**cfg), pretrained=False, test=True)
+    return train(TINY, plan, data, TrainConfig(**cfg), pretrained=False, test=True, on_step=on_step)
 
 
 def _logits(result, data):
@@ -130,10 +130,45 @@ def test_schedule_warms_up_then_ends_at_lr_min(digits, tmp_path) -> None:
 
 def test_a_one_step_run_trains_quietly(digits, tmp_path, caplog) -> None:
     plan = PeftPlan.single(make_spec("bitfit"), [])
-    with caplog.at_level(logging.WARNING):
-        result = _run(digits, plan, tmp_path, epochs=1, batch_size=1000, train_fraction=1.0, warmup_epochs=0)
+    with caplog.at_level(logging.WARNING):  # one image: one step of one
+        result = _run(digits, plan, tmp_path, epochs=1, batch_size=1000, train_fraction=0.001, warmup_epochs=0)
     assert len(result.history) == 1
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+
+
+def test_the_batch_is_fitted_to_a_small_split_and_a_partial_batch_is_dropped(digits, tmp_path) -> None:
+    """200 train images at batch 64 would be 3 full batches and one of 8: the run trains 6 batches of 33 per epoch
+    (and says so); at batch 32 it keeps 32 and drops the 8 left over (6 steps)."""
+    from autopeft.train_config import fitted_batch, steps_per_epoch
+
+    assert [fitted_batch(64, 200), fitted_batch(32, 200), fitted_batch(64, 5), fitted_batch(64, 800)] == [33, 32, 1,
+                                                                                                          64]
+    assert [steps_per_epoch(200, 64), steps_per_epoch(200, 32), steps_per_epoch(800, 64)] == [6, 6, 12]
+    plan = PeftPlan.single(make_spec("bitfit"), [])
+    totals: list[int] = []
+    result = _run(digits, plan, tmp_path, epochs=2, batch_size=64, train_fraction=0.25,
+                  on_step=lambda step, total: totals.append(total))
+    assert result.batch_size == 33 and len(totals) == 12 and set(totals) == {12}
+    assert result.notes == ["batch 33 instead of 64: 200 train images give at least 6 steps per epoch"]
+    totals.clear()
+    kept = _run(digits, plan, tmp_path, epochs=1, batch_size=32, train_fraction=0.25,
+                on_step=lambda step, total: totals.append(total))
+    assert kept.batch_size == 32 and kept.notes == [] and totals == [6] * 6
+
+
+def test_drop_path_is_off_for_a_backbone_pretrained_without_it(tmp_path) -> None:
+    """The bundled backbone was pretrained without stochastic depth: a space's drop_path 0.1 trains at 0 (noted);
+    a backbone autopeft knows nothing about keeps the setting."""
+    from autopeft.defaults import BUNDLED_BACKBONE
+
+    data = load_dataset("digits", **data_config(BUNDLED_BACKBONE))
+    plan = PeftPlan.single(make_spec("bitfit"), [])
+    cfg = TrainConfig(epochs=1, lr=1e-3, drop_path=0.1, train_fraction=0.05, cache_dir=str(tmp_path))
+    bundled = train(BUNDLED_BACKBONE, plan, data, cfg)
+    assert bundled.drop_path == 0.0 and any("drop-path 0 instead of 0.1" in n for n in bundled.notes)
+    assert not any("DropPath" in type(m).__name__ for m in bundled.model.modules())
+    other = train(TINY, plan, load_dataset("digits", **data_config(TINY)), cfg, pretrained=False)
+    assert other.drop_path == 0.1 and any("DropPath" in type(m).__name__ for m in other.model.modules())
 
 
 @pytest.mark.parametrize("bad", [dict(epochs=0), dict(lr=0), dict(lr=float("nan")), dict(train_fraction=0),

@@ -34,6 +34,8 @@ PAD = 2
 MEAN = (0.2190, 0.2190, 0.2190)
 STD = (0.3318, 0.3318, 0.3318)
 NUM_CLASSES = 10
+# pretrain.py trains without stochastic depth: fine-tuning turns drop-path off for it (autopeft.train.fitted_config)
+PRETRAINED_DROP_PATH = 0.0
 
 # timm's register_model reads the pretrained configs of a module from its `default_cfgs`.
 default_cfgs = generate_default_cfgs(

@@ -154,7 +154,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     # printed once training starts, so that an error building the model stays the only line
     header = [f"[bold]{recipe.plan.short()}[/] on {recipe.backbone} · {data.name} ({data.num_classes} classes, "
               f"{', '.join(f'{k} {v}' for k, v in data.sizes().items())}) · {recipe.protocol} protocol, "
-              f"{recipe.epochs} epochs, {_lr_text(recipe, data)}"]
+              f"{recipe.epochs} epochs, {_run_text(recipe, data)}"]
     seeds = [recipe.seed + i for i in range(args.seeds)]
     runs: dict[str, dict] = {}
     with staged_dir(out) as tmp:
@@ -182,16 +182,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _lr_text(recipe: Recipe, data: DataSplits) -> str:
-    """The peak rate as the header shows it: `lr 3.2e-02 (auto)` when derived."""
+def _run_text(recipe: Recipe, data: DataSplits) -> str:
+    """The batch and peak rate as the header shows them, `batch 32, lr 3.2e-02 (auto)`, and what the run trains
+    otherwise than the recipe says (`fitted_config`: a batch fitted to a small split, drop-path off)."""
     from autopeft.backbones import backbone_spec
     from autopeft.learning_rate import peak_lr
-    from autopeft.train import num_samples
+    from autopeft.train import fitted_config, num_samples
 
     config = recipe.train_config()
     train_size = num_samples(data.split(recipe.splits[0]))
-    lr = peak_lr(config, recipe.plan, backbone_spec(recipe.backbone), train_size)
-    return f"lr {lr:.2e}" + (" (auto)" if config.lr is None else "")
+    fitted, notes = fitted_config(config, recipe.backbone, train_size)
+    lr = peak_lr(fitted, recipe.plan, backbone_spec(recipe.backbone), train_size)
+    return (f"batch {fitted.batch_size}, lr {lr:.2e}" + (" (auto)" if config.lr is None else "")
+            + "".join(f" · {note}" for note in notes))
 
 
 def _one_run(recipe: Recipe, data: DataSplits, run_dir: Path, args: argparse.Namespace, console: Console,

@@ -74,7 +74,7 @@ def prepare(s: SearchSettings) -> Prepared:
         check_folds(s.cv_folds, len(data.train_full))  # type: ignore[arg-type]  # every split has a length
     baselines = baseline_plans(spec, budget.limit) if s.baselines and not s.resume else []
     prep = Prepared(settings=s, spec=spec, budget=budget, space=space, storage_url=url,
-                    num_classes=data.num_classes, baselines=baselines)
+                    num_classes=data.num_classes, baselines=baselines, train_size=len(data.train))  # type: ignore[arg-type]
     baseline_hparams(prep)  # scaled learning rates inside the space's range, before the study exists
     return prep
 
@@ -158,6 +158,8 @@ def search(s: SearchSettings, console: Console | None = None) -> Outcome:
                       + (f" ({done} already finished or running)" if done else "")
                       + (f"; then the top {s.select_top} by val cross-validated in {s.cv_folds} folds (--select)"
                          if s.cv_folds else ""), highlight=False)
+        for note in prep.fidelity_notes():
+            console.print(f"trials train with {note}", highlight=False)
         progress = SearchProgress(s.trials, s.epochs, prep.budget.limit, console, offset=done, epoch_cap=cap,
                                   spent=spent)
         run(prep, study, remaining, callbacks=[progress], epochs=(cap, spent))

@@ -259,6 +259,17 @@ class Prepared:
     storage_url: str
     num_classes: int
     baselines: list[tuple[str, PeftPlan]] = field(default_factory=list)
+    train_size: int = 0  # images of the train split the trials train on
+
+    def fidelity_notes(self) -> list[str]:
+        """Where the trials train otherwise than the space says (`autopeft.train.fitted_config`: a batch fitted to
+        a small train split, drop-path off for a backbone pretrained without it)."""
+        from autopeft.search.trainable import trial_config
+        from autopeft.train import fitted_config
+
+        fixed = {name: d.value for name, d in self.space.training if not d.searched}
+        config = trial_config(fixed, self.settings.epochs, self.settings.seed)
+        return fitted_config(config, self.settings.backbone, self.train_size)[1] if self.train_size else []
 
     @property
     def study_settings(self) -> StudySettings:
