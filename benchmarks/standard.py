@@ -348,7 +348,7 @@ def run_cell(c: StandardConfig, task: str, seed: int, space_path: Path, pool: Pr
     finals_s = time.perf_counter() - t
     if c.cv_folds:
         log(f"  cross-validation ({c.select}, top {c.select_top} per arm): {cv_s:.0f} s")
-    log(f"  finals: {len(flat)} ({len(finals)} arms × {len(c.final_seed_offsets)} seeds) in {finals_s:.0f} s; test "
+    log(f"  finals: {len(flat)} ({len(finals)} picks × {len(c.final_seed_offsets)} seeds) in {finals_s:.0f} s; test "
         + ", ".join(f"{n} {rows[n]['test']:.3f}" for n in rows if rows[n]["test"] is not None))
     return {"task": task, "seed": seed, "budget": c.budget, "budget_params": limit, "epochs_per_run": e,
             "horizon": c.compute, "search_trials_asked": trials, "arms": rows,
