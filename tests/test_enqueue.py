@@ -208,3 +208,27 @@ def test_the_sampler_models_each_trial_by_the_plan_it_trained() -> None:
     draw = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=3)).ask()
     parts = sample_parts(draw, space, spec, budget)
     assert bind(space, spec).params(parts) == repaired_params(draw)
+
+
+def test_a_mixed_baseline_keeps_its_method_and_the_sampler_draws_the_rest(tmp_path) -> None:
+    """`--baseline-mix`: an enqueued baseline fixes only its own method's decisions (LoRA's rank on every block in
+    `compact`: its depth, side and rank), the other places are drawn, and the whole fits the budget."""
+    from autopeft.search.engine import SamplePlan
+
+    url = f"sqlite:///{tmp_path}/studies.db"
+    s = SearchSettings(study="m", dataset="digits", backbone=VIT, budget="2%", storage=url, trials=8, space="compact",
+                       baseline_mix=True, sampler="random")
+    prep = prepare(s)
+    study, _ = create_or_resume(prep)
+    sample = SamplePlan(prep.space, prep.spec, prep.budget, s.epochs)
+    seen = {}
+    for _ in range(5):
+        trial = study.ask()
+        name = trial.user_attrs[st.ATTR_BASELINE]
+        config = sample(trial)["autopeft"]
+        plan = PeftPlan.from_dict(config["plan"])
+        assert config["peft_params"] <= prep.budget.limit
+        seen[name] = {spec.name for specs in plan.blocks.values() for spec in specs}
+        study.tell(trial, [0.5, config["peft_params"]])
+    assert "lora" in seen["lora"] and "adapter" in seen["adapter"]
+    assert any(len(methods) > 1 for methods in seen.values()), seen  # combined with other methods

@@ -46,6 +46,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--baseline-lr-scales", metavar="S,S,...",
                    help="enqueue each baseline at these multiples of the space's centre learning rate (default 1: "
                         "each method's own rate; e.g. 0.5,2 tries two, early stopping culls the worse)")
+    p.add_argument("--baseline-mix", dest="baseline_mix", action="store_true", default=None,
+                   help="each baseline fixes only its own method's decisions; the sampler draws the rest of its plan "
+                        "(the baseline methods combined with others, fitted to the budget)")
     p.add_argument("--select", metavar="val|cv:K",
                    help="how the study picks its best trial: val (default: the best val accuracy) or cv:K (the "
                         "--select-top best by val are trained again in K folds of train+val, as Ray Tune trials, "
@@ -79,7 +82,8 @@ def cmd_search(args: argparse.Namespace) -> int:
                                              "epochs", "grace_epochs", "early_stopping", "sampler", "objectives",
                                              "gpus_per_trial", "cpus_per_trial", "concurrency", "address", "storage",
                                              "study", "resume", "warm_start", "seed", "baselines",
-                                             "baseline_lr_scales", "max_epochs", "select", "select_top")}
+                                             "baseline_lr_scales", "baseline_mix", "max_epochs", "select",
+                                             "select_top")}
     from autopeft.data.recipes import choose_recipe
 
     choice = choose_recipe(args.recipe, args.dataset)  # the dataset's own recipe, or defaults that suit it

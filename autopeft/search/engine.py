@@ -301,6 +301,8 @@ def create_or_resume(prep: Prepared) -> tuple[optuna.Study, int]:
         for name, plan, hp in queue[: s.trials]:  # a short study runs only the first baselines
             parts = bound.parts_of(plan)
             if parts is not None:  # as the space's own parameters: the sampler learns from it like any draw
+                if s.baseline_mix:  # its own method's decisions only: the sampler draws the other places
+                    parts = [p for p in parts if not p.empty]
                 study.enqueue_trial({**bound.params(parts), **hp}, user_attrs={st.ATTR_BASELINE: name})
             else:  # a plan the space cannot express (e.g. a linear probe): trained as it is
                 study.enqueue_trial(hp, user_attrs={st.ATTR_PLAN: plan.to_dict(), st.ATTR_BASELINE: name})

@@ -47,6 +47,9 @@ class SearchSettings:
     # each baseline is enqueued once per scale of its learning rate (the space's centre times it); early stopping
     # culls the ones that train badly
     baseline_lr_scales: tuple[float, ...] = (1.0,)
+    # each baseline fixes only its own method's decisions and the sampler draws the rest of the plan (the budget
+    # repair fits the whole): the baselines' methods combined with others, rather than alone
+    baseline_mix: bool = False
     # the training epochs the study may spend (stopped and failed trials' too); None: no cap, `trials` ends it
     max_epochs: int | None = None
     # how the study's pick is made: `val` (the best val accuracy) or `cv:K`: the `select_top` best by val are
