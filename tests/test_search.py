@@ -122,7 +122,10 @@ def test_max_epochs_caps_the_study_and_resume_keeps_the_cap(tmp_path, monkeypatc
     _, records = st.load_records("cap", url)
     spent = sum(r.epochs for r in records)
     assert 4 <= spent <= 7 and len(records) < 10, [(r.number, r.epochs, r.status) for r in records]
-    assert all(r.status in ("COMPLETE", "PRUNED") for r in records)
+    # a trial asked just before the cap was reached may never train: it is closed, not left RUNNING
+    assert all(r.status in ("COMPLETE", "PRUNED") or (r.status == "FAIL" and r.epochs == 0 and "epoch cap" in
+                                                       r.tags.get("fail_reason", "")) for r in records), \
+        [(r.number, r.status, r.epochs, r.tags) for r in records]
     assert "at most 7 epochs in all" in capsys.readouterr().err
     assert main([*base, "--resume"]) == 0
     _, again = st.load_records("cap", url)
@@ -268,6 +271,25 @@ def test_fidelity_aware_searcher_marks_states() -> None:
     assert trials[0].values == [0.9, 10] and trials[1].values is None
     assert trials[1].user_attrs["epochs"] == 2 and trials[2].user_attrs["fail_reason"] == "training diverged"
     assert "worker" in trials[3].user_attrs["fail_reason"]
+
+
+def test_a_trial_the_experiment_ended_before_it_reported_is_closed_and_not_counted() -> None:
+    """The epoch cap can end the experiment between asking a trial and its first report; Ray then tells the
+    searcher nothing of it. `settle_unstarted` closes it (FAIL, with the reason, not counted), so the study holds no
+    RUNNING trial once the search is over."""
+    from autopeft.search.engine import tally
+
+    storage = optuna.storages.InMemoryStorage()
+    searcher = _searcher_class()(space=lambda t: {"x": t.suggest_float("x", 0, 1)}, metric="val_acc", mode="max",
+                                 storage=storage, study_name="s", max_epochs=2)
+    searcher.suggest("done")
+    searcher.suggest("never")
+    searcher.on_trial_complete("done", {"val_acc": 0.5, "epoch": 2, "curve": [0.4, 0.5]})
+    assert searcher.settle_unstarted() == [1]
+    trials = optuna.load_study(study_name="s", storage=storage).get_trials()
+    assert [t.state.name for t in trials] == ["COMPLETE", "FAIL"]
+    assert "epoch cap" in trials[1].user_attrs["fail_reason"] and tally(trials) == (1, 0)
+    assert searcher.settle_unstarted() == []
 
 
 def test_the_pickled_searcher_holds_no_storage_url(tmp_path) -> None:

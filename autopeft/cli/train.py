@@ -134,6 +134,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from autopeft.backbones import check_pretrained
+    from autopeft.data.datasets import check_images
     from autopeft.recipe import load_data
     from autopeft.runs import check_out_dir, staged_dir, write_summary
 
@@ -150,6 +151,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out = check_out_dir(args.out or Path("runs") / f"{Path(recipe.dataset).name.replace('/', '-')}-{stamp}")
     data = load_data(recipe)
+    check_images(data, (*recipe.splits, "test"))  # a bad image file is one line now, not a run stopped mid-way
     recipe = recipe.replace(num_classes=data.num_classes)
     # printed once training starts, so that an error building the model stays the only line
     header = [f"[bold]{recipe.plan.short()}[/] on {recipe.backbone} · {data.name} ({data.num_classes} classes, "

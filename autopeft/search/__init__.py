@@ -7,13 +7,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.markup import escape
 
 from autopeft.backbones import backbone_spec, check_pretrained
 from autopeft.budget import parse_budget
+from autopeft.data.datasets import check_images  # noqa: F401  (also here: the search's pre-flight check)
 from autopeft.errors import AutopeftError
 from autopeft.records import TrialRecord
 from autopeft.search import storage as st
@@ -110,31 +111,6 @@ def check_weights(backbone: str, weights: str) -> None:
     except Exception as exc:  # noqa: BLE001  safetensors, numpy and zip readers raise their own types
         text = " ".join(str(exc).split())[:200] or type(exc).__name__
         raise AutopeftError(f"weights file '{weights}' cannot be read ({text}); {fix}") from None
-
-
-def check_images(data: Any, workers: int = 4) -> None:
-    """Decode every image file of the search splits (train, val) once, so a truncated or unreadable file fails the
-    search before it starts rather than every trial. JPEGs decode at 1/8 scale: every byte is still read."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from PIL import Image
-
-    paths = sorted({str(p) for split in (data.train, data.val) for p, _ in getattr(split, "samples", [])})
-
-    def decode(path: str) -> str | None:
-        try:
-            with Image.open(path) as img:
-                img.draft(img.mode if img.mode in ("RGB", "L") else "RGB", (32, 32))
-                img.load()
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-            return f"image {path} is unreadable or truncated ({exc}); replace or delete it"
-        return None
-
-    with ThreadPoolExecutor(workers) as pool:
-        for problem in pool.map(decode, paths):
-            if problem:
-                pool.shutdown(wait=False, cancel_futures=True)
-                raise AutopeftError(problem)
 
 
 def search(s: SearchSettings, console: Console | None = None) -> Outcome:

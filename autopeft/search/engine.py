@@ -185,6 +185,30 @@ def _searcher_class() -> type:
                                ot_trial.number)
             self._completed_trials.add(trial_id)
 
+        def settle_unstarted(self) -> list[int]:
+            """After the experiment: trials this driver asked that Ray ended without a single result (the epoch
+            cap stopped the experiment before their first epoch) are FAIL with that reason and not counted
+            (ATTR_INTERRUPTED), so no RUNNING trial is left behind; returns their numbers."""
+            ids = set(self.running_trial_ids())
+            settled = []
+            storage = self.study._storage
+            for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+                if t._trial_id not in ids:
+                    continue
+
+                def close(tid: int = t._trial_id) -> None:
+                    storage.set_trial_user_attr(tid, ATTR_INTERRUPTED, True)
+                    storage.set_trial_user_attr(tid, st.ATTR_REASON, "ended with the experiment before it reported "
+                                                                      "(the study reached its epoch cap, --max-epochs)")
+                    storage.set_trial_state_values(tid, TrialState.FAIL)
+
+                try:
+                    st.retry(close)
+                except optuna.exceptions.UpdateFinishedTrialError:
+                    continue
+                settled.append(t.number)
+            return settled
+
         # The Optuna storage is the durable state; Ray's searcher checkpoints are not needed to resume.
         def save(self, checkpoint_path: str) -> None:
             return None
@@ -493,6 +517,7 @@ def run(prep: Prepared, study: optuna.Study, remaining: int, callbacks: list | N
                                           stop=epoch_stopper(cap, spent) if cap is not None else None),
             )
             tuner.fit()
+            searcher.settle_unstarted()
         finally:
             heartbeat.stop()
             shutil.rmtree(workdir, ignore_errors=True)
