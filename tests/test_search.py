@@ -129,7 +129,11 @@ def test_max_epochs_caps_the_study_and_resume_keeps_the_cap(tmp_path, monkeypatc
     assert "at most 7 epochs in all" in capsys.readouterr().err
     assert main([*base, "--resume"]) == 0
     _, again = st.load_records("cap", url)
-    assert len(again) == len(records)
+    # the stored cap holds; a first run that ended with an epoch to spare (its running trials were stopped early
+    # after the searcher had held an epoch for each) may use it, one that spent all 7 adds nothing
+    assert sum(r.epochs for r in again) <= 7
+    if spent == 7:
+        assert len(again) == len(records)
     assert main([*base, "--resume", "--max-epochs", "12"]) == 0
     _, more = st.load_records("cap", url)
     assert len(more) > len(records) and sum(r.epochs for r in more) <= 12
