@@ -180,7 +180,7 @@ def test_an_enqueued_baseline_fixes_every_decision_of_its_plan(space: str) -> No
 def test_the_sampler_models_each_trial_by_the_plan_it_trained() -> None:
     """A draw the budget repair changed (rank 16 drawn, rank 2 trained; a module switched off) reaches TPE's
     observations with the repaired values, through TPE's own path (`_get_internal_repr`)."""
-    from autopeft.search.engine import RepairedTPE, make_sampler
+    from autopeft.search.samplers import RepairedTPE, make_sampler
     from autopeft.space import load_space, repaired_params, sample_parts
     from autopeft.space.bound import bind
 

@@ -14,7 +14,7 @@ from rich.markup import escape
 
 from autopeft.backbones import backbone_spec, check_pretrained
 from autopeft.budget import parse_budget
-from autopeft.data.datasets import check_images  # noqa: F401  (also here: the search's pre-flight check)
+from autopeft.data.datasets import check_images
 from autopeft.errors import AutopeftError
 from autopeft.records import TrialRecord
 from autopeft.search import storage as st

@@ -13,15 +13,15 @@ tells such trials as PRUNED instead, so only full-fidelity trials carry objectiv
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
 import shutil
 import tempfile
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
 import optuna
 from optuna.storages._heartbeat import BaseHeartbeat
@@ -36,15 +36,15 @@ from autopeft.search import storage as st
 from autopeft.search.cluster import check_resources, ray_session  # noqa: F401  (check_resources: also here)
 from autopeft.search.epoch_cap import EpochCount, epoch_stopper, spent_epochs
 from autopeft.search.liveness import ATTR_DRIVER, Heartbeat, interrupted, this_driver
+from autopeft.search.samplers import make_sampler
 from autopeft.search.settings import SearchSettings
 from autopeft.search.study_settings import StudySettings
 from autopeft.search.trainable import TrialSettings, run_trial
-from autopeft.space import SearchSpace, plan_overhead, repaired_params, sample_hparams, sample_plan
+from autopeft.space import SearchSpace, plan_overhead, sample_hparams, sample_plan
 from autopeft.space.bound import bind, is_plan_param
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 logger = logging.getLogger(__name__)
-T = TypeVar("T")
 # set on a trial whose driver died: it is FAIL (kept for the record) and not counted, and a copy is re-run
 ATTR_INTERRUPTED = "interrupted"
 
@@ -190,23 +190,12 @@ def _searcher_class() -> type:
             cap stopped the experiment before their first epoch) are FAIL with that reason and not counted
             (ATTR_INTERRUPTED), so no RUNNING trial is left behind; returns their numbers."""
             ids = set(self.running_trial_ids())
+            reason = "ended with the experiment before it reported (the study reached its epoch cap, --max-epochs)"
             settled = []
-            storage = self.study._storage
             for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-                if t._trial_id not in ids:
-                    continue
-
-                def close(tid: int = t._trial_id) -> None:
-                    storage.set_trial_user_attr(tid, ATTR_INTERRUPTED, True)
-                    storage.set_trial_user_attr(tid, st.ATTR_REASON, "ended with the experiment before it reported "
-                                                                      "(the study reached its epoch cap, --max-epochs)")
-                    storage.set_trial_state_values(tid, TrialState.FAIL)
-
-                try:
-                    st.retry(close)
-                except optuna.exceptions.UpdateFinishedTrialError:
-                    continue
-                settled.append(t.number)
+                if t._trial_id in ids and st.retry(functools.partial(close_uncounted, self.study._storage,
+                                                                     t._trial_id, reason)):
+                    settled.append(t.number)
             return settled
 
         # The Optuna storage is the durable state; Ray's searcher checkpoints are not needed to resume.
@@ -232,44 +221,6 @@ def tally(trials: list[FrozenTrial]) -> tuple[int, int]:
     finished = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) or
                    (t.state == TrialState.FAIL and not t.user_attrs.get(ATTR_INTERRUPTED)) for t in trials)
     return finished, sum(t.state == TrialState.RUNNING for t in trials)
-
-
-def _quiet(factory: Callable[..., T], **kwargs: Any) -> T:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return factory(**kwargs)
-
-
-# TPE's random start: this many trials of its own before it models the space (enqueued trials do not count)
-TPE_STARTUP = 4
-
-
-class RepairedTPE(optuna.samplers.TPESampler):
-    """TPE that models every trial by the plan it trained: where the budget repair changed a draw (a smaller rank,
-    a block switched off), the sampler sees the repaired values (`repaired_params`), not the drawn ones, so the
-    density of what worked sits on what actually ran.
-
-    TPE reads a trial's parameters through `_get_params` (Optuna >= 5, pinned in pyproject.toml); a test checks
-    that it still does."""
-
-    def _get_params(self, trial: FrozenTrial, study: optuna.Study) -> dict[str, Any]:
-        return repaired_params(trial, super()._get_params(trial, study))
-
-
-def make_sampler(name: str, seed: int, enqueued: int = 0) -> optuna.samplers.BaseSampler:
-    """The sampler `name`; `enqueued` trials (baselines, warm start) come first and are not part of TPE's random
-    start, which Optuna would otherwise count them in."""
-    factories = {
-        # group=True: TPE models each conditional sub-space (a method's options) on the trials that used it
-        "tpe": lambda: _quiet(RepairedTPE, seed=seed, multivariate=True, group=True,
-                              constant_liar=True, n_startup_trials=TPE_STARTUP + enqueued),
-        "nsga2": lambda: optuna.samplers.NSGAIISampler(seed=seed),
-        "gp": lambda: optuna.samplers.GPSampler(seed=seed),
-        "random": lambda: optuna.samplers.RandomSampler(seed=seed),
-    }
-    if name not in factories:
-        raise AutopeftError(f"unknown sampler '{name}'; choose one of: {', '.join(factories)}")
-    return factories[name]()
 
 
 @dataclass
@@ -381,6 +332,18 @@ def baseline_hparams(prep: Prepared) -> list[dict[str, Any]]:
     return out
 
 
+def close_uncounted(storage: Any, trial_id: int, reason: str) -> bool:
+    """Mark a RUNNING trial FAIL with `reason`, as interrupted (not counted: `tally`); False when it had finished
+    meanwhile (attributes first: a finished trial takes none, so nothing is half-written)."""
+    try:
+        storage.set_trial_user_attr(trial_id, ATTR_INTERRUPTED, True)
+        storage.set_trial_user_attr(trial_id, st.ATTR_REASON, reason)
+        storage.set_trial_state_values(trial_id, TrialState.FAIL)
+    except optuna.exceptions.UpdateFinishedTrialError:
+        return False
+    return True
+
+
 def requeue_interrupted(study: optuna.Study, unstamped_after_s: float = 0.0) -> list[int]:
     """Mark the trials whose driver died (see `liveness`) FAIL and enqueue the same trials again.
 
@@ -391,11 +354,7 @@ def requeue_interrupted(study: optuna.Study, unstamped_after_s: float = 0.0) -> 
     redo = []
     storage = study._storage
     for t in interrupted(study, unstamped_after_s=unstamped_after_s):
-        try:  # attributes first: a finished trial takes none
-            storage.set_trial_user_attr(t._trial_id, ATTR_INTERRUPTED, True)
-            storage.set_trial_user_attr(t._trial_id, st.ATTR_REASON, "interrupted (its driver stopped); re-run")
-            storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
-        except optuna.exceptions.UpdateFinishedTrialError:
+        if not close_uncounted(storage, t._trial_id, "interrupted (its driver stopped); re-run"):
             continue  # it finished, or another driver re-queued it, since we looked
         attrs = {k: t.user_attrs[k] for k in (st.ATTR_BASELINE, st.ATTR_WARM_START) if k in t.user_attrs}
         drawn = any(is_plan_param(name) for name in t.params)  # its parameters give its plan again

@@ -18,7 +18,7 @@ under budget. Every repaired value is a value of the same domain, so it is a poi
 Learning. Optuna cannot change a value a trial has suggested, so the trial keeps the draw in `trial.params`, and the
 repaired plan is recorded in user attributes: `plan` (the PeftPlan dict that is trained), `peft_params`, and
 `repaired` (parameter -> repaired value, None for a parameter the repaired plan no longer uses; empty when the draw
-fitted). The engine's TPE (`autopeft.search.engine.RepairedTPE`) models each trial by `repaired_params`, the values
+fitted). The engine's TPE (`autopeft.search.samplers.RepairedTPE`) models each trial by `repaired_params`, the values
 of the plan that trained, every one a value of its domain: a draw of rank 16 that trained at rank 2 teaches it
 about rank 2.
 """
