@@ -91,4 +91,8 @@ def render(info: dict[str, Any]) -> str:
     for row in info["methods_at_budget"]:
         everywhere = f"{row['everywhere_params']:,} ({'fits' if row['everywhere_fits'] else 'over'})"
         lines.append(f"  {row['method']:<12} {row['min_params']:>10,}  {everywhere:>26}  {row['where']}")
+    for method, depths in (info.get("share_depths") or {}).items():
+        if depths != info["share_depths_offered"]:
+            lines.append(f"  {method} takes depths {depths} only: deeper, its smallest size with the other methods' "
+                         "at theirs could go over the budget (a share space's draws always fit)")
     return "\n".join(lines)

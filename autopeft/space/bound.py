@@ -45,6 +45,8 @@ class Part:
         blocks: the blocks the unit covers; a depth component is placed on its first/last `depth` of them.
         depth: depth insertion only: how many blocks the component covers.
         side: depth insertion only: `first` or `last` blocks.
+        share: a share space only: the component's share weight of the budget (None when not asked: one sized
+            component chosen, or none; see `autopeft.space.shares`).
     """
 
     unit: str
@@ -55,6 +57,7 @@ class Part:
     blocks: tuple[int, ...] = ()
     depth: int | None = None
     side: str | None = None
+    share: int | None = None
 
     @property
     def placed(self) -> tuple[int, ...]:
@@ -78,7 +81,8 @@ class Part:
 
     def with_values(self, values: tuple[tuple[str, Any], ...]) -> Part:
         """This part with other option values (`dataclasses.replace` is too slow for the repair's inner loop)."""
-        return Part(self.unit, self.slot, self.choices, self.method, values, self.blocks, self.depth, self.side)
+        return Part(self.unit, self.slot, self.choices, self.method, values, self.blocks, self.depth, self.side,
+                    self.share)
 
 
 @dataclass
@@ -182,7 +186,10 @@ class BoundSpace:
         return PeftPlan(blocks={i: tuple(s) for i, s in sorted(blocks.items())}, global_parts=tuple(global_parts))
 
     def params(self, parts: Sequence[Part]) -> dict[str, Any]:
-        """The optuna parameters that, sampled directly, give these parts (conditional: only those asked)."""
+        """The optuna parameters that, sampled directly, give these parts (conditional: only those asked; a share
+        space asks a share weight instead of a size)."""
+        from autopeft.space.shares import size_option
+
         out: dict[str, Any] = {}
         for p in parts:
             if p.depth is not None:
@@ -193,12 +200,16 @@ class BoundSpace:
             elif (param := p.choice_param()) is not None:
                 out[param] = p.method
             if not p.empty:
-                out.update({p.option_param(k): v for k, v in p.values})
+                derived = size_option(self, p.method) if self.space.shares else None
+                out.update({p.option_param(k): v for k, v in p.values if k != derived})
+                if p.share is not None:
+                    out[p.option_param("share")] = p.share
         return out
 
-    def parts_of(self, plan: PeftPlan) -> list[Part] | None:
+    def parts_of(self, plan: PeftPlan, limit: int | None = None) -> list[Part] | None:
         """The parts that give exactly `plan` (so `params(parts)` enqueues it as the sampler's own draw), or None when
-        the space cannot express it (a method, size or placement it does not offer)."""
+        the space cannot express it (a method, size or placement it does not offer; in a share space, sizes that
+        no share weights under `limit` give)."""
         parts = []
         for t in self.templates:
             part = self._part_of(t, plan)
@@ -206,9 +217,15 @@ class BoundSpace:
                 return None
             parts.append(part)
         try:
-            return parts if self.plan(parts) == plan else None
+            if self.plan(parts) != plan:
+                return None
         except AutopeftError:
             return None
+        if self.space.shares:
+            from autopeft.space.shares import shares_of
+
+            return shares_of(self, parts, limit)
+        return parts
 
     def _part_of(self, t: Part, plan: PeftPlan) -> Part | None:
         """What `plan` holds at place `t` (checked against the whole plan by `parts_of`)."""
@@ -277,12 +294,17 @@ class BoundSpace:
         return [self.largest(t) for t in self.templates]
 
     def size(self) -> int | None:
-        """Distinct plan configurations the sampler can ask for (None when an option is continuous)."""
+        """Distinct plan configurations the sampler can ask for (None when an option is continuous). A share
+        space asks share weights instead of sizes: counted as one weight per component, an upper bound."""
+        from autopeft.space.shares import size_option
+
         total = 1
         for t in self.templates:
             count = 0
             for m in t.choices:
-                maybe = [] if m == NONE else [d.size() for _, d in self.methods[m].searched()]
+                derived = size_option(self, m) if self.space.shares and m != NONE else None
+                maybe = [] if m == NONE else [len(self.space.shares) if k == derived else d.size()
+                                              for k, d in self.methods[m].searched()]
                 sizes = [n for n in maybe if n is not None]
                 if len(sizes) < len(maybe):
                     return None

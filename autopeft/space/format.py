@@ -74,6 +74,9 @@ class SearchSpace:
     methods: tuple[MethodSpace, ...]
     training: tuple[tuple[str, Domain], ...]
     mergeable_only: bool
+    # budget-share sizing (depth insertion only): each chosen sized component's share weight; its size follows
+    # from its share of the budget (autopeft.space.shares); empty: sizes are drawn and repaired
+    shares: tuple[int, ...] = ()
 
     def method(self, name: str) -> MethodSpace:
         for m in self.methods:
@@ -136,7 +139,7 @@ def parse_space(data: Any, source: str, default_name: str = "space") -> SearchSp
     description = data.get("description", "")
     if not isinstance(name, str) or not name.strip() or not isinstance(description, str):
         fail("name", "name and description must be text")
-    mode, group_size, depths, sides = _insertion(data.get("insertion", "block"), fail)
+    mode, group_size, depths, sides, shares = _insertion(data.get("insertion", "block"), fail)
 
     methods = []
     raw_methods = data.get("methods") or {}
@@ -178,7 +181,7 @@ def parse_space(data: Any, source: str, default_name: str = "space") -> SearchSp
         name=name.strip(), source=source, description=" ".join(description.split()), mode=mode,
         group_size=group_size, depths=depths, sides=sides, slots=tuple(slots), global_choices=global_choices,
         methods=tuple(methods), training=_training(data.get("training") or {}, source, fail),
-        mergeable_only=mergeable_only,
+        mergeable_only=mergeable_only, shares=shares,
     )
     if not space.method_names():
         fail("methods" if mode == "depth" else "slots", "the space offers no method")
@@ -189,13 +192,13 @@ def parse_space(data: Any, source: str, default_name: str = "space") -> SearchSp
     return space
 
 
-def _insertion(raw: Any, fail: Fail) -> tuple[str, int, tuple[int, ...], tuple[str, ...]]:
+def _insertion(raw: Any, fail: Fail) -> tuple[str, int, tuple[int, ...], tuple[str, ...], tuple[int, ...]]:
     if isinstance(raw, str):
         raw = {"mode": raw}
     if not isinstance(raw, dict):
         fail("insertion", f"must be one of {', '.join(MODES)} or a mapping with 'mode'")
     mode = raw.get("mode", "block")
-    allowed = {"block": {"mode"}, "group": {"mode", "size"}, "depth": {"mode", "depths", "side"}}.get(mode)
+    allowed = {"block": {"mode"}, "group": {"mode", "size"}, "depth": {"mode", "depths", "side", "shares"}}.get(mode)
     if allowed is None:
         fail("insertion.mode", f"{mode!r} is not one of {', '.join(MODES)}")
     extra = sorted(map(str, set(raw) - allowed))
@@ -203,6 +206,7 @@ def _insertion(raw: Any, fail: Fail) -> tuple[str, int, tuple[int, ...], tuple[s
         fail(f"insertion.{extra[0]}", f"not valid for mode {mode}; valid keys: {', '.join(sorted(allowed))}")
     size, sides = 1, ("first",)
     depths: tuple[int, ...] = ()
+    shares: tuple[int, ...] = ()
     if mode == "group":
         raw_size = raw.get("size")
         if isinstance(raw_size, bool) or not isinstance(raw_size, int) or raw_size < 1:
@@ -220,7 +224,14 @@ def _insertion(raw: Any, fail: Fail) -> tuple[str, int, tuple[int, ...], tuple[s
         sides = tuple(side) if isinstance(side, list) else (side,)
         if not sides or any(s not in SIDES for s in sides) or len(set(sides)) != len(sides):
             fail("insertion.side", f"must be first, last or [first, last], got {side!r}")
-    return mode, size, depths, sides
+        if "shares" in raw:
+            values = raw["shares"]
+            if not isinstance(values, list) or not values:
+                fail("insertion.shares", "must be a non-empty list of whole share weights, e.g. [1, 2, 4]")
+            shares = tuple(int(number(v, "insertion.shares", True, fail)) for v in values)
+            if any(w < 1 for w in shares) or len(set(shares)) != len(shares):
+                fail("insertion.shares", f"share weights must be distinct whole numbers >= 1, got {list(shares)}")
+    return mode, size, depths, sides, shares
 
 
 def _choices(raw: Any, key: str, scope: str, fail: Fail) -> tuple[str, ...]:

@@ -15,6 +15,9 @@ Cutting the biggest part first spreads the budget over the sampled structure ins
 and as every move only lowers the count and the space's smallest plan fits (checked before any trial), the loop ends
 under budget. Every repaired value is a value of the same domain, so it is a point the sampler could have drawn.
 
+A share space (`insertion: shares`, `autopeft.space.shares`) draws no sizes: they follow from the budget, every
+draw fits, and nothing is repaired.
+
 Learning. Optuna cannot change a value a trial has suggested, so the trial keeps the draw in `trial.params`, and the
 repaired plan is recorded in user attributes: `plan` (the PeftPlan dict that is trained), `peft_params`, and
 `repaired` (parameter -> repaired value, None for a parameter the repaired plan no longer uses; empty when the draw
@@ -37,6 +40,7 @@ from autopeft.records import ATTR_PARAMS, ATTR_PLAN
 from autopeft.space.bound import BoundSpace, Part, bind
 from autopeft.space.format import SearchSpace
 from autopeft.space.repair import repair
+from autopeft.space.shares import depth_caps, suggest_share_parts
 
 
 def _limit(budget: Budget | int | None) -> int | None:
@@ -60,11 +64,16 @@ def check_feasible(space: SearchSpace, spec: BackboneSpec, budget: Budget | int 
             f"{spec.name}, but the budget {given} allows {limit:,}; use a budget of at least {need:,} "
             f"({percent:g}%) or a smaller space"
         )
+    if space.shares:
+        depth_caps(bound, limit)  # raises when no depths let every draw fit
     return bound
 
 
-def suggest_parts(trial: Any, bound: BoundSpace) -> list[Part]:
-    """Ask `trial` for every decision of the space (conditionally), without looking at any budget."""
+def suggest_parts(trial: Any, bound: BoundSpace, limit: int | None = None) -> list[Part]:
+    """Ask `trial` for every decision of the space (conditionally), without looking at any budget; a share space
+    asks its share weights instead of sizes and derives the sizes from `limit` (`autopeft.space.shares`)."""
+    if bound.space.shares:
+        return suggest_share_parts(trial, bound, limit)
     parts = []
     for t in bound.templates:
         part = t
@@ -88,9 +97,9 @@ def _ask(trial: Any, name: str | None, choices: tuple) -> Any:
 def sample_parts(trial: Any, space: SearchSpace, spec: BackboneSpec, budget: Budget | int | None) -> list[Part]:
     """Draw and repair; records `plan`, `peft_params` and `repaired` as user attributes of the trial."""
     bound = check_feasible(space, spec, budget)
-    drawn = suggest_parts(trial, bound)
     limit = _limit(budget)
-    parts = drawn if limit is None else repair(bound, drawn, limit)
+    drawn = suggest_parts(trial, bound, limit)
+    parts = drawn if limit is None or space.shares else repair(bound, drawn, limit)
     before, after = bound.params(drawn), bound.params(parts)
     repaired = {k: v for k, v in after.items() if before.get(k) != v}
     repaired.update({k: None for k in before if k not in after})

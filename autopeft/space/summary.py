@@ -34,7 +34,10 @@ def insertion_text(space: SearchSpace) -> str:
     if space.mode == "group":
         return f"per group of {space.group_size} consecutive blocks"
     sides = " or ".join(space.sides)
-    return f"NOAH-style: each method on its {sides} d blocks, d in {list(space.depths)}"
+    text = f"NOAH-style: each method on its {sides} d blocks, d in {list(space.depths)}"
+    if space.shares:
+        text += f"; sizes from each method's share of the budget, weights {list(space.shares)}"
+    return text
 
 
 def _plan_info(bound: BoundSpace, parts: list[Part]) -> dict[str, Any]:
@@ -71,6 +74,12 @@ def describe(space: SearchSpace, spec: BackboneSpec, budget: Budget | None = Non
         info["budget"] = {"text": budget.text, "limit": budget.limit, "percent": budget.percent}
         info["feasible"] = info["smallest"]["params"] <= budget.limit
         info["methods_at_budget"] = feasibility(bound, budget.limit)
+        if space.shares and info["feasible"]:
+            from autopeft.space.shares import depth_caps
+
+            caps = depth_caps(bound, budget.limit)
+            info["share_depths"] = {bound.templates[i].method: list(d) for i, d in caps.items()}
+            info["share_depths_offered"] = list(bound.depths)
     return info
 
 
