@@ -20,6 +20,8 @@ ATTR_PLAN, ATTR_PARAMS, ATTR_PERCENT, ATTR_BASELINE = "plan", "peft_params", "pe
 ATTR_CURVE, ATTR_EPOCHS, ATTR_MAX_EPOCHS, ATTR_SECONDS = "curve", "epochs", "max_epochs", "seconds"
 ATTR_STATUS, ATTR_REASON, ATTR_OVERHEAD, ATTR_HPARAMS = "status", "fail_reason", "overhead", "hparams"
 ATTR_NODE, ATTR_WARM_START, ATTR_RERUN_OF = "node", "warm_start", "rerun_of"
+# infrastructure failures a trial was re-run after (its worker or node lost; --max-retries), and the nodes lost
+ATTR_RETRIES, ATTR_LOST_NODES = "retries", "lost_nodes"
 # cross-validation results are study user attributes (a finished trial takes no new attributes), one per fold run:
 # `cv:<folds>:<trial>:<fold>` -> {"acc": held-out accuracy, "loss": ..., "seconds": ...} or {"fail": reason}
 CV_PREFIX = "cv:"

@@ -6,6 +6,7 @@ processes of that cluster by their process ids (found by that temp dir in their 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import optuna
@@ -45,10 +47,12 @@ def _stop(marker: str) -> None:
             time.sleep(0.2)
 
 
-@pytest.mark.slow
-def test_search_spreads_trials_over_two_nodes(tmp_path) -> None:
+@contextlib.contextmanager
+def two_nodes(tmp_path: Path) -> Iterator[tuple[int, int, dict]]:
+    """A head and a worker node (one CPU each) on 127.0.0.1: yields (head port, the worker's node-manager port, the
+    environment for a driver); stops exactly that cluster's processes afterwards."""
     temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths must stay under 108 bytes
-    port = _free_port()
+    port, worker_port = _free_port(), _free_port()
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1", "AUTOPEFT_CACHE": str(tmp_path / "c")}
     common = ["--node-ip-address=127.0.0.1", "--num-cpus=1", "--num-gpus=0", f"--temp-dir={temp_dir}",
               "--disable-usage-stats"]
@@ -56,25 +60,110 @@ def test_search_spreads_trials_over_two_nodes(tmp_path) -> None:
         head = subprocess.run([RAY, "start", "--head", f"--port={port}", "--include-dashboard=false", *common],
                               capture_output=True, text=True, timeout=120, env=env)
         assert head.returncode == 0, head.stderr[-2000:]
-        worker = subprocess.run([RAY, "start", f"--address=127.0.0.1:{port}", *common],
-                                capture_output=True, text=True, timeout=120, env=env)
+        worker = subprocess.run([RAY, "start", f"--address=127.0.0.1:{port}", f"--node-manager-port={worker_port}",
+                                 *common], capture_output=True, text=True, timeout=120, env=env)
         assert worker.returncode == 0, worker.stderr[-2000:]
+        yield port, worker_port, env
+    finally:
+        _stop(temp_dir)
+        assert not ray_pids(temp_dir)
 
-        torch.manual_seed(0)
-        weights = tmp_path / "w.safetensors"
-        save_file(create_backbone("autopeft_test_vit").state_dict(), str(weights))
-        proc = subprocess.run(
-            [sys.executable, "-m", "autopeft", "search", "--dataset", "digits", "--backbone", "autopeft_test_vit",
-             "--weights", str(weights), "--budget", "5%", "--trials", "4", "--epochs", "2", "--grace-epochs", "2",
-             "--concurrency", "2", "--cpus-per-trial", "1", "--study", "cluster", "--no-baselines",
-             "--address", f"127.0.0.1:{port}"],
-            capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
+
+def _weights(tmp_path: Path) -> Path:
+    torch.manual_seed(0)
+    weights = tmp_path / "w.safetensors"
+    save_file(create_backbone("autopeft_test_vit").state_dict(), str(weights))
+    return weights
+
+
+def _search(tmp_path: Path, port: int, study: str, *flags: str) -> list[str]:
+    return [sys.executable, "-m", "autopeft", "search", "--dataset", "digits", "--backbone", "autopeft_test_vit",
+            "--weights", str(_weights(tmp_path)), "--budget", "5%", "--concurrency", "2", "--cpus-per-trial", "1",
+            "--study", study, "--no-baselines", "--address", f"127.0.0.1:{port}", *flags]
+
+
+@pytest.mark.slow
+def test_search_spreads_trials_over_two_nodes(tmp_path) -> None:
+    with two_nodes(tmp_path) as (port, _, env):
+        proc = subprocess.run(_search(tmp_path, port, "cluster", "--trials", "4", "--epochs", "2", "--grace-epochs",
+                                      "2"), capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
         assert proc.returncode == 0, proc.stderr[-3000:]
         trials = optuna.load_study(study_name="cluster",
                                    storage=f"sqlite:///{tmp_path}/studies/cluster.db").get_trials()
         assert len(trials) == 4
         nodes = {t.user_attrs.get("node") for t in trials}
         assert len(nodes) == 2 and "" not in nodes, nodes
-    finally:
-        _stop(temp_dir)
-        assert not ray_pids(temp_dir)
+
+
+def _descendants(root: int) -> list[int]:
+    """`root` and every process below it (by parent ids in /proc)."""
+    parents: dict[int, int] = {}
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                parents[int(proc.name)] = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    out, frontier = [root], [root]
+    while frontier:
+        frontier = [pid for pid, parent in parents.items() if parent in frontier]
+        out += frontier
+    return out
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _raylet(node_manager_port: int) -> int:
+    """The process id of the raylet of the node started with this node-manager port."""
+    pids = [pid for pid in ray_pids(f"--node_manager_port={node_manager_port}") if "raylet" in _cmdline(pid)]
+    assert len(pids) == 1, pids
+    return pids[0]
+
+
+def _training_on(raylet: int) -> bool:
+    """Whether a Ray worker below `raylet` holds a trial (its title is `ray::ImplicitFunc...`, Tune's function
+    trainable; idle workers are `ray::IDLE`)."""
+    return any(_cmdline(pid).startswith("ray::ImplicitFunc") for pid in _descendants(raylet)[1:])
+
+
+@pytest.mark.slow
+def test_a_lost_node_costs_no_trial(tmp_path) -> None:
+    """The worker node's raylet and everything under it are SIGKILLed while a trial trains there (a preempted node):
+    the trial runs again on the node that is left, the study ends with all its trials finished, the lost one
+    recorded with its retry and node, and the search's output holds no Python traceback."""
+    with two_nodes(tmp_path) as (port, worker_port, env):
+        log = tmp_path / "search.log"
+        with log.open("w") as out:
+            driver = subprocess.Popen(_search(tmp_path, port, "lost", "--trials", "4", "--epochs", "8",
+                                              "--no-early-stopping"), stdout=out, stderr=subprocess.STDOUT,
+                                      cwd=tmp_path, env=env)
+            try:
+                raylet = _raylet(worker_port)
+                deadline = time.time() + 300
+                while not _training_on(raylet):
+                    if driver.poll() is not None or time.time() > deadline:
+                        pytest.fail("no trial trained on the worker node:\n" + log.read_text()[-3000:])
+                    time.sleep(0.2)
+                time.sleep(4.0)  # into its training
+                for pid in _descendants(raylet):
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+                assert driver.wait(timeout=600) == 0, log.read_text()[-3000:]
+            finally:
+                if driver.poll() is None:
+                    driver.kill()
+    output = log.read_text()
+    assert "Traceback" not in output, output[-3000:]
+    assert "was lost after" in output and "running it again (retry 1 of 3" in output, output[-3000:]
+    trials = optuna.load_study(study_name="lost", storage=f"sqlite:///{tmp_path}/studies/lost.db").get_trials()
+    assert len(trials) == 4 and all(t.state == optuna.trial.TrialState.COMPLETE for t in trials), \
+        [(t.number, t.state, t.user_attrs.get("fail_reason")) for t in trials]
+    retried = [t for t in trials if t.user_attrs.get("retries")]
+    assert len(retried) == 1 and retried[0].user_attrs["retries"] == 1 and retried[0].user_attrs["lost_nodes"], \
+        [t.user_attrs for t in trials]
+    assert len(retried[0].user_attrs["curve"]) == 8

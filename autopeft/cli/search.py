@@ -54,6 +54,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "--select-top best by val are trained again in K folds of train+val, as Ray Tune trials, "
                         "and the best mean fold accuracy is the pick; less noise than one small val split)")
     p.add_argument("--select-top", type=int, metavar="N", help="trials --select cv:K scores (default 3)")
+    p.add_argument("--max-retries", type=int, metavar="N",
+                   help="re-runs of a trial whose worker process or node was lost, e.g. a preempted GPU node "
+                        "(default 3); a trial that fails by itself is not re-run")
     p.set_defaults(func=cmd_search)
 
     p = sub.add_parser("results", help="print a study's trials or Pareto configs from its storage")
@@ -83,7 +86,7 @@ def cmd_search(args: argparse.Namespace) -> int:
                                              "gpus_per_trial", "cpus_per_trial", "concurrency", "address", "storage",
                                              "study", "resume", "warm_start", "seed", "baselines",
                                              "baseline_lr_scales", "baseline_mix", "max_epochs", "select",
-                                             "select_top")}
+                                             "select_top", "max_retries")}
     from autopeft.data.recipes import choose_recipe
 
     choice = choose_recipe(args.recipe, args.dataset)  # the dataset's own recipe, or defaults that suit it

@@ -115,7 +115,7 @@ def check_weights(backbone: str, weights: str) -> None:
 
 def search(s: SearchSettings, console: Console | None = None) -> Outcome:
     """Run (or resume) a search; return the study's settings and records."""
-    from autopeft.search.cluster import ray_session
+    from autopeft.search.cluster import ray_log_path, ray_session
     from autopeft.search.engine import create_or_resume, epoch_cap, run
     from autopeft.search.epoch_cap import EpochCount
     from autopeft.search.selection import cross_validate
@@ -123,7 +123,8 @@ def search(s: SearchSettings, console: Console | None = None) -> Outcome:
     console = console or Console(stderr=True, soft_wrap=True)
     prep = prepare(s)
     from autopeft.search.progress import SearchProgress  # imports Ray (seconds): not before the input is checked
-    with ray_session(s):  # Ray first: a request the cluster cannot serve fails before the study exists
+    log = ray_log_path(prep.storage_url, s.study)
+    with ray_session(s, log):  # Ray first: a request the cluster cannot serve fails before the study exists
         study, remaining = create_or_resume(prep)
         done = s.trials - remaining
         cap, spent = epoch_cap(prep, study)
@@ -134,6 +135,7 @@ def search(s: SearchSettings, console: Console | None = None) -> Outcome:
                       + (f" ({done} already finished or running)" if done else "")
                       + (f"; then the top {s.select_top} by val cross-validated in {s.cv_folds} folds (--select)"
                          if s.cv_folds else ""), highlight=False)
+        console.print(f"Ray's own messages: {log}", highlight=False)
         for note in prep.fidelity_notes():
             console.print(f"trials train with {note}", highlight=False)
         progress = SearchProgress(s.trials, s.epochs, prep.budget.limit, console, offset=done, epoch_cap=cap,

@@ -6,22 +6,71 @@ Kept apart from the engine so that `prepare` can check a local request without i
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from autopeft.errors import AutopeftError
 from autopeft.search.settings import SearchSettings
 
 
+def ray_log_path(storage_url: str, study: str) -> Path:
+    """Where a search writes Ray's own messages: beside the study's SQLite file (`studies/<study>.ray.log`), else
+    `<study>.ray.log` in the working directory."""
+    if storage_url.startswith("sqlite:///"):
+        return Path(storage_url.removeprefix("sqlite:///")).with_suffix(".ray.log")
+    return Path.cwd() / f"{study}.ray.log"
+
+
 @contextlib.contextmanager
-def ray_session(s: SearchSettings) -> Iterator[dict[str, float]]:
-    """Ray for the search, its resources checked against the request before any study is created.
+def ray_messages_to(path: Path | None) -> Iterator[None]:
+    """Ray's log records (Tune's trial-failure tracebacks among them) and the error messages its cluster publishes
+    (a node marked dead) go to the file `path` while the search runs, not to the user's terminal; the search's own
+    progress lines say what happened. None: as Ray does by itself."""
+    if path is None:
+        yield
+        return
+    import ray._private.worker as ray_worker
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    ray_logger = logging.getLogger("ray")
+    saved = ray_logger.handlers[:], ray_logger.propagate, getattr(ray_worker, "print_to_stdstream", None)
+    ray_logger.handlers, ray_logger.propagate = [handler], False
+
+    def to_log(data: dict, ignore_prefix: bool = False) -> None:  # the cluster's published errors (`(raylet) ...`)
+        for line in data.get("lines", []):
+            ray_logger.warning("(%s) %s", data.get("pid", ""), line)
+
+    if saved[2] is not None:
+        ray_worker.print_to_stdstream = to_log  # read at each call by Ray's error-listener thread
+    try:
+        yield
+    finally:
+        ray_logger.handlers, ray_logger.propagate = saved[0], saved[1]
+        if saved[2] is not None:
+            ray_worker.print_to_stdstream = saved[2]
+        handler.close()
+
+
+@contextlib.contextmanager
+def ray_session(s: SearchSettings, log: Path | None = None) -> Iterator[dict[str, float]]:
+    """Ray for the search, its resources checked against the request before any study is created; with `log`,
+    Ray's messages go to that file (`ray_messages_to`).
 
     Joins an already initialised Ray, else connects to `--address` (or $RAY_ADDRESS, as `ray job submit` sets it),
     else starts a new local instance: address "local" never attaches to another instance found on this machine,
     such as one a killed driver left behind. Shuts down only what it started.
     """
+    with ray_messages_to(log), _ray(s) as resources:
+        yield resources
+
+
+@contextlib.contextmanager
+def _ray(s: SearchSettings) -> Iterator[dict[str, float]]:
     import ray
 
     started = False

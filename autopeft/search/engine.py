@@ -33,7 +33,7 @@ from autopeft.errors import AutopeftError, UnsupportedBackbone
 from autopeft.objectives import objectives_of
 from autopeft.plan import PeftPlan
 from autopeft.search import storage as st
-from autopeft.search.cluster import check_resources, ray_session  # noqa: F401  (check_resources: also here)
+from autopeft.search.cluster import check_resources, ray_log_path, ray_session  # noqa: F401  (check_resources: also here)
 from autopeft.search.epoch_cap import EpochCount, epoch_stopper, spent_epochs
 from autopeft.search.liveness import ATTR_DRIVER, Heartbeat, interrupted, this_driver
 from autopeft.search.samplers import make_sampler
@@ -98,6 +98,7 @@ def _searcher_class() -> type:
             self.max_epochs = max_epochs
             self.target = target
             self.epoch_cap, self.epochs = epoch_cap, EpochCount(spent)  # --max-epochs (see epoch_cap)
+            self.lost: dict[str, list[str]] = {}  # Ray trial id -> the nodes its lost workers ran on (retried)
 
         @property
         def study(self) -> optuna.Study:
@@ -141,6 +142,16 @@ def _searcher_class() -> type:
             if isinstance(self.metric, str) and result.get(self.metric) is not None:
                 st.retry(lambda: super(FidelityAwareSearch, self).on_trial_result(trial_id, result))
 
+        def note_retry(self, trial_id: str, node: str) -> None:
+            """Ray re-runs the trial (its worker or node was lost): keep the count and the node on the trial."""
+            lost = self.lost.setdefault(trial_id, [])
+            lost.append(node)
+            ot_trial = self._ot_trials.get(trial_id)
+            if ot_trial is not None:
+                storage = self.study._storage
+                st.retry(lambda: storage.set_trial_user_attr(ot_trial._trial_id, st.ATTR_RETRIES, len(lost)))
+                st.retry(lambda: storage.set_trial_user_attr(ot_trial._trial_id, st.ATTR_LOST_NODES, list(lost)))
+
         def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
             ot_trial = self._ot_trials.get(trial_id)
             if ot_trial is None or trial_id in self._completed_trials:
@@ -150,7 +161,7 @@ def _searcher_class() -> type:
             epochs = int(r.get("epoch", 0) or 0)
             attrs = {st.ATTR_CURVE: list(r.get("curve") or []), st.ATTR_EPOCHS: epochs,
                      st.ATTR_SECONDS: float(r.get("seconds", 0.0) or 0.0), st.ATTR_NODE: str(r.get("node", ""))}
-            reason = r.get("fail_reason") or ("the trial's worker process failed; see the Ray logs" if error else None)
+            reason = r.get("fail_reason") or (lost_reason(len(self.lost.get(trial_id, []))) if error else None)
             values = None
             if reason:
                 attrs[st.ATTR_REASON] = str(reason)
@@ -214,6 +225,23 @@ def _searcher_class() -> type:
             return None
 
     return FidelityAwareSearch
+
+
+def lost_reason(retries: int) -> str:
+    """Why a trial whose worker Ray lost is FAIL: it was lost once more than `--max-retries` allows."""
+    again = f" and in each of its {retries} re-runs (--max-retries {retries})" if retries else " (--max-retries 0)"
+    return f"its worker process or node was lost{again}; see the Ray log"
+
+
+def retry_recorder(searcher: Any) -> Any:
+    """A Ray Tune callback telling `searcher` each re-run of a trial whose worker or node was lost."""
+    from ray.tune import Callback
+
+    class RetryRecorder(Callback):
+        def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            searcher.note_retry(trial.trial_id, str((trial.last_result or {}).get("node", "")))
+
+    return RetryRecorder()
 
 
 def tally(trials: list[FrozenTrial]) -> tuple[int, int]:
@@ -437,7 +465,7 @@ def run(prep: Prepared, study: optuna.Study, remaining: int, callbacks: list | N
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     # Ray's new console output prints an experiment table even at verbose=0; progress is ours (SearchProgress)
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    with ray_session(s):
+    with ray_session(s, ray_log_path(prep.storage_url, s.study)):
         storage = st.open_storage(prep.storage_url)  # a plain RDBStorage: Ray pickles the searcher
         objectives = objectives_of(s.objectives)
         # one objective goes to Ray as a plain metric, so every epoch's value reaches the Optuna trial (Ray passes no
@@ -471,7 +499,11 @@ def run(prep: Prepared, study: optuna.Study, remaining: int, callbacks: list | N
                 # paid once per worker, not once per trial (a stopped trial ends at its report, nothing lingers)
                 tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=remaining,
                                             max_concurrent_trials=s.concurrency, reuse_actors=True),
-                run_config=tune.RunConfig(name=s.study, storage_path=workdir, verbose=0, callbacks=callbacks or [],
+                # a trial raises nothing by itself (run_trial reports its failures), so what Ray retries is a lost
+                # worker or node: the trial runs again, where there are resources, and is one trial of the study
+                run_config=tune.RunConfig(name=s.study, storage_path=workdir, verbose=0,
+                                          callbacks=[*(callbacks or []), retry_recorder(searcher)],
+                                          failure_config=tune.FailureConfig(max_failures=s.max_retries),
                                           log_to_file=True,
                                           stop=epoch_stopper(cap, spent) if cap is not None else None),
             )

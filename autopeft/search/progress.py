@@ -41,6 +41,14 @@ class SearchProgress(Callback):
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._finish(trial, trial.last_result or {}, error=False)
 
+    def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        r = trial.last_result or {}
+        node = f"node {r['node']}" if r.get("node") else "its node"
+        self.console.print(f"trial {self._info(trial).get('number', '?')}: its worker on {node} was lost after "
+                           f"{int(r.get('epoch', 0) or 0)} epoch(s); running it again (retry "
+                           f"{trial.run_metadata.num_failures} of {trial.max_failures}, --max-retries)",
+                           highlight=False)
+
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._finish(trial, trial.last_result or {}, error=True)
 

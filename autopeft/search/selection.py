@@ -66,8 +66,8 @@ def _recorder_class() -> type:
             self.record(trial.config["autopeft"], trial.last_result or {})
 
         def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            self.record(trial.config["autopeft"], {"fail_reason": "the fold run's worker process failed; see the "
-                                                                  "Ray logs"})
+            self.record(trial.config["autopeft"], {"fail_reason": "its worker process or node was lost, and in "
+                                                                  "every re-run (--max-retries); see the Ray log"})
 
         def record(self, info: dict[str, Any], r: dict[str, Any]) -> None:
             cv = info["cv"]
@@ -120,7 +120,8 @@ def cross_validate(prep: Prepared, study: optuna.Study, console: Console) -> Tri
                 param_space={"autopeft": tune.grid_search(todo)},
                 tune_config=tune.TuneConfig(num_samples=1, max_concurrent_trials=s.concurrency, reuse_actors=True),
                 run_config=tune.RunConfig(name=f"{s.study}-cv", storage_path=workdir, verbose=0, log_to_file=True,
-                                          callbacks=[_recorder_class()(study, s.epochs, len(todo), console)]),
+                                          callbacks=[_recorder_class()(study, s.epochs, len(todo), console)],
+                                          failure_config=tune.FailureConfig(max_failures=s.max_retries)),
             )
             tuner.fit()
         finally:

@@ -56,6 +56,8 @@ class SearchSettings:
     # cross-validated over train+val in K folds after the trials, and the best mean fold accuracy is the pick
     select: str = "val"
     select_top: int = 3
+    # how often a trial whose worker or node was lost (not one that failed by itself) is re-run before it is FAIL
+    max_retries: int = 3
 
     def __post_init__(self) -> None:
         if isinstance(self.baseline_lr_scales, (str, int, float)):
@@ -84,6 +86,7 @@ class SearchSettings:
             (self.grace_epochs >= 1, f"--grace-epochs must be >= 1, got {self.grace_epochs}"),
             (self.reduction_factor >= 2, f"reduction_factor must be >= 2, got {self.reduction_factor}"),
             (self.concurrency >= 1, f"--concurrency must be >= 1, got {self.concurrency}"),
+            (self.max_retries >= 0, f"--max-retries must be >= 0, got {self.max_retries}"),
             (self.cpus_per_trial > 0, f"--cpus-per-trial must be > 0, got {self.cpus_per_trial}"),
             (self.gpus_per_trial >= 0, f"--gpus-per-trial must be >= 0, got {self.gpus_per_trial}"),
             (self.max_epochs is None or self.max_epochs >= self.epochs,
