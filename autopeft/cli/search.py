@@ -57,6 +57,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-retries", type=int, metavar="N",
                    help="re-runs of a trial whose worker process or node was lost, e.g. a preempted GPU node "
                         "(default 3); a trial that fails by itself is not re-run")
+    p.add_argument("--storage-patience", type=float, metavar="SECONDS",
+                   help="how long the search waits out an unreachable storage, e.g. a database restarting "
+                        "(default 600); then it stops, keeping its finished trials, for --resume")
     p.set_defaults(func=cmd_search)
 
     p = sub.add_parser("results", help="print a study's trials or Pareto configs from its storage")
@@ -86,7 +89,7 @@ def cmd_search(args: argparse.Namespace) -> int:
                                              "gpus_per_trial", "cpus_per_trial", "concurrency", "address", "storage",
                                              "study", "resume", "warm_start", "seed", "baselines",
                                              "baseline_lr_scales", "baseline_mix", "max_epochs", "select",
-                                             "select_top", "max_retries")}
+                                             "select_top", "max_retries", "storage_patience")}
     from autopeft.data.recipes import choose_recipe
 
     choice = choose_recipe(args.recipe, args.dataset)  # the dataset's own recipe, or defaults that suit it

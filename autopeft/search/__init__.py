@@ -122,6 +122,7 @@ def search(s: SearchSettings, console: Console | None = None) -> Outcome:
 
     console = console or Console(stderr=True, soft_wrap=True)
     prep = prepare(s)
+    st.set_patience(s.storage_patience)
     from autopeft.search.progress import SearchProgress  # imports Ray (seconds): not before the input is checked
     log = ray_log_path(prep.storage_url, s.study)
     with ray_session(s, log):  # Ray first: a request the cluster cannot serve fails before the study exists
@@ -140,10 +141,16 @@ def search(s: SearchSettings, console: Console | None = None) -> Outcome:
             console.print(f"trials train with {note}", highlight=False)
         progress = SearchProgress(s.trials, s.epochs, prep.budget.limit, console, offset=done, epoch_cap=cap,
                                   spent=spent)
-        run(prep, study, remaining, callbacks=[progress], epochs=(cap, spent))
+        try:
+            run(prep, study, remaining, callbacks=[progress], epochs=(cap, spent))
+        except Exception as exc:  # the storage stayed away past --storage-patience: one line, for --resume
+            unavailable = st.storage_unavailable(exc)
+            if unavailable is None:
+                raise
+            raise unavailable from None
         if cap is not None and not EpochCount(progress.spent).room_for_another(cap, running=0):
             console.print(f"the study has spent {progress.spent:,} of its {cap:,} epochs (--max-epochs): done; "
                           "resume with a larger --max-epochs to go on", highlight=False)
         cross_validate(prep, study, console)  # --select cv:K (nothing for --select val)
-    settings, records = st.load_records(s.study, prep.storage_url)
+    settings, records = st.retry(lambda: st.load_records(s.study, prep.storage_url))
     return Outcome(settings=settings, records=records, storage=prep.storage_url)

@@ -149,7 +149,10 @@ class Heartbeat(threading.Thread):
                 if self.tick is not None:
                     self.tick()
             except Exception as exc:  # noqa: BLE001  the storage may be briefly unreachable; try again next beat
-                logger.warning("heartbeat failed: %s", exc)
+                from autopeft.search.storage import outage
+
+                # during an outage the driver has said so once (storage.retry); a missed beat adds nothing
+                (logger.debug if outage.ongoing else logger.warning)("heartbeat failed: %s", exc)
 
     def stop(self) -> None:
         self._stop_event.set()

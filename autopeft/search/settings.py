@@ -58,6 +58,8 @@ class SearchSettings:
     select_top: int = 3
     # how often a trial whose worker or node was lost (not one that failed by itself) is re-run before it is FAIL
     max_retries: int = 3
+    # seconds the driver waits out an unreachable storage (a database restarting) before it stops for --resume
+    storage_patience: float = 600.0
 
     def __post_init__(self) -> None:
         if isinstance(self.baseline_lr_scales, (str, int, float)):
@@ -87,6 +89,7 @@ class SearchSettings:
             (self.reduction_factor >= 2, f"reduction_factor must be >= 2, got {self.reduction_factor}"),
             (self.concurrency >= 1, f"--concurrency must be >= 1, got {self.concurrency}"),
             (self.max_retries >= 0, f"--max-retries must be >= 0, got {self.max_retries}"),
+            (self.storage_patience >= 0, f"--storage-patience must be >= 0 seconds, got {self.storage_patience:g}"),
             (self.cpus_per_trial > 0, f"--cpus-per-trial must be > 0, got {self.cpus_per_trial}"),
             (self.gpus_per_trial >= 0, f"--gpus-per-trial must be >= 0, got {self.gpus_per_trial}"),
             (self.max_epochs is None or self.max_epochs >= self.epochs,

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -216,17 +217,86 @@ def load_records(study: str, storage: str) -> tuple[StudySettings, list[TrialRec
     return read_settings(st), records_of(st)
 
 
-def retry(fn: Callable[[], T], attempts: int = 4, wait_s: float = 2.0) -> T:
-    """`fn()`, tried again when the storage fails transiently (a lock held past the busy timeout, a dropped
-    connection); a retried write either did not commit or is idempotent (a tell that did commit raises
-    UpdateFinishedTrialError, which callers treat as done)."""
-    for attempt in range(attempts):
+# How long the driver waits out an unreachable storage (a database restarting) before it stops (--storage-patience)
+STORAGE_PATIENCE_S = 600.0
+TRANSIENT = (optuna.exceptions.StorageInternalError, sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError)
+
+
+class StorageUnavailable(AutopeftError):
+    """The storage stayed unreachable past the patience: the search stops; its finished trials are kept."""
+
+
+class _Outage:
+    """One line when the storage becomes unreachable and one when it is back, however many threads wait."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.since: float | None = None
+
+    def begin(self, exc: BaseException, patience: float) -> None:
+        with self.lock:
+            if self.since is None:
+                self.since = time.monotonic()
+                logger.warning("the study's storage is unreachable (%s); waiting up to %.0f s for it "
+                               "(--storage-patience)", mask_url(_first_line(exc))[:200], patience)
+
+    def end(self) -> None:
+        with self.lock:
+            if self.since is not None:
+                logger.warning("the study's storage is back after %.0f s; going on", time.monotonic() - self.since)
+                self.since = None
+
+    @property
+    def ongoing(self) -> bool:
+        return self.since is not None
+
+
+outage = _Outage()
+
+
+
+def storage_unavailable(exc: BaseException) -> StorageUnavailable | None:
+    """The StorageUnavailable behind `exc` (Ray Tune may wrap what its searcher raised), or None."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, StorageUnavailable):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def set_patience(seconds: float) -> None:
+    """The driver's patience with an unreachable storage (`--storage-patience`)."""
+    global STORAGE_PATIENCE_S
+    STORAGE_PATIENCE_S = float(seconds)
+
+
+def retry(fn: Callable[[], T], patience_s: float | None = None, first_wait_s: float = 1.0) -> T:
+    """`fn()`, tried again while the storage fails transiently (a lock held past the busy timeout, a dropped
+    connection, a database restarting), with waits doubling up to 30 s, for up to `patience_s` seconds (default
+    `STORAGE_PATIENCE_S`); then StorageUnavailable. A retried write either did not commit or is idempotent (a tell
+    that did commit raises UpdateFinishedTrialError, which callers treat as done)."""
+    patience = STORAGE_PATIENCE_S if patience_s is None else float(patience_s)
+    started: float | None = None
+    pause = first_wait_s
+    while True:
         try:
-            return fn()
-        except (optuna.exceptions.StorageInternalError, sqlalchemy.exc.OperationalError) as exc:
-            if attempt == attempts - 1:
-                raise
-            pause = wait_s * (attempt + 1)
-            logger.warning("storage error (%s); retrying in %.0f s", str(exc).splitlines()[0][:120], pause)
-            time.sleep(pause)
-    raise AssertionError("unreachable")
+            out = fn()
+        except TRANSIENT as exc:
+            now = time.monotonic()
+            if started is None:
+                started = now
+                outage.begin(exc, patience)
+            if now - started >= patience:
+                raise StorageUnavailable(
+                    f"the study's storage has been unreachable for {now - started:.0f} s (--storage-patience "
+                    f"{patience:g}): {mask_url(_first_line(exc))[:200]}; the finished trials are kept: run "
+                    "the same command with --resume once it is back") from None
+            time.sleep(min(pause, max(patience - (now - started), 0.0)))
+            pause = min(pause * 2, 30.0)
+        else:
+            if started is not None:
+                outage.end()
+            return out
