@@ -167,3 +167,19 @@ def test_a_lost_node_costs_no_trial(tmp_path) -> None:
     assert len(retried) == 1 and retried[0].user_attrs["retries"] == 1 and retried[0].user_attrs["lost_nodes"], \
         [t.user_attrs for t in trials]
     assert len(retried[0].user_attrs["curve"]) == 8
+
+
+def test_workers_wait_for_a_stopped_trial_long_enough_to_be_reused(monkeypatch) -> None:
+    """The search's own Ray gives its workers a 30 s wait for a stopped trial's thread (Ray's 2 s was missed on a
+    loaded machine, and Tune then neither reused nor replaced the worker)."""
+    import ray
+
+    from autopeft.search.cluster import ray_session
+    from autopeft.search.settings import SearchSettings
+
+    monkeypatch.delenv("TUNE_FUNCTION_THREAD_TIMEOUT_S", raising=False)
+    monkeypatch.setenv("RAY_TMPDIR", tempfile.mkdtemp(prefix="rw", dir="/tmp"))
+    assert not ray.is_initialized()
+    with ray_session(SearchSettings(concurrency=1, cpus_per_trial=1)):
+        seen = ray.get(ray.remote(lambda: os.environ.get("TUNE_FUNCTION_THREAD_TIMEOUT_S")).remote())
+    assert seen == "30" and not ray.is_initialized()

@@ -56,6 +56,16 @@ def ray_messages_to(path: Path | None) -> Iterator[None]:
         handler.close()
 
 
+# How long Tune waits for a stopped trial's thread to end before it gives up reusing the worker (Ray's default is
+# 2 s; a loaded machine missed it, and the search then sat with a trial Tune neither reused nor replaced)
+THREAD_TIMEOUT_S = 30
+
+
+def worker_env() -> dict[str, str]:
+    """Environment variables every Ray worker of the search gets (the job's runtime environment)."""
+    return {"TUNE_FUNCTION_THREAD_TIMEOUT_S": os.environ.get("TUNE_FUNCTION_THREAD_TIMEOUT_S", str(THREAD_TIMEOUT_S))}
+
+
 @contextlib.contextmanager
 def ray_session(s: SearchSettings, log: Path | None = None) -> Iterator[dict[str, float]]:
     """Ray for the search, its resources checked against the request before any study is created; with `log`,
@@ -76,7 +86,8 @@ def _ray(s: SearchSettings) -> Iterator[dict[str, float]]:
     started = False
     if not ray.is_initialized():
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        kwargs: dict[str, Any] = dict(include_dashboard=False, log_to_driver=False, configure_logging=False)
+        kwargs: dict[str, Any] = dict(include_dashboard=False, log_to_driver=False, configure_logging=False,
+                                      runtime_env={"env_vars": worker_env()})
         address = s.address or os.environ.get("RAY_ADDRESS") or None
         try:
             if address:

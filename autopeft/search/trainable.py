@@ -74,6 +74,7 @@ def run_trial(config: dict, settings: TrialSettings) -> None:
     from autopeft.plan import PeftPlan
     from autopeft.train import train
 
+    _release_memory()  # what the worker's previous trial left
     info = config["autopeft"]
     start = time.perf_counter()
     curve: list[float] = []
@@ -96,14 +97,16 @@ def run_trial(config: dict, settings: TrialSettings) -> None:
 
         train(settings.backbone, plan, data, cfg, weights=settings.weights, report=report)
     except Exception as exc:  # noqa: BLE001  a bad trial must never end the study
+        _release_memory()  # an out-of-memory trial hands back what it held before its neighbours go on
         tune.report({**base, "fail_reason": _failure(exc), "epoch": len(curve), "curve": list(curve),
                      "seconds": time.perf_counter() - start})
-    finally:
-        _release_memory()
+    # Not in a `finally`: a trial ASHA stops ends inside its report (Ray raises SystemExit there) while Tune waits
+    # 2 s (TUNE_FUNCTION_THREAD_TIMEOUT_S) for the thread before it reuses the worker; a garbage collection in that
+    # window, slow on a loaded machine, made Tune give up on the worker. The next trial collects first instead.
 
 
 def _release_memory() -> None:
-    """The worker process runs the next trial too (Ray reuses it): hand back what this one held, on the GPU as
+    """The worker process runs trial after trial (Ray reuses it): hand back what the last one held, on the GPU as
     well (a trial that ran out of memory leaves cached blocks a GPU-sharing neighbour may need)."""
     import gc
 
