@@ -22,6 +22,7 @@ ATTR_STATUS, ATTR_REASON, ATTR_OVERHEAD, ATTR_HPARAMS = "status", "fail_reason",
 ATTR_NODE, ATTR_WARM_START, ATTR_RERUN_OF = "node", "warm_start", "rerun_of"
 # infrastructure failures a trial was re-run after (its worker or node lost; --max-retries), and the nodes lost
 ATTR_RETRIES, ATTR_LOST_NODES = "retries", "lost_nodes"
+ATTR_RESUMED_FROM = "resumed_from"  # the epoch of the checkpoint the trial's last re-run went on from
 # cross-validation results are study user attributes (a finished trial takes no new attributes), one per fold run:
 # `cv:<folds>:<trial>:<fold>` -> {"acc": held-out accuracy, "loss": ..., "seconds": ...} or {"fail": reason}
 CV_PREFIX = "cv:"

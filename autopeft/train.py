@@ -209,10 +209,46 @@ def set_up(backbone: str, plan: PeftPlan, data: DataSplits, config: TrainConfig,
                   lr=peak_lr(config, plan, spec, num_samples(splits["train"])), config=config, notes=notes)
 
 
+def train_state(model: nn.Module, optimizer: torch.optim.Optimizer, batches: _Batches, epoch: int, step: int,
+                history: list[dict]) -> dict[str, Any]:
+    """Everything the epoch loop needs to go on after `epoch` exactly as if it had not stopped: the trainable
+    parameters (plan and head; the frozen backbone is rebuilt), the optimiser, the batch order and every random
+    number generator, the step and the metrics so far. Small: no frozen weight is in it."""
+    state: dict[str, Any] = {
+        "epoch": epoch, "step": step, "history": [dict(h) for h in history],
+        "params": {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad},
+        "optimizer": optimizer.state_dict(), "batches": batches.generator.get_state(),
+        "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["rng"]["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _restore(state: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer, batches: _Batches) -> None:
+    params = dict(model.named_parameters())
+    trainable = {n for n, p in params.items() if p.requires_grad}
+    if set(state["params"]) != trainable:
+        raise AutopeftError("the checkpoint does not belong to this run: its trainable parameters differ "
+                            f"({len(state['params'])} saved, {len(trainable)} here)")
+    with torch.no_grad():
+        for name, value in state["params"].items():
+            params[name].copy_(value.to(params[name].device))
+    optimizer.load_state_dict(state["optimizer"])
+    batches.generator.set_state(state["batches"])
+    torch.set_rng_state(state["rng"]["torch"])
+    np.random.set_state(state["rng"]["numpy"])
+    random.setstate(state["rng"]["python"])
+    if "cuda" in state["rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+
+
 def run_epochs(run: TrainSetup, config: TrainConfig, report: Report | None = None,
-               on_step: Callable[[int, int], None] | None = None) -> list[dict]:
+               on_step: Callable[[int, int], None] | None = None, resume: dict[str, Any] | None = None,
+               checkpoint_every: int = 0) -> list[dict]:
     """Optimise for `config.epochs` epochs at the set-up's peak rate, evaluating after each; returns the per-epoch
-    metrics."""
+    metrics. `resume`: a `train_state` to go on from (the run then ends as the uninterrupted run would);
+    `checkpoint_every` k > 0: every k-th epoch's report (but the last's) carries the `train_state` under `state`."""
     config = replace(config, lr=run.lr, lr_scale=1.0, batch_size=run.config.batch_size)
     model, device, forward = run.model, run.device, run.forward
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -226,8 +262,11 @@ def run_epochs(run: TrainSetup, config: TrainConfig, report: Report | None = Non
     frozen_prefix = prefix_modules(model, run.frozen_blocks) if run.frozen_blocks else []
     autocast: dict[str, Any] = dict(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     history: list[dict] = []
-    step = 0
-    for epoch in range(1, config.epochs + 1):
+    step, first = 0, 1
+    if resume is not None:
+        _restore(resume, model, optimizer, batches)
+        history, step, first = [dict(h) for h in resume["history"]], int(resume["step"]), int(resume["epoch"]) + 1
+    for epoch in range(first, config.epochs + 1):
         epoch_start = time.perf_counter()
         model.train()
         for m in frozen_prefix:  # frozen blocks compute as at inference (no drop-path): cached and uncached agree
@@ -258,7 +297,9 @@ def run_epochs(run: TrainSetup, config: TrainConfig, report: Report | None = Non
         metrics["seconds"] = time.perf_counter() - epoch_start
         history.append(metrics)
         if report:
-            report(dict(metrics))
+            due = checkpoint_every > 0 and epoch % checkpoint_every == 0 and epoch < config.epochs
+            report({**metrics, "state": train_state(model, optimizer, batches, epoch, step, history)} if due
+                   else dict(metrics))
     return history
 
 
@@ -275,6 +316,8 @@ def train(
     test: bool = False,
     report: Report | None = None,
     on_step: Callable[[int, int], None] | None = None,
+    resume: dict[str, Any] | None = None,
+    checkpoint_every: int = 0,
 ) -> TrainResult:
     """Train `plan` on `backbone` and evaluate after every epoch.
 
@@ -290,11 +333,13 @@ def train(
         test: evaluate the test split once, after the last epoch.
         report: called after every epoch with {epoch, train_loss, val_loss, val_acc, seconds, lr}.
         on_step: called after every optimiser step with (step, total steps), for progress bars.
+        resume: a `train_state` from an earlier run of the same plan, data and config to go on from.
+        checkpoint_every: every k-th epoch's report carries its `train_state` under `state` (0: none).
     """
     start = time.perf_counter()
     run = set_up(backbone, plan, data, config, weights=weights, pretrained=pretrained, train_split=train_split,
                  eval_split=eval_split)
-    history = run_epochs(run, config, report, on_step)
+    history = run_epochs(run, config, report, on_step, resume=resume, checkpoint_every=checkpoint_every)
     model = run.model
     result = TrainResult(model=model, history=history, cached_blocks=run.cached_blocks, lr=run.lr,
                          batch_size=run.config.batch_size, drop_path=run.config.drop_path, notes=list(run.notes),

@@ -134,13 +134,15 @@ def _training_on(raylet: int) -> bool:
 @pytest.mark.slow
 def test_a_lost_node_costs_no_trial(tmp_path) -> None:
     """The worker node's raylet and everything under it are SIGKILLed while a trial trains there (a preempted node):
-    the trial runs again on the node that is left, the study ends with all its trials finished, the lost one
-    recorded with its retry and node, and the search's output holds no Python traceback."""
+    the trial runs again on the node that is left, from its last epoch checkpoint (in a storage both nodes reach),
+    the study ends with all its trials finished, the lost one recorded with its retry, node and resumed epoch, and
+    the search's output holds no Python traceback."""
     with two_nodes(tmp_path) as (port, worker_port, env):
         log = tmp_path / "search.log"
         with log.open("w") as out:
             driver = subprocess.Popen(_search(tmp_path, port, "lost", "--trials", "4", "--epochs", "8",
-                                              "--no-early-stopping"), stdout=out, stderr=subprocess.STDOUT,
+                                              "--no-early-stopping", "--checkpoint-storage", str(tmp_path / "ckpt")),
+                                      stdout=out, stderr=subprocess.STDOUT,
                                       cwd=tmp_path, env=env)
             try:
                 raylet = _raylet(worker_port)
@@ -159,14 +161,16 @@ def test_a_lost_node_costs_no_trial(tmp_path) -> None:
                     driver.kill()
     output = log.read_text()
     assert "Traceback" not in output, output[-3000:]
-    assert "was lost after" in output and "running it again (retry 1 of 3" in output, output[-3000:]
+    assert "was lost after" in output and "running it again from its last checkpoint (retry 1 of 3" in output, \
+        output[-3000:]
     trials = optuna.load_study(study_name="lost", storage=f"sqlite:///{tmp_path}/studies/lost.db").get_trials()
     assert len(trials) == 4 and all(t.state == optuna.trial.TrialState.COMPLETE for t in trials), \
         [(t.number, t.state, t.user_attrs.get("fail_reason")) for t in trials]
     retried = [t for t in trials if t.user_attrs.get("retries")]
     assert len(retried) == 1 and retried[0].user_attrs["retries"] == 1 and retried[0].user_attrs["lost_nodes"], \
         [t.user_attrs for t in trials]
-    assert len(retried[0].user_attrs["curve"]) == 8
+    assert len(retried[0].user_attrs["curve"]) == 8 and retried[0].user_attrs["resumed_from"] >= 1
+    assert not list((tmp_path / "ckpt").iterdir())  # the run's checkpoints are gone with the run
 
 
 def test_workers_wait_for_a_stopped_trial_long_enough_to_be_reused(monkeypatch) -> None:

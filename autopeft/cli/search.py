@@ -60,6 +60,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--storage-patience", type=float, metavar="SECONDS",
                    help="how long the search waits out an unreachable storage, e.g. a database restarting "
                         "(default 600); then it stops, keeping its finished trials, for --resume")
+    p.add_argument("--checkpoint-every", type=int, metavar="K",
+                   help="a trial saves its state every K epochs (default 1; 0: never), so that a re-run after a "
+                        "lost worker or node goes on from there")
+    p.add_argument("--checkpoint-storage", metavar="PATH_OR_URI",
+                   help="where trial checkpoints go: a path every node reaches (a shared filesystem) or an object "
+                        "store URI such as s3://bucket/autopeft; default: a temp dir on this machine, and none on "
+                        "a cluster")
     p.set_defaults(func=cmd_search)
 
     p = sub.add_parser("results", help="print a study's trials or Pareto configs from its storage")
@@ -89,7 +96,8 @@ def cmd_search(args: argparse.Namespace) -> int:
                                              "gpus_per_trial", "cpus_per_trial", "concurrency", "address", "storage",
                                              "study", "resume", "warm_start", "seed", "baselines",
                                              "baseline_lr_scales", "baseline_mix", "max_epochs", "select",
-                                             "select_top", "max_retries", "storage_patience")}
+                                             "select_top", "max_retries", "storage_patience",
+                                             "checkpoint_every", "checkpoint_storage")}
     from autopeft.data.recipes import choose_recipe
 
     choice = choose_recipe(args.recipe, args.dataset)  # the dataset's own recipe, or defaults that suit it

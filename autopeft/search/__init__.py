@@ -137,6 +137,10 @@ def search(s: SearchSettings, console: Console | None = None) -> Outcome:
                       + (f"; then the top {s.select_top} by val cross-validated in {s.cv_folds} folds (--select)"
                          if s.cv_folds else ""), highlight=False)
         console.print(f"Ray's own messages: {log}", highlight=False)
+        if s.checkpoint_every and s.checkpoints_to("") is None:
+            console.print("trials keep no checkpoints on a cluster without --checkpoint-storage (a path every node "
+                          "reaches, or an object-store URI): a trial re-run after a lost node starts over",
+                          highlight=False)
         for note in prep.fidelity_notes():
             console.print(f"trials train with {note}", highlight=False)
         progress = SearchProgress(s.trials, s.epochs, prep.budget.limit, console, offset=done, epoch_cap=cap,

@@ -19,6 +19,7 @@ import math
 import os
 import shutil
 import tempfile
+import uuid
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -161,6 +162,8 @@ def _searcher_class() -> type:
             epochs = int(r.get("epoch", 0) or 0)
             attrs = {st.ATTR_CURVE: list(r.get("curve") or []), st.ATTR_EPOCHS: epochs,
                      st.ATTR_SECONDS: float(r.get("seconds", 0.0) or 0.0), st.ATTR_NODE: str(r.get("node", ""))}
+            if r.get("resumed_from"):
+                attrs[st.ATTR_RESUMED_FROM] = int(r["resumed_from"])
             reason = r.get("fail_reason") or (lost_reason(len(self.lost.get(trial_id, []))) if error else None)
             values = None
             if reason:
@@ -225,6 +228,18 @@ def _searcher_class() -> type:
             return None
 
     return FidelityAwareSearch
+
+
+def remove_run_folder(storage: str, name: str) -> None:
+    """Delete this driver's trial folder (checkpoints, Ray's per-trial logs) under `--checkpoint-storage`, a path or
+    an object-store URI; what cannot be deleted is left with a warning (the study itself is not in it)."""
+    import pyarrow.fs
+
+    try:
+        fs, root = pyarrow.fs.FileSystem.from_uri(storage if "://" in storage else f"file://{storage}")
+        fs.delete_dir(f"{root.rstrip('/')}/{name}")
+    except (OSError, ValueError) as exc:
+        logger.warning("could not delete the trial checkpoints in %s/%s: %s", storage, name, exc)
 
 
 def lost_reason(retries: int) -> str:
@@ -438,12 +453,13 @@ def make_scheduler(s: SearchSettings) -> Any:
                          grace_period=min(s.grace_epochs, s.epochs), reduction_factor=s.reduction_factor)
 
 
-def trial_trainable(s: SearchSettings) -> Any:
-    """The Ray Tune trainable of a study's trials (and of its cross-validation fold runs), with their resources."""
+def trial_trainable(s: SearchSettings, checkpoint_every: int = 0) -> Any:
+    """The Ray Tune trainable of a study's trials (and of its cross-validation fold runs), with their resources;
+    `checkpoint_every` k > 0: each trial checkpoints every k epochs."""
     from ray import tune
 
     trial_settings = TrialSettings(dataset=s.dataset, backbone=s.backbone, epochs=s.epochs, weights=s.weights,
-                                   data_root=s.data_root, seed=s.seed)
+                                   data_root=s.data_root, seed=s.seed, checkpoint_every=checkpoint_every)
     return tune.with_resources(tune.with_parameters(run_trial, settings=trial_settings),
                                {"cpu": s.cpus_per_trial, "gpu": s.gpus_per_trial})
 
@@ -487,10 +503,13 @@ def run(prep: Prepared, study: optuna.Study, remaining: int, callbacks: list | N
             spent=spent,
         )
         scheduler = make_scheduler(s)
-        trainable = trial_trainable(s)
         heartbeat = Heartbeat(storage, searcher.running_trial_ids,
                               tick=lambda: requeue_interrupted(study, unstamped_after_s=60.0))
         workdir = tempfile.mkdtemp(prefix=f"autopeft-{s.study}-")
+        checkpoints = s.checkpoints_to(workdir)
+        trainable = trial_trainable(s, s.checkpoint_every if checkpoints else 0)
+        # a storage of the user's may hold other runs: this driver's trials go in a folder of their own
+        name = s.study if checkpoints in (None, workdir) else f"{s.study}-{uuid.uuid4().hex[:8]}"
         heartbeat.start()
         try:
             tuner = tune.Tuner(
@@ -501,9 +520,10 @@ def run(prep: Prepared, study: optuna.Study, remaining: int, callbacks: list | N
                                             max_concurrent_trials=s.concurrency, reuse_actors=True),
                 # a trial raises nothing by itself (run_trial reports its failures), so what Ray retries is a lost
                 # worker or node: the trial runs again, where there are resources, and is one trial of the study
-                run_config=tune.RunConfig(name=s.study, storage_path=workdir, verbose=0,
+                run_config=tune.RunConfig(name=name, storage_path=checkpoints or workdir, verbose=0,
                                           callbacks=[*(callbacks or []), retry_recorder(searcher)],
                                           failure_config=tune.FailureConfig(max_failures=s.max_retries),
+                                          checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                                           log_to_file=True,
                                           stop=epoch_stopper(cap, spent) if cap is not None else None),
             )
@@ -512,3 +532,5 @@ def run(prep: Prepared, study: optuna.Study, remaining: int, callbacks: list | N
         finally:
             heartbeat.stop()
             shutil.rmtree(workdir, ignore_errors=True)
+            if checkpoints not in (None, workdir):
+                remove_run_folder(str(checkpoints), name)

@@ -44,8 +44,9 @@ class SearchProgress(Callback):
     def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         r = trial.last_result or {}
         node = f"node {r['node']}" if r.get("node") else "its node"
+        again = "from its last checkpoint" if getattr(trial, "checkpoint", None) is not None else "from its start"
         self.console.print(f"trial {self._info(trial).get('number', '?')}: its worker on {node} was lost after "
-                           f"{int(r.get('epoch', 0) or 0)} epoch(s); running it again (retry "
+                           f"{int(r.get('epoch', 0) or 0)} epoch(s); running it again {again} (retry "
                            f"{trial.run_metadata.num_failures} of {trial.max_failures}, --max-retries)",
                            highlight=False)
 

@@ -60,6 +60,11 @@ class SearchSettings:
     max_retries: int = 3
     # seconds the driver waits out an unreachable storage (a database restarting) before it stops for --resume
     storage_patience: float = 600.0
+    # every k-th epoch a trial saves its state (plan parameters, head, optimiser, RNG) through Ray Tune, so a re-run
+    # after a lost worker goes on from there; 0: never. Where: `checkpoint_storage` (Ray's storage_path: a path every
+    # node reaches, or an object-store URI); None: a temp dir of the driver, and no checkpoints on a cluster
+    checkpoint_every: int = 1
+    checkpoint_storage: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.baseline_lr_scales, (str, int, float)):
@@ -89,6 +94,7 @@ class SearchSettings:
             (self.reduction_factor >= 2, f"reduction_factor must be >= 2, got {self.reduction_factor}"),
             (self.concurrency >= 1, f"--concurrency must be >= 1, got {self.concurrency}"),
             (self.max_retries >= 0, f"--max-retries must be >= 0, got {self.max_retries}"),
+            (self.checkpoint_every >= 0, f"--checkpoint-every must be >= 0, got {self.checkpoint_every}"),
             (self.storage_patience >= 0, f"--storage-patience must be >= 0 seconds, got {self.storage_patience:g}"),
             (self.cpus_per_trial > 0, f"--cpus-per-trial must be > 0, got {self.cpus_per_trial}"),
             (self.gpus_per_trial >= 0, f"--gpus-per-trial must be >= 0, got {self.gpus_per_trial}"),
@@ -103,8 +109,10 @@ class SearchSettings:
         if self.select_top < 1:
             raise AutopeftError(f"--select-top must be >= 1, got {self.select_top}")
         # trials run in other working directories (and on other nodes): paths must not be relative
-        for name in ("weights", "data_root"):
+        for name in ("weights", "data_root", "checkpoint_storage"):
             value = getattr(self, name)
+            if name == "checkpoint_storage" and value and "://" in value:
+                continue  # an object-store URI
             if value:
                 setattr(self, name, str(Path(value).expanduser().absolute()))
         if self.space and (self.space.endswith((".yaml", ".yml")) or os.sep in self.space):
@@ -121,6 +129,20 @@ class SearchSettings:
             raise AutopeftError(f"--select '{text}' is not valid; use val or cv:K with K folds, 2 to {MAX_FOLDS} "
                                 "(e.g. cv:5)")
         return int(match.group(1))
+
+    @property
+    def on_cluster(self) -> bool:
+        """Whether the search joins a Ray cluster (`--address`, or $RAY_ADDRESS) rather than starting its own."""
+        return bool(self.address or os.environ.get("RAY_ADDRESS"))
+
+    def checkpoints_to(self, workdir: str) -> str | None:
+        """Where trial checkpoints go: `checkpoint_storage`, else `workdir` on this machine's own Ray; None when
+        they are off (`checkpoint_every` 0, or a cluster without a storage every node reaches)."""
+        if not self.checkpoint_every:
+            return None
+        if self.checkpoint_storage:
+            return self.checkpoint_storage
+        return None if self.on_cluster else workdir
 
     def local_cpus(self) -> int:
         """CPUs of a local Ray instance: the machine's, but at least what the requested concurrency needs."""

@@ -33,6 +33,7 @@ from autopeft.records import (  # noqa: F401  (the trial attribute names, also h
     ATTR_PLAN,
     ATTR_REASON,
     ATTR_RERUN_OF,
+    ATTR_RESUMED_FROM,
     ATTR_RETRIES,
     ATTR_SECONDS,
     ATTR_STATUS,

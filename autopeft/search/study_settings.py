@@ -30,7 +30,7 @@ STUDY_FORMAT = 2
 FORMAT_KEY = "format"
 # SearchSettings fields a study never stores: where it runs and how it was started (a storage URL may hold a password)
 NOT_STORED = ("storage", "resume", "address", "warm_storage", "max_retries",
-              "storage_patience")
+              "storage_patience", "checkpoint_every", "checkpoint_storage")
 FACTS = ("budget_limit", "budget_percent", "backbone_params", "num_blocks", "num_classes")
 
 

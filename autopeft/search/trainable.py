@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import tempfile
 import time
 import traceback
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from autopeft.errors import AutopeftError
@@ -23,6 +25,10 @@ class TrialSettings:
     weights: str | None = None
     data_root: str | None = None
     seed: int = 0
+    checkpoint_every: int = 0  # a trial's state goes with every k-th epoch's report (0: none)
+
+
+STATE_FILE = "train_state.pt"
 
 
 def trial_config(hparams: dict[str, Any], epochs: int, seed: int) -> TrainConfig:
@@ -79,6 +85,10 @@ def run_trial(config: dict, settings: TrialSettings) -> None:
     start = time.perf_counter()
     curve: list[float] = []
     base = {"peft_params": info["peft_params"], "overhead": info.get("overhead", 0.0), "node": _node()}
+    resume = _last_state()
+    if resume is not None:  # a re-run after a lost worker: on from the trial's last checkpoint
+        curve = [float(h["val_acc"]) for h in resume["history"]]
+        base["resumed_from"] = int(resume["epoch"])
     try:
         plan = PeftPlan.from_dict(info["plan"])
         cfg = trial_config(info.get("hparams", {}), settings.epochs, settings.seed)
@@ -92,10 +102,19 @@ def run_trial(config: dict, settings: TrialSettings) -> None:
 
         def report(m: dict) -> None:
             curve.append(float(m["val_acc"]))
-            tune.report({**base, "val_acc": m["val_acc"], "val_loss": m["val_loss"], "train_loss": m["train_loss"],
-                         "epoch": m["epoch"], "curve": list(curve), "seconds": time.perf_counter() - start})
+            metrics = {**base, "val_acc": m["val_acc"], "val_loss": m["val_loss"], "train_loss": m["train_loss"],
+                       "epoch": m["epoch"], "curve": list(curve), "seconds": time.perf_counter() - start}
+            if "state" not in m:
+                tune.report(metrics)
+                return
+            import torch
 
-        train(settings.backbone, plan, data, cfg, weights=settings.weights, report=report)
+            with tempfile.TemporaryDirectory(prefix="autopeft-state-") as folder:  # Ray copies it to its storage
+                torch.save(m["state"], Path(folder) / STATE_FILE)
+                tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+
+        train(settings.backbone, plan, data, cfg, weights=settings.weights, report=report, resume=resume,
+              checkpoint_every=settings.checkpoint_every)
     except Exception as exc:  # noqa: BLE001  a bad trial must never end the study
         _release_memory()  # an out-of-memory trial hands back what it held before its neighbours go on
         tune.report({**base, "fail_reason": _failure(exc), "epoch": len(curve), "curve": list(curve),
@@ -103,6 +122,19 @@ def run_trial(config: dict, settings: TrialSettings) -> None:
     # Not in a `finally`: a trial ASHA stops ends inside its report (Ray raises SystemExit there) while Tune waits
     # 2 s (TUNE_FUNCTION_THREAD_TIMEOUT_S) for the thread before it reuses the worker; a garbage collection in that
     # window, slow on a loaded machine, made Tune give up on the worker. The next trial collects first instead.
+
+
+def _last_state() -> dict | None:
+    """The train state of the trial's last checkpoint (Ray Tune hands it to a re-run), else None."""
+    from ray import tune
+
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is None:
+        return None
+    import torch
+
+    with checkpoint.as_directory() as folder:
+        return torch.load(Path(folder) / STATE_FILE, weights_only=False)  # our own file, written by `run_trial`
 
 
 def _release_memory() -> None:
