@@ -213,16 +213,23 @@ def train_state(model: nn.Module, optimizer: torch.optim.Optimizer, batches: _Ba
                 history: list[dict]) -> dict[str, Any]:
     """Everything the epoch loop needs to go on after `epoch` exactly as if it had not stopped: the trainable
     parameters (plan and head; the frozen backbone is rebuilt), the optimiser, the batch order and every random
-    number generator, the step and the metrics so far. Small: no frozen weight is in it."""
+    number generator, the step and the metrics so far. Small: no frozen weight is in it; tensors, numbers and text
+    only, so `torch.load(..., weights_only=True)` reads it."""
     state: dict[str, Any] = {
         "epoch": epoch, "step": step, "history": [dict(h) for h in history],
         "params": {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad},
         "optimizer": optimizer.state_dict(), "batches": batches.generator.get_state(),
-        "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+        "rng": {"torch": torch.get_rng_state(), "numpy": _numpy_state(), "python": random.getstate()},
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["rng"]["cuda"] = torch.cuda.get_rng_state_all()
     return state
+
+
+def _numpy_state() -> tuple:
+    """numpy's global RNG state with its key array as a tensor: a state file then loads with weights_only=True."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    return kind, torch.from_numpy(np.asarray(keys, dtype=np.int64)), int(pos), int(has_gauss), float(cached)
 
 
 def _restore(state: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer, batches: _Batches) -> None:
@@ -237,7 +244,8 @@ def _restore(state: dict[str, Any], model: nn.Module, optimizer: torch.optim.Opt
     optimizer.load_state_dict(state["optimizer"])
     batches.generator.set_state(state["batches"])
     torch.set_rng_state(state["rng"]["torch"])
-    np.random.set_state(state["rng"]["numpy"])
+    kind, keys, pos, has_gauss, cached = state["rng"]["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     random.setstate(state["rng"]["python"])
     if "cuda" in state["rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])

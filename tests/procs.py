@@ -7,9 +7,12 @@ exactly the test's processes (never `ray stop` or a broad pkill: other Ray insta
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -40,3 +43,24 @@ def stop(marker: str, groups: set[int] | frozenset[int] = frozenset()) -> None:
         deadline = time.time() + wait
         while ray_pids(marker, groups) and time.time() < deadline:
             time.sleep(0.2)
+
+
+@contextlib.contextmanager
+def driver(cmd: list[str], log: Path, **popen: object) -> Iterator[subprocess.Popen]:
+    """`cmd` running with its stdout and stderr in `log`; killed if it still runs when the block ends."""
+    with log.open("w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, **popen)  # type: ignore[call-overload]
+        try:
+            yield proc
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=60)
+
+
+def ends_cleanly(proc: subprocess.Popen, log: Path, timeout: float = 600) -> str:
+    """Wait for `proc`; its exit code is 0 and its output (returned) holds no Python traceback."""
+    assert proc.wait(timeout=timeout) == 0, log.read_text()[-3000:]
+    output = log.read_text()
+    assert "Traceback" not in output, output[-3000:]
+    return output

@@ -20,7 +20,7 @@ from pathlib import Path
 import optuna
 import pytest
 import torch
-from procs import ray_pids
+from procs import driver, ends_cleanly, ray_pids
 from safetensors.torch import save_file
 
 from autopeft.backbones import create_backbone
@@ -139,28 +139,20 @@ def test_a_lost_node_costs_no_trial(tmp_path) -> None:
     the search's output holds no Python traceback."""
     with two_nodes(tmp_path) as (port, worker_port, env):
         log = tmp_path / "search.log"
-        with log.open("w") as out:
-            driver = subprocess.Popen(_search(tmp_path, port, "lost", "--trials", "4", "--epochs", "8",
-                                              "--no-early-stopping", "--checkpoint-storage", str(tmp_path / "ckpt")),
-                                      stdout=out, stderr=subprocess.STDOUT,
-                                      cwd=tmp_path, env=env)
-            try:
-                raylet = _raylet(worker_port)
-                deadline = time.time() + 300
-                while not _training_on(raylet):
-                    if driver.poll() is not None or time.time() > deadline:
-                        pytest.fail("no trial trained on the worker node:\n" + log.read_text()[-3000:])
-                    time.sleep(0.2)
-                time.sleep(4.0)  # into its training
-                for pid in _descendants(raylet):
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, signal.SIGKILL)
-                assert driver.wait(timeout=600) == 0, log.read_text()[-3000:]
-            finally:
-                if driver.poll() is None:
-                    driver.kill()
-    output = log.read_text()
-    assert "Traceback" not in output, output[-3000:]
+        cmd = _search(tmp_path, port, "lost", "--trials", "4", "--epochs", "8", "--no-early-stopping",
+                      "--checkpoint-storage", str(tmp_path / "ckpt"))
+        with driver(cmd, log, cwd=tmp_path, env=env) as proc:
+            raylet = _raylet(worker_port)
+            deadline = time.time() + 300
+            while not _training_on(raylet):
+                if proc.poll() is not None or time.time() > deadline:
+                    pytest.fail("no trial trained on the worker node:\n" + log.read_text()[-3000:])
+                time.sleep(0.2)
+            time.sleep(4.0)  # into its training
+            for pid in _descendants(raylet):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            output = ends_cleanly(proc, log)
     assert "was lost after" in output and "running it again from its last checkpoint (retry 1 of 3" in output, \
         output[-3000:]
     trials = optuna.load_study(study_name="lost", storage=f"sqlite:///{tmp_path}/studies/lost.db").get_trials()
@@ -171,6 +163,24 @@ def test_a_lost_node_costs_no_trial(tmp_path) -> None:
         [t.user_attrs for t in trials]
     assert len(retried[0].user_attrs["curve"]) == 8 and retried[0].user_attrs["resumed_from"] >= 1
     assert not list((tmp_path / "ckpt").iterdir())  # the run's checkpoints are gone with the run
+    # the resumed trial's curve is the one its plan trains straight through, as a 1-CPU trial does
+    from autopeft.data import data_config, load_dataset
+    from autopeft.plan import PeftPlan
+    from autopeft.search.trainable import trial_config
+    from autopeft.train import train
+
+    t = retried[0]
+    cfg = trial_config(dict(t.user_attrs["hparams"]), 8, 0)
+    data = load_dataset("digits", None, augment=cfg.augment, seed=0, **data_config("autopeft_test_vit"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        curve: list[float] = []
+        train("autopeft_test_vit", PeftPlan.from_dict(t.user_attrs["plan"]), data, cfg,
+              weights=str(tmp_path / "w.safetensors"), report=lambda m: curve.append(m["val_acc"]))
+    finally:
+        torch.set_num_threads(threads)
+    assert curve == pytest.approx(t.user_attrs["curve"], abs=1e-9), (curve, t.user_attrs["curve"])
 
 
 def test_workers_wait_for_a_stopped_trial_long_enough_to_be_reused(monkeypatch) -> None:

@@ -17,7 +17,7 @@ import optuna
 import pytest
 import sqlalchemy
 import torch
-from procs import ray_pids, stop
+from procs import driver, ends_cleanly, ray_pids, stop
 from safetensors.torch import save_file
 
 from autopeft.backbones import create_backbone
@@ -136,27 +136,19 @@ def test_a_database_stopped_for_30_s_mid_study_costs_no_trial(tmp_path) -> None:
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_AUTH_MODE": "disabled", "RAY_TMPDIR": ray_tmp,
                "AUTOPEFT_CACHE": str(tmp_path / "cache")}
         log = tmp_path / "search.log"
-        with log.open("w") as out:
-            driver = subprocess.Popen(
-                [sys.executable, "-m", "autopeft", "search", "--dataset", "digits", "--backbone", "autopeft_test_vit",
-                 "--weights", str(weights), "--budget", "5%", "--trials", "6", "--epochs", "4", "--no-baselines",
-                 "--no-early-stopping", "--concurrency", "2", "--study", "outage", "--storage", server.url,
-                 "--storage-patience", "180"],
-                cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-            try:
-                deadline = time.time() + 300
-                while "trial 0:" not in log.read_text() and "trial 1:" not in log.read_text():
-                    assert driver.poll() is None and time.time() < deadline, log.read_text()[-3000:]
-                    time.sleep(0.5)
-                server.stop()
-                time.sleep(30)
-                server.start()
-                assert driver.wait(timeout=600) == 0, log.read_text()[-3000:]
-            finally:
-                if driver.poll() is None:
-                    driver.kill()
-        output = log.read_text()
-        assert "Traceback" not in output, output[-3000:]
+        cmd = [sys.executable, "-m", "autopeft", "search", "--dataset", "digits", "--backbone", "autopeft_test_vit",
+               "--weights", str(weights), "--budget", "5%", "--trials", "6", "--epochs", "4", "--no-baselines",
+               "--no-early-stopping", "--concurrency", "2", "--study", "outage", "--storage", server.url,
+               "--storage-patience", "180"]
+        with driver(cmd, log, cwd=tmp_path, env=env, start_new_session=True) as proc:
+            deadline = time.time() + 300
+            while "trial 0:" not in log.read_text() and "trial 1:" not in log.read_text():
+                assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+                time.sleep(0.5)
+            server.stop()
+            time.sleep(30)
+            server.start()
+            output = ends_cleanly(proc, log)
         assert "storage is unreachable" in output and "storage is back after" in output, output[-3000:]
         trials = optuna.load_study(study_name="outage", storage=server.url).get_trials()
         assert sorted(t.number for t in trials) == list(range(6)), [(t.number, t.state) for t in trials]

@@ -22,7 +22,7 @@ def _roundtrip(state: dict) -> dict:
     buffer = io.BytesIO()
     torch.save(state, buffer)
     buffer.seek(0)
-    return torch.load(buffer, weights_only=False)
+    return torch.load(buffer, weights_only=True)
 
 
 @pytest.mark.parametrize("augment", [False, True])  # True: the images and their random transforms, no cache

@@ -134,7 +134,7 @@ def _last_state() -> dict | None:
     import torch
 
     with checkpoint.as_directory() as folder:
-        return torch.load(Path(folder) / STATE_FILE, weights_only=False)  # our own file, written by `run_trial`
+        return torch.load(Path(folder) / STATE_FILE, weights_only=True)
 
 
 def _release_memory() -> None:
