@@ -15,7 +15,7 @@ from autopeft.plan import PeftPlan
 from autopeft.search.baselines import baseline_plans
 from autopeft.search.samplers import make_sampler
 from autopeft.space import bind, check_feasible, describe, load_space, parse_space, sample_parts
-from autopeft.space.sampler import suggest_parts
+from autopeft.space.sampler import expressed_parts, suggest_parts
 from autopeft.space.shares import depth_caps
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -137,7 +137,7 @@ def test_baselines_are_the_share_space_s_own_draws(backbone: str, expressed_at_1
     limit = parse_budget("1%", spec).limit
     expressed = []
     for name, plan in baseline_plans(spec, limit):
-        parts = bound.parts_of(plan, limit)
+        parts = expressed_parts(bound, plan, limit)
         if parts is None:
             continue
         expressed.append(name)
@@ -151,7 +151,7 @@ def test_baselines_are_the_share_space_s_own_draws(backbone: str, expressed_at_1
     for _ in range(20):
         trial = study.ask()
         plan = PeftPlan.from_dict(sample_parts_plan(trial, space, spec, limit))
-        parts = bound.parts_of(plan, limit)
+        parts = expressed_parts(bound, plan, limit)
         assert parts is not None and bound.plan(parts) == plan
         study.tell(trial, 0.0)
 

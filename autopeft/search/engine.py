@@ -43,6 +43,7 @@ from autopeft.search.study_settings import StudySettings
 from autopeft.search.trainable import TrialSettings, run_trial
 from autopeft.space import SearchSpace, plan_overhead, sample_hparams, sample_plan
 from autopeft.space.bound import bind, is_plan_param
+from autopeft.space.sampler import expressed_parts
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 logger = logging.getLogger(__name__)
@@ -317,7 +318,7 @@ def create_or_resume(prep: Prepared) -> tuple[optuna.Study, int]:
         grid = baseline_hparams(prep)
         queue = [(name, plan, hp) for name, plan in prep.baselines for hp in grid]
         for name, plan, hp in queue[: s.trials]:  # a short study runs only the first baselines
-            parts = bound.parts_of(plan, prep.budget.limit)
+            parts = expressed_parts(bound, plan, prep.budget.limit)
             if parts is not None:  # as the space's own parameters: the sampler learns from it like any draw
                 if s.baseline_mix:  # its own method's decisions only: the sampler draws the other places
                     parts = [p for p in parts if not p.empty]

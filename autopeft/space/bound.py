@@ -172,6 +172,15 @@ class BoundSpace:
                 unfrozen |= u
         return added + self.unfrozen_count(frozenset(unfrozen)) if unfrozen else added
 
+    def derived_size(self, method: str) -> str | None:
+        """In a share space, the option of `method` that follows from its share of the budget (its size option, when
+        the space searches it) rather than being drawn; None otherwise (`autopeft.space.shares`)."""
+        if not self.space.shares or method not in self.methods:
+            return None
+        option = get_method(method).size_option
+        domain = dict(self.methods[method].options).get(option) if option else None
+        return option if domain is not None and domain.searched else None
+
     def plan(self, parts: Sequence[Part]) -> PeftPlan:
         blocks: dict[int, list[MethodSpec]] = {}
         global_parts = []
@@ -188,8 +197,6 @@ class BoundSpace:
     def params(self, parts: Sequence[Part]) -> dict[str, Any]:
         """The optuna parameters that, sampled directly, give these parts (conditional: only those asked; a share
         space asks a share weight instead of a size)."""
-        from autopeft.space.shares import size_option
-
         out: dict[str, Any] = {}
         for p in parts:
             if p.depth is not None:
@@ -200,16 +207,16 @@ class BoundSpace:
             elif (param := p.choice_param()) is not None:
                 out[param] = p.method
             if not p.empty:
-                derived = size_option(self, p.method) if self.space.shares else None
+                derived = self.derived_size(p.method)
                 out.update({p.option_param(k): v for k, v in p.values if k != derived})
                 if p.share is not None:
                     out[p.option_param("share")] = p.share
         return out
 
-    def parts_of(self, plan: PeftPlan, limit: int | None = None) -> list[Part] | None:
+    def parts_of(self, plan: PeftPlan) -> list[Part] | None:
         """The parts that give exactly `plan` (so `params(parts)` enqueues it as the sampler's own draw), or None when
-        the space cannot express it (a method, size or placement it does not offer; in a share space, sizes that
-        no share weights under `limit` give)."""
+        the space cannot express it (a method, size or placement it does not offer). A share space also needs the
+        share weights that give its sizes: `autopeft.space.sampler.expressed_parts`."""
         parts = []
         for t in self.templates:
             part = self._part_of(t, plan)
@@ -217,15 +224,9 @@ class BoundSpace:
                 return None
             parts.append(part)
         try:
-            if self.plan(parts) != plan:
-                return None
+            return parts if self.plan(parts) == plan else None
         except AutopeftError:
             return None
-        if self.space.shares:
-            from autopeft.space.shares import shares_of
-
-            return shares_of(self, parts, limit)
-        return parts
 
     def _part_of(self, t: Part, plan: PeftPlan) -> Part | None:
         """What `plan` holds at place `t` (checked against the whole plan by `parts_of`)."""
@@ -296,13 +297,11 @@ class BoundSpace:
     def size(self) -> int | None:
         """Distinct plan configurations the sampler can ask for (None when an option is continuous). A share
         space asks share weights instead of sizes: counted as one weight per component, an upper bound."""
-        from autopeft.space.shares import size_option
-
         total = 1
         for t in self.templates:
             count = 0
             for m in t.choices:
-                derived = size_option(self, m) if self.space.shares and m != NONE else None
+                derived = self.derived_size(m)
                 maybe = [] if m == NONE else [len(self.space.shares) if k == derived else d.size()
                                               for k, d in self.methods[m].searched()]
                 sizes = [n for n in maybe if n is not None]

@@ -40,7 +40,7 @@ from autopeft.records import ATTR_PARAMS, ATTR_PLAN
 from autopeft.space.bound import BoundSpace, Part, bind
 from autopeft.space.format import SearchSpace
 from autopeft.space.repair import repair
-from autopeft.space.shares import depth_caps, suggest_share_parts
+from autopeft.space.shares import depth_caps, shares_of, suggest_share_parts
 
 
 def _limit(budget: Budget | int | None) -> int | None:
@@ -92,6 +92,15 @@ def suggest_parts(trial: Any, bound: BoundSpace, limit: int | None = None) -> li
 
 def _ask(trial: Any, name: str | None, choices: tuple) -> Any:
     return trial.suggest_categorical(name, list(choices)) if len(choices) > 1 else choices[0]
+
+
+def expressed_parts(bound: BoundSpace, plan: PeftPlan, limit: int | None) -> list[Part] | None:
+    """The parts whose parameters make the sampler draw exactly `plan` under `limit` (`BoundSpace.parts_of`, with a
+    share space's weights), or None when the space cannot draw it."""
+    parts = bound.parts_of(plan)
+    if parts is None or not bound.space.shares:
+        return parts
+    return shares_of(bound, parts, limit)
 
 
 def sample_parts(trial: Any, space: SearchSpace, spec: BackboneSpec, budget: Budget | int | None) -> list[Part]:

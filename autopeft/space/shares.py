@@ -32,18 +32,13 @@ from dataclasses import replace
 from typing import Any
 
 from autopeft.errors import AutopeftError
-from autopeft.methods import get_method
 from autopeft.space.bound import BoundSpace, Part, _extremes
 from autopeft.space.domain import Domain
 
 
 def size_option(bound: BoundSpace, method: str) -> str | None:
     """The option of `method` a share space derives (its size option, when the space searches it), else None."""
-    if method not in bound.methods:
-        return None
-    option = get_method(method).size_option
-    domain = dict(bound.methods[method].options).get(option) if option else None
-    return option if domain is not None and domain.searched else None
+    return bound.derived_size(method)
 
 
 def size_values(domain: Domain) -> tuple[int, ...]:
@@ -194,7 +189,7 @@ def _ask(trial: Any, name: str | None, choices: tuple, asked: bool) -> Any:
 
 def shares_of(bound: BoundSpace, parts: list[Part], limit: int | None) -> list[Part] | None:
     """The parts (with share weights) a share space derives to exactly these parts' plan, or None when no weights
-    do or a depth is outside `depth_caps` (what `BoundSpace.parts_of` returns for a share space)."""
+    do or a depth is outside `depth_caps` (what `autopeft.space.sampler.expressed_parts` returns for a share space)."""
     caps = depth_caps(bound, limit) if limit is not None else {}
     if any(p.depth is not None and p.depth not in caps.get(i, bound.depths) for i, p in enumerate(parts)):
         return None
