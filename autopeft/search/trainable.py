@@ -5,6 +5,7 @@ from __future__ import annotations
 import tempfile
 import time
 import traceback
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -128,7 +129,9 @@ def _last_state() -> dict | None:
     """The train state of the trial's last checkpoint (Ray Tune hands it to a re-run), else None."""
     from ray import tune
 
-    checkpoint = tune.get_checkpoint()
+    with warnings.catch_warnings():  # run_trial called outside a Tuner (a test, a debugger): no checkpoint
+        warnings.filterwarnings("ignore", message=".*get_checkpoint.*only be called inside")
+        checkpoint = tune.get_checkpoint()
     if checkpoint is None:
         return None
     import torch
