@@ -327,6 +327,9 @@ def test_the_pickled_searcher_holds_no_storage_url(tmp_path) -> None:
         (["--select", "cv:1"], "--select 'cv:1' is not valid"),
         (["--select", "best"], "--select 'best' is not valid"),
         (["--select-top", "0"], "--select-top must be >= 1"),
+        (["--max-retries", "-1"], "--max-retries must be >= 0"),
+        (["--storage-patience", "-5"], "--storage-patience must be >= 0 seconds"),
+        (["--checkpoint-every", "-1"], "--checkpoint-every must be >= 0"),
         (["--study", "a b"], "study name"),
     ],
 )
