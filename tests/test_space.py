@@ -385,6 +385,10 @@ def test_space_show(capsys) -> None:
     info = json.loads(capsys.readouterr().out)
     assert not info["feasible"] and info["smallest"]["params"] == 1539
     assert {r["method"] for r in info["methods_at_budget"]} == {"vpt_deep", "lora", "adapter"}
+    # a depth component "on every place" is on every block: LoRA r=1 on q and v of all 12 blocks of ViT-B/16
+    assert main(["space", "show", "compact", "--backbone", "vit_base_patch16_224", "--budget", "1%", "--json"]) == 0
+    rows = {r["method"]: r for r in json.loads(capsys.readouterr().out)["methods_at_budget"]}
+    assert rows["lora"]["everywhere_params"] == 12 * 2 * (768 + 768) and rows["lora"]["min_params"] == 3 * 2 * 1536
     assert main(["space", "show", "nope"]) == 2
     assert "unknown search space" in capsys.readouterr().err
     assert main(["space", "list"]) == 0

@@ -96,7 +96,8 @@ def feasibility(bound: BoundSpace, limit: int) -> list[dict[str, Any]]:
             row = rows.setdefault(m, {"method": m, "feasible": [], "places": 0, "min_params": None})
             options = [bound.configs(t, m, min, depth=d) for d in bound.depths if d] if t.depth is not None else [
                 bound.configs(t, m, min)]
-            everywhere.setdefault(m, list(smallest))[idx] = options[0]
+            if options:  # every place: a depth component on all the blocks it may take (its deepest depth)
+                everywhere.setdefault(m, list(smallest))[idx] = max(options, key=lambda p: p.depth or 0)
             for cand in options:
                 row["places"] += 1
                 own = bound.count_part(cand)
