@@ -261,8 +261,7 @@ def run_cell(c: StandardConfig, task: str, seed: int, space_path: Path, pool: Pr
     from autopeft.backbones import backbone_spec
     from autopeft.budget import parse_budget
     from autopeft.pareto import best_under_budget
-    from autopeft.search.baselines import baseline_plans
-    from autopeft.search.engine import rate_key
+    from autopeft.search.baselines import baseline_plans, rate_key
     from autopeft.search.settings import SearchSettings
     from autopeft.space import load_space
     from benchmarks.compare import CellConfig, random_jobs, search_arm, search_trials_for, within_epochs

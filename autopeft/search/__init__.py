@@ -40,7 +40,8 @@ def prepare(s: SearchSettings) -> Prepared:
     import optuna
 
     from autopeft.data import data_config, load_dataset
-    from autopeft.search.engine import Prepared, baseline_hparams
+    from autopeft.search.baselines import baseline_hparams
+    from autopeft.search.engine import Prepared
     from autopeft.space import check_feasible, load_space
 
     # cheap checks first, then the storage, then what reads files (weights, every image)
@@ -76,7 +77,7 @@ def prepare(s: SearchSettings) -> Prepared:
     baselines = baseline_plans(spec, budget.limit) if s.baselines and not s.resume else []
     prep = Prepared(settings=s, spec=spec, budget=budget, space=space, storage_url=url,
                     num_classes=data.num_classes, baselines=baselines, train_size=len(data.train))  # type: ignore[arg-type]
-    baseline_hparams(prep)  # scaled learning rates inside the space's range, before the study exists
+    baseline_hparams(space, s.baseline_lr_scales)  # scaled rates inside the space's range, before the study exists
     return prep
 
 
@@ -137,7 +138,7 @@ def search(s: SearchSettings, console: Console | None = None) -> Outcome:
                       + (f"; then the top {s.select_top} by val cross-validated in {s.cv_folds} folds (--select)"
                          if s.cv_folds else ""), highlight=False)
         console.print(f"Ray's own messages: {log}", highlight=False)
-        if s.checkpoint_every and s.checkpoints_to("") is None:
+        if s.checkpoints_need_storage:
             console.print("trials keep no checkpoints on a cluster without --checkpoint-storage (a path every node "
                           "reaches, or an object-store URI): a trial re-run after a lost node starts over",
                           highlight=False)

@@ -1,17 +1,23 @@
 """Hand-picked baseline plans, each scaled to the budget: the first trials of every study.
 
 Search and hand-picked methods are then compared at equal fidelity in the same study. A baseline takes the largest
-size from its ladder that fits the budget; one that cannot fit at its smallest size is left out.
+size from its ladder that fits the budget; one that cannot fit at its smallest size is left out. Its trials train
+at the centre of the space's hyper-parameter ranges, once per `--baseline-lr-scales` entry (`baseline_hparams`).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from autopeft.backbones import BackboneSpec
-from autopeft.errors import UnsupportedBackbone
+from autopeft.errors import AutopeftError, UnsupportedBackbone
 from autopeft.methods import get_method, make_spec
 from autopeft.plan import PeftPlan
+
+if TYPE_CHECKING:
+    from autopeft.space import SearchSpace
 
 
 @dataclass(frozen=True)
@@ -60,4 +66,49 @@ def baseline_plans(spec: BackboneSpec, limit: int) -> list[tuple[str, PeftPlan]]
         plan = _fit(b, spec, limit)
         if plan is not None:
             out.append((b.name, plan))
+    return out
+
+
+def _baseline_params(space: SearchSpace) -> dict[str, Any]:
+    """Baselines train at the centre of each searched hyper-parameter range (geometric for log ranges) and at the
+    first value of each searched choice (e.g. `optimizer: [adamw, sgd]` -> adamw)."""
+    out: dict[str, Any] = {}
+    for name, domain in space.training:
+        if domain.kind == "choice":
+            out[name] = domain.values[0]
+        elif domain.kind in ("int", "float"):
+            lo, hi = float(domain.low), float(domain.high)
+            centre = math.sqrt(lo * hi) if domain.log and lo > 0 else (lo + hi) / 2
+            out[name] = int(round(centre)) if domain.kind == "int" else centre
+    return out
+
+
+RATE_KEYS = ("lr_scale", "lr")  # the learning-rate keys a space may search: relative to each plan's rate, absolute
+
+
+def rate_key(space: SearchSpace) -> str | None:
+    """The learning-rate key `space` searches as a range (`lr_scale`, else `lr`), None when it searches neither."""
+    training = dict(space.training)
+    return next((k for k in RATE_KEYS if k in training and training[k].kind == "float"), None)
+
+
+def baseline_hparams(space: SearchSpace, scales: tuple[float, ...]) -> list[dict[str, Any]]:
+    """The hyper-parameters of each baseline's trials: `_baseline_params` once per entry of `scales`
+    (`--baseline-lr-scales`), the searched learning rate (lr_scale, else lr) times that entry. Raises AutopeftError
+    when a scaled rate leaves the space's range, or when scales other than 1 are asked of a space that searches no
+    learning rate."""
+    centre = _baseline_params(space)
+    key = rate_key(space)
+    if key is None:
+        if set(scales) != {1.0}:
+            raise AutopeftError(f"--baseline-lr-scales: space '{space.name}' searches no learning-rate range "
+                                f"({' or '.join(RATE_KEYS)}); drop the flag or search one")
+        return [centre]
+    domain, out = dict(space.training)[key], []
+    for scale in scales:
+        value = centre[key] * scale
+        if not (float(domain.low) <= value * (1 + 1e-9) and value <= float(domain.high) * (1 + 1e-9)):
+            raise AutopeftError(f"--baseline-lr-scales {scale:g}: {key} {value:g} is outside the space's range "
+                                f"{float(domain.low):g} … {float(domain.high):g}")
+        out.append({**centre, key: min(max(value, float(domain.low)), float(domain.high))})
     return out

@@ -29,15 +29,15 @@ def ray_messages_to(path: Path | None) -> Iterator[None]:
     """Ray's log records (Tune's trial-failure tracebacks among them) and the error messages its cluster publishes
     (a node marked dead) go to the file `path` while the search runs, not to the user's terminal; the search's own
     progress lines say what happened. None: as Ray does by itself."""
-    if path is None:
-        yield
+    ray_logger = logging.getLogger("ray")
+    if path is None or any(getattr(h, "baseFilename", None) == str(path.absolute()) for h in ray_logger.handlers):
+        yield  # as Ray does, or already routed there by an enclosing session (the engine's inside `search`)
         return
     import ray._private.worker as ray_worker
 
     path.parent.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(path, encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    ray_logger = logging.getLogger("ray")
     saved = ray_logger.handlers[:], ray_logger.propagate, getattr(ray_worker, "print_to_stdstream", None)
     ray_logger.handlers, ray_logger.propagate = [handler], False
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 import os
 import shutil
 import tempfile
@@ -34,9 +33,17 @@ from autopeft.errors import AutopeftError, UnsupportedBackbone
 from autopeft.objectives import objectives_of
 from autopeft.plan import PeftPlan
 from autopeft.search import storage as st
+from autopeft.search.baselines import baseline_hparams
 from autopeft.search.cluster import check_resources, ray_log_path, ray_session  # noqa: F401  (check_resources: also here)
 from autopeft.search.epoch_cap import EpochCount, epoch_stopper, spent_epochs
 from autopeft.search.liveness import ATTR_DRIVER, Heartbeat, interrupted, this_driver
+from autopeft.search.recovery import (
+    ATTR_INTERRUPTED,
+    close_uncounted,
+    lost_reason,
+    remove_run_folder,
+    retry_recorder,
+)
 from autopeft.search.samplers import make_sampler
 from autopeft.search.settings import SearchSettings
 from autopeft.search.study_settings import StudySettings
@@ -47,8 +54,6 @@ from autopeft.space.sampler import expressed_parts
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 logger = logging.getLogger(__name__)
-# set on a trial whose driver died: it is FAIL (kept for the record) and not counted, and a copy is re-run
-ATTR_INTERRUPTED = "interrupted"
 
 
 @dataclass
@@ -231,35 +236,6 @@ def _searcher_class() -> type:
     return FidelityAwareSearch
 
 
-def remove_run_folder(storage: str, name: str) -> None:
-    """Delete this driver's trial folder (checkpoints, Ray's per-trial logs) under `--checkpoint-storage`, a path or
-    an object-store URI; what cannot be deleted is left with a warning (the study itself is not in it)."""
-    import pyarrow.fs
-
-    try:
-        fs, root = pyarrow.fs.FileSystem.from_uri(storage if "://" in storage else f"file://{storage}")
-        fs.delete_dir(f"{root.rstrip('/')}/{name}")
-    except (OSError, ValueError) as exc:
-        logger.warning("could not delete the trial checkpoints in %s/%s: %s", storage, name, exc)
-
-
-def lost_reason(retries: int) -> str:
-    """Why a trial whose worker Ray lost is FAIL: it was lost once more than `--max-retries` allows."""
-    again = f" and in each of its {retries} re-runs (--max-retries {retries})" if retries else " (--max-retries 0)"
-    return f"its worker process or node was lost{again}; see the Ray log"
-
-
-def retry_recorder(searcher: Any) -> Any:
-    """A Ray Tune callback telling `searcher` each re-run of a trial whose worker or node was lost."""
-    from ray.tune import Callback
-
-    class RetryRecorder(Callback):
-        def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            searcher.note_retry(trial.trial_id, str((trial.last_result or {}).get("node", "")))
-
-    return RetryRecorder()
-
-
 def tally(trials: list[FrozenTrial]) -> tuple[int, int]:
     """(finished, running) trials: finished are COMPLETE, PRUNED and FAIL except the interrupted ones (re-run)."""
     finished = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) or
@@ -315,7 +291,7 @@ def create_or_resume(prep: Prepared) -> tuple[optuna.Study, int]:
             study.set_metric_names(metrics)
         st.write_settings(study, prep.study_settings)
         bound = bind(prep.space, prep.spec)
-        grid = baseline_hparams(prep)
+        grid = baseline_hparams(prep.space, s.baseline_lr_scales)
         queue = [(name, plan, hp) for name, plan in prep.baselines for hp in grid]
         for name, plan, hp in queue[: s.trials]:  # a short study runs only the first baselines
             parts = expressed_parts(bound, plan, prep.budget.limit)
@@ -329,63 +305,6 @@ def create_or_resume(prep: Prepared) -> tuple[optuna.Study, int]:
             enqueue_warm_start(study, prep)
     finished, running = tally(study.get_trials(deepcopy=False))  # running: other live drivers' trials
     return study, max(0, s.trials - finished - running)
-
-
-def _baseline_params(prep: Prepared) -> dict[str, Any]:
-    """Baselines train at the centre of each searched hyper-parameter range (geometric for log ranges) and at the
-    first value of each searched choice (e.g. `optimizer: [adamw, sgd]` -> adamw)."""
-    out: dict[str, Any] = {}
-    for name, domain in prep.space.training:
-        if domain.kind == "choice":
-            out[name] = domain.values[0]
-        elif domain.kind in ("int", "float"):
-            lo, hi = float(domain.low), float(domain.high)
-            centre = math.sqrt(lo * hi) if domain.log and lo > 0 else (lo + hi) / 2
-            out[name] = int(round(centre)) if domain.kind == "int" else centre
-    return out
-
-
-RATE_KEYS = ("lr_scale", "lr")  # the learning-rate keys a space may search: relative to each plan's rate, absolute
-
-
-def rate_key(space: SearchSpace) -> str | None:
-    """The learning-rate key `space` searches as a range (`lr_scale`, else `lr`), None when it searches neither."""
-    training = dict(space.training)
-    return next((k for k in RATE_KEYS if k in training and training[k].kind == "float"), None)
-
-
-def baseline_hparams(prep: Prepared) -> list[dict[str, Any]]:
-    """The hyper-parameters of each baseline's trials: `_baseline_params` once per `baseline_lr_scales` entry, the
-    searched learning rate (lr_scale, else lr) times that entry. Raises AutopeftError when a scaled rate leaves
-    the space's range, or when scales other than 1 are asked of a space that searches no learning rate."""
-    centre = _baseline_params(prep)
-    scales = prep.settings.baseline_lr_scales
-    key = rate_key(prep.space)
-    if key is None:
-        if set(scales) != {1.0}:
-            raise AutopeftError(f"--baseline-lr-scales: space '{prep.space.name}' searches no learning-rate range "
-                                f"({' or '.join(RATE_KEYS)}); drop the flag or search one")
-        return [centre]
-    domain, out = dict(prep.space.training)[key], []
-    for scale in scales:
-        value = centre[key] * scale
-        if not (float(domain.low) <= value * (1 + 1e-9) and value <= float(domain.high) * (1 + 1e-9)):
-            raise AutopeftError(f"--baseline-lr-scales {scale:g}: {key} {value:g} is outside the space's range "
-                                f"{float(domain.low):g} … {float(domain.high):g}")
-        out.append({**centre, key: min(max(value, float(domain.low)), float(domain.high))})
-    return out
-
-
-def close_uncounted(storage: Any, trial_id: int, reason: str) -> bool:
-    """Mark a RUNNING trial FAIL with `reason`, as interrupted (not counted: `tally`); False when it had finished
-    meanwhile (attributes first: a finished trial takes none, so nothing is half-written)."""
-    try:
-        storage.set_trial_user_attr(trial_id, ATTR_INTERRUPTED, True)
-        storage.set_trial_user_attr(trial_id, st.ATTR_REASON, reason)
-        storage.set_trial_state_values(trial_id, TrialState.FAIL)
-    except optuna.exceptions.UpdateFinishedTrialError:
-        return False
-    return True
 
 
 def requeue_interrupted(study: optuna.Study, unstamped_after_s: float = 0.0) -> list[int]:

@@ -135,14 +135,17 @@ class SearchSettings:
         """Whether the search joins a Ray cluster (`--address`, or $RAY_ADDRESS) rather than starting its own."""
         return bool(self.address or os.environ.get("RAY_ADDRESS"))
 
+    @property
+    def checkpoints_need_storage(self) -> bool:
+        """Checkpoints are asked for on a cluster with no `checkpoint_storage` every node reaches: none are kept."""
+        return bool(self.checkpoint_every) and not self.checkpoint_storage and self.on_cluster
+
     def checkpoints_to(self, workdir: str) -> str | None:
         """Where trial checkpoints go: `checkpoint_storage`, else `workdir` on this machine's own Ray; None when
-        they are off (`checkpoint_every` 0, or a cluster without a storage every node reaches)."""
-        if not self.checkpoint_every:
+        they are off (`checkpoint_every` 0, or `checkpoints_need_storage`)."""
+        if not self.checkpoint_every or self.checkpoints_need_storage:
             return None
-        if self.checkpoint_storage:
-            return self.checkpoint_storage
-        return None if self.on_cluster else workdir
+        return self.checkpoint_storage or workdir
 
     def local_cpus(self) -> int:
         """CPUs of a local Ray instance: the machine's, but at least what the requested concurrency needs."""

@@ -255,7 +255,6 @@ class _Outage:
 outage = _Outage()
 
 
-
 def storage_unavailable(exc: BaseException) -> StorageUnavailable | None:
     """The StorageUnavailable behind `exc` (Ray Tune may wrap what its searcher raised), or None."""
     seen: set[int] = set()

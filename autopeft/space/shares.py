@@ -36,11 +36,6 @@ from autopeft.space.bound import BoundSpace, Part, _extremes
 from autopeft.space.domain import Domain
 
 
-def size_option(bound: BoundSpace, method: str) -> str | None:
-    """The option of `method` a share space derives (its size option, when the space searches it), else None."""
-    return bound.derived_size(method)
-
-
 def size_values(domain: Domain) -> tuple[int, ...]:
     """Every size a domain offers, ascending (an int range: each value on its grid)."""
     if domain.kind == "choice":
@@ -49,7 +44,7 @@ def size_values(domain: Domain) -> tuple[int, ...]:
 
 
 def _sized(bound: BoundSpace, part: Part) -> str | None:
-    return None if part.empty else size_option(bound, part.method)
+    return None if part.empty else bound.derived_size(part.method)
 
 
 def _sizes(bound: BoundSpace, part: Part, option: str) -> list[Part]:
@@ -86,7 +81,7 @@ def _worst_smallest(bound: BoundSpace, template: Part, depth: int | None) -> int
         for m in methods:
             if place.depth == 0 or m not in bound.methods:
                 continue
-            derived = size_option(bound, m)
+            derived = bound.derived_size(m)
             others = [(k, _extremes(d)) for k, d in bound.methods[m].searched() if k != derived]
             for combo in itertools.product(*(vals for _, vals in others)):
                 chosen = dict(zip((k for k, _ in others), combo, strict=True))
@@ -167,7 +162,7 @@ def suggest_share_parts(trial: Any, bound: BoundSpace, limit: int | None) -> lis
         else:
             part = replace(t, method=_ask(trial, t.choice_param(), t.choices, len(t.choices) > 1))
         if not part.empty:
-            derived = size_option(bound, part.method)
+            derived = bound.derived_size(part.method)
             part = part.with_values(tuple(
                 (k, size_values(d)[0] if k == derived else d.suggest(trial, part.option_param(k)))
                 for k, d in bound.methods[part.method].searched()))
