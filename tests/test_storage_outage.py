@@ -158,3 +158,42 @@ def test_a_database_stopped_for_30_s_mid_study_costs_no_trial(tmp_path) -> None:
         stop(ray_tmp)
         server.remove()
     assert not ray_pids(ray_tmp)
+
+
+class DropsAfterCreating(optuna.storages.RDBStorage):
+    """A real SQLite storage whose connection drops once just after it created a trial: the row is committed, the
+    caller sees an error (what a database restarting at that instant does)."""
+
+    drops = 1
+
+    def _create_new_trial(self, study_id, template_trial=None):  # type: ignore[no-untyped-def]
+        created = super()._create_new_trial(study_id, template_trial)
+        if self.drops:
+            self.drops -= 1
+            raise sqlalchemy.exc.OperationalError("INSERT INTO trials", {}, ConnectionResetError("connection lost"))
+        return created
+
+
+def test_an_ask_the_storage_dropped_leaves_no_trial_that_counts(tmp_path, monkeypatch) -> None:
+    """The searcher's ask fails after its trial was created and is asked again: the study holds one running trial
+    that counts (the one the searcher holds), the other is closed uncounted with its reason."""
+    from optuna.trial import TrialState
+
+    import autopeft.bundled  # noqa: F401  (registers the bundled backbone, whose weights ship)
+    from autopeft.search import prepare
+    from autopeft.search.engine import SamplePlan, _searcher_class, create_or_resume, tally
+
+    url = f"sqlite:///{tmp_path}/studies.db"
+    prep = prepare(SearchSettings(study="drop", dataset="digits", backbone="autopeft_tiny_vit", budget="2%",
+                                  storage=url, trials=4, baselines=False, objectives="acc"))
+    study, _ = create_or_resume(prep)
+    searcher = _searcher_class()(space=SamplePlan(prep.space, prep.spec, prep.budget, 3), metric="val_acc",
+                                 mode="max", study_name="drop", storage=DropsAfterCreating(url), max_epochs=3,
+                                 target=4)
+    monkeypatch.setattr(st, "STORAGE_PATIENCE_S", 30.0)
+    assert searcher.suggest("t0") is not None
+    trials = study.get_trials(deepcopy=False)
+    assert len(trials) == 2 and tally(trials) == (0, 1), [(t.number, t.state) for t in trials]
+    abandoned = [t for t in trials if t.state == TrialState.FAIL]
+    assert abandoned and "storage was unreachable" in abandoned[0].user_attrs["fail_reason"]
+    assert searcher.running_trial_ids() == [t._trial_id for t in trials if t.state == TrialState.RUNNING]

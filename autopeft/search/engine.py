@@ -13,6 +13,7 @@ tells such trials as PRUNED instead, so only full-fidelity trials carry objectiv
 
 from __future__ import annotations
 
+import datetime
 import functools
 import logging
 import os
@@ -39,6 +40,7 @@ from autopeft.search.epoch_cap import EpochCount, epoch_stopper, spent_epochs
 from autopeft.search.liveness import ATTR_DRIVER, Heartbeat, interrupted, this_driver
 from autopeft.search.recovery import (
     ATTR_INTERRUPTED,
+    close_abandoned,
     close_uncounted,
     lost_reason,
     remove_run_folder,
@@ -128,9 +130,12 @@ def _searcher_class() -> type:
                 if not self.epochs.room_for_another(self.epoch_cap, mine):
                     # no epoch left for another trial: wait for the running ones, end when none runs
                     return None if mine else Searcher.FINISHED  # type: ignore[return-value]
+            asked = datetime.datetime.now()
             for attempt in range(3):
                 try:
                     config = st.retry(lambda: super(FidelityAwareSearch, self).suggest(trial_id))
+                    if st.outage.seen_since(asked):  # an ask the storage dropped may have left a trial behind
+                        close_abandoned(self.study, asked, {t._trial_id for t in self._ot_trials.values()})
                     break
                 except optuna.exceptions.UpdateFinishedTrialError:
                     # another driver took the trial for orphaned in the instant before it was stamped: ask anew

@@ -4,11 +4,15 @@
   (`close_uncounted`: FAIL with its reason, `interrupted`), and the engine queues the former again.
 - A trial whose Ray worker or node was lost is re-run by Ray (`--max-retries`); `retry_recorder` tells the searcher,
   and `lost_reason` is its reason when the retries run out.
+- An ask the storage dropped after it had created the trial leaves a RUNNING trial nobody runs: `close_abandoned`
+  closes it uncounted once the storage is back.
 - A run's checkpoint folder under `--checkpoint-storage` is deleted with the run (`remove_run_folder`).
 """
 
 from __future__ import annotations
 
+import datetime
+import functools
 import logging
 from typing import Any
 
@@ -16,6 +20,7 @@ import optuna
 from optuna.trial import TrialState
 
 from autopeft.search import storage as st
+from autopeft.search.liveness import ATTR_DRIVER
 
 logger = logging.getLogger(__name__)
 # set on a trial whose driver died: it is FAIL (kept for the record) and not counted, and a copy is re-run
@@ -62,3 +67,19 @@ def retry_recorder(searcher: Any) -> Any:
 
     return RetryRecorder()
 
+
+def close_abandoned(study: optuna.Study, since: datetime.datetime, held: set[int]) -> list[int]:
+    """Close, uncounted, the RUNNING trials created since `since` that no driver stamped and this one does not hold:
+    an ask whose trial the storage created before the connection dropped (the searcher then asked again). A trial
+    another driver creates in the same instant is stamped within milliseconds; if it is closed first, that driver
+    asks anew (UpdateFinishedTrialError), as for a trial taken for orphaned. Returns the closed trials' numbers."""
+    reason = "created while the storage was unreachable and never run (its driver asked again)"
+    closed = []
+    for t in st.retry(lambda: study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))):
+        if t._trial_id in held or ATTR_DRIVER in t.user_attrs or t.datetime_start is None or t.datetime_start < since:
+            continue
+        if st.retry(functools.partial(close_uncounted, study._storage, t._trial_id, reason)):
+            closed.append(t.number)
+    if closed:
+        logger.warning("trials %s were created by asks the storage dropped; closed, not counted", closed)
+    return closed

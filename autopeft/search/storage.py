@@ -5,6 +5,7 @@ export.py, report.py and `autopeft results` read studies through this module onl
 
 from __future__ import annotations
 
+import datetime
 import logging
 import os
 import re
@@ -233,9 +234,11 @@ class _Outage:
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.since: float | None = None
+        self.last_failure: datetime.datetime | None = None  # the latest transient failure any retry met
 
     def begin(self, exc: BaseException, patience: float) -> None:
         with self.lock:
+            self.last_failure = datetime.datetime.now()
             if self.since is None:
                 self.since = time.monotonic()
                 logger.warning("the study's storage is unreachable (%s); waiting up to %.0f s for it "
@@ -250,6 +253,10 @@ class _Outage:
     @property
     def ongoing(self) -> bool:
         return self.since is not None
+
+    def seen_since(self, moment: datetime.datetime) -> bool:
+        """Whether a retry met a transient failure at or after `moment`."""
+        return self.last_failure is not None and self.last_failure >= moment
 
 
 outage = _Outage()
