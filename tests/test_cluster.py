@@ -113,10 +113,22 @@ def _raylet(node_manager_port: int) -> int:
     return pids[0]
 
 
-def _training_on(raylet: int) -> bool:
-    """Whether a Ray worker below `raylet` holds a trial (its title is `ray::ImplicitFunc...`, Tune's function
-    trainable; idle workers are `ray::IDLE`)."""
-    return any(_cmdline(pid).startswith("ray::ImplicitFunc") for pid in _descendants(raylet)[1:])
+def _trial_on(raylet: int) -> str | None:
+    """The folder name of the trial a Ray worker below `raylet` holds (its title is `ray::ImplicitFunc...`, Tune's
+    function trainable, idle workers are `ray::IDLE`; Tune runs it in a working folder named as the trial's folder
+    in the checkpoint storage), else None."""
+    for pid in _descendants(raylet)[1:]:
+        if _cmdline(pid).startswith("ray::ImplicitFunc"):
+            with contextlib.suppress(OSError):
+                return os.path.basename(os.readlink(f"/proc/{pid}/cwd"))
+    return None
+
+
+def _checkpointed(storage: Path, trial: str) -> bool:
+    """Whether the trial's folder in the checkpoint storage holds its second epoch's checkpoint: the driver has had
+    an epoch's time to take in the first (a checkpoint the worker wrote but the driver never heard of is not one a
+    re-run starts from)."""
+    return any(storage.glob(f"*/{trial}/checkpoint_000001"))
 
 
 @pytest.mark.slow
@@ -131,12 +143,12 @@ def test_a_lost_node_costs_no_trial(tmp_path) -> None:
                       "--checkpoint-storage", str(tmp_path / "ckpt"))
         with driver(cmd, log, cwd=tmp_path, env=env) as proc:
             raylet = _raylet(worker_port)
+            # killed once the trial there has checkpointed two epochs (a fixed sleep was too short on a loaded machine)
             deadline = time.time() + 300
-            while not _training_on(raylet):
+            while not ((trial := _trial_on(raylet)) and _checkpointed(tmp_path / "ckpt", trial)):
                 if proc.poll() is not None or time.time() > deadline:
-                    pytest.fail("no trial trained on the worker node:\n" + log.read_text()[-3000:])
-                time.sleep(0.2)
-            time.sleep(5.0)  # into its training: past its first epochs (~3 s to set up, under 1 s an epoch)
+                    pytest.fail("no trial checkpointed on the worker node:\n" + log.read_text()[-3000:])
+                time.sleep(0.1)
             for pid in _descendants(raylet):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
