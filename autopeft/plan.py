@@ -20,7 +20,7 @@ from torch import nn
 
 from autopeft.backbones import BackboneSpec, is_head_param
 from autopeft.errors import AutopeftError, UnsupportedBackbone
-from autopeft.methods.base import MethodSpec, Wrapper, spec_from_dict
+from autopeft.methods.base import MethodSpec, Sliceable, Wrapper, spec_from_dict
 from autopeft.yamlfile import read_yaml
 
 PLAN_VERSION = 1
@@ -135,12 +135,22 @@ class PeftPlan:
 
     # -- application ----------------------------------------------------------------------------------------------
 
-    def apply(self, model: nn.Module, spec: BackboneSpec) -> nn.Module:
-        """Freeze the backbone, insert every method, leave the head trainable. Changes `model` in place."""
+    def apply(self, model: nn.Module, spec: BackboneSpec,
+              slices: dict[tuple[int | None, str], list[Sliceable]] | None = None) -> nn.Module:
+        """Freeze the backbone, insert every method, leave the head trainable. Changes `model` in place.
+
+        `slices` (a one-shot supernet, `autopeft.supernet`): each method goes in one block at a time, and the
+        Sliceable modules it inserts are recorded under (block, method name), (None, name) for a global method."""
         self.validate(spec)
         model.requires_grad_(False)
         for s, blocks in self.groups():
-            s.apply(model, spec, blocks)
+            if slices is None:
+                s.apply(model, spec, blocks)
+                continue
+            for i in blocks or (None,):
+                before = {id(m) for m in model.modules()}
+                s.apply(model, spec, blocks if i is None else (i,))
+                slices[(i, s.name)] = [m for m in model.modules() if id(m) not in before and isinstance(m, Sliceable)]
         for name, p in model.named_parameters():
             if is_head_param(name):
                 p.requires_grad_(True)

@@ -80,12 +80,14 @@ def seed_everything(seed: int) -> None:
 
 
 def build_model(backbone: str, plan: PeftPlan, num_classes: int, weights: str | None = None,
-                pretrained: bool = True, drop_path: float = 0.0) -> tuple[nn.Module, BackboneSpec]:
-    """The backbone with its (pretrained) weights, a fresh head and the plan applied, and its spec."""
+                pretrained: bool = True, drop_path: float = 0.0, slices: dict | None = None
+                ) -> tuple[nn.Module, BackboneSpec]:
+    """The backbone with its (pretrained) weights, a fresh head and the plan applied (recording its Sliceable
+    modules in `slices`, see `PeftPlan.apply`), and its spec."""
     kwargs = {"drop_path_rate": drop_path} if drop_path else {}
     model = create_backbone(backbone, num_classes=num_classes, pretrained=pretrained, weights=weights, **kwargs)
     spec = spec_of_model(model, backbone)  # of the model as built (image size overrides change the token grid)
-    return plan.apply(model, spec), spec
+    return plan.apply(model, spec, slices), spec
 
 
 class _Batches:
@@ -171,7 +173,8 @@ def fitted_config(config: TrainConfig, backbone: str, train_size: int) -> tuple[
 
 
 def set_up(backbone: str, plan: PeftPlan, data: DataSplits, config: TrainConfig, *, weights: str | None = None,
-           pretrained: bool = True, train_split: str = "train", eval_split: str | None = "val") -> TrainSetup:
+           pretrained: bool = True, train_split: str = "train", eval_split: str | None = "val",
+           slices: dict | None = None) -> TrainSetup:
     """Seed, build the model with the plan applied, and prepare the splits' batches (see `train` for the arguments).
 
     The frozen prefix's features are computed once and cached when the plan leaves blocks 0..k-1 as pretrained and
@@ -181,7 +184,7 @@ def set_up(backbone: str, plan: PeftPlan, data: DataSplits, config: TrainConfig,
     seed_everything(config.seed)
     splits = {"train": _subset(data.split(train_split), config.train_fraction, config.seed)}
     config, notes = fitted_config(config, backbone, num_samples(splits["train"]))
-    model, spec = build_model(backbone, plan, data.num_classes, weights, pretrained, config.drop_path)
+    model, spec = build_model(backbone, plan, data.num_classes, weights, pretrained, config.drop_path, slices)
     model = model.to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
@@ -253,10 +256,13 @@ def _restore(state: dict[str, Any], model: nn.Module, optimizer: torch.optim.Opt
 
 def run_epochs(run: TrainSetup, config: TrainConfig, report: Report | None = None,
                on_step: Callable[[int, int], None] | None = None, resume: dict[str, Any] | None = None,
-               checkpoint_every: int = 0) -> list[dict]:
+               checkpoint_every: int = 0, before_step: Callable[[int], None] | None = None,
+               before_eval: Callable[[], None] | None = None) -> list[dict]:
     """Optimise for `config.epochs` epochs at the set-up's peak rate, evaluating after each; returns the per-epoch
     metrics. `resume`: a `train_state` to go on from (the run then ends as the uninterrupted run would);
-    `checkpoint_every` k > 0: every k-th epoch's report (but the last's) carries the `train_state` under `state`."""
+    `checkpoint_every` k > 0: every k-th epoch's report (but the last's) carries the `train_state` under `state`.
+    `before_step(step)` runs before each optimiser step (0-based) and `before_eval()` before each evaluation (a
+    supernet sets its sub-plan there)."""
     config = replace(config, lr=run.lr, lr_scale=1.0, batch_size=run.config.batch_size)
     model, device, forward = run.model, run.device, run.forward
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -282,6 +288,8 @@ def run_epochs(run: TrainSetup, config: TrainConfig, report: Report | None = Non
         loss_sum, seen = 0.0, 0
         for images, labels in run.train_src.batches(batches.epoch()):
             images, labels = images.to(device, non_blocking=True), torch.as_tensor(labels).to(device)
+            if before_step:
+                before_step(step)
             with torch.autocast(**autocast):
                 loss = criterion((forward or model)(images), labels)
             if not torch.isfinite(loss):
@@ -300,6 +308,8 @@ def run_epochs(run: TrainSetup, config: TrainConfig, report: Report | None = Non
                 on_step(step, total)
         metrics = {"epoch": epoch, "train_loss": loss_sum / max(seen, 1), "lr": optimizer.param_groups[0]["lr"]}
         if run.eval_src is not None:
+            if before_eval:
+                before_eval()
             metrics["val_loss"], metrics["val_acc"] = evaluate(model, run.eval_src, config.eval_batch_size, device,
                                                                forward)
         metrics["seconds"] = time.perf_counter() - epoch_start

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -21,8 +22,20 @@ class Bottleneck(nn.Module):
         nn.init.zeros_(self.up.weight)
         nn.init.zeros_(self.up.bias)
 
+        self.dim = self.width = dim  # width: the bottleneck's active width (a slice, see `methods.base.Sliceable`)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.up(self.act(self.down(x)))
+        if self.width == self.dim:
+            return self.up(self.act(self.down(x)))
+        k = self.width
+        h = self.act(F.linear(x, self.down.weight[:k], self.down.bias[:k]))
+        return F.linear(h, self.up.weight[:, :k], self.up.bias)
+
+    def sliced_state(self, prefix: str) -> dict[str, torch.Tensor]:
+        """The first `width` units' parameters, named as a Bottleneck of that width names them under `prefix`."""
+        k = self.width
+        return {f"{prefix}down.weight": self.down.weight[:k], f"{prefix}down.bias": self.down.bias[:k],
+                f"{prefix}up.weight": self.up.weight[:, :k], f"{prefix}up.bias": self.up.bias}
 
 
 def bottleneck_params(d_model: int, dim: int) -> int:

@@ -8,10 +8,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from autopeft.methods.base import Wrapper
+from autopeft.methods.base import MethodSpec, Sliceable, Wrapper, fits
 
 
-class PromptedBlock(Wrapper):
+class PromptedBlock(Wrapper, Sliceable):
     """Inserts `prompts` (if any) at position `offset` before the block and removes `strip` tokens there after it.
 
     VPT-deep: prompts and strip of the same length on each block (new prompts replace the previous ones).
@@ -25,10 +25,21 @@ class PromptedBlock(Wrapper):
         self.offset = offset
         self.prompts = prompts
         self.strip = strip
+        self.strips = bool(strip)  # whether it strips tokens: a slice strips as many as its spec's length
+        self.n = 0 if prompts is None else prompts.shape[0]  # the prompts a slice inserts (`set_active`)
+
+    def set_active(self, spec: MethodSpec | None) -> None:
+        length = 0 if spec is None else int(getattr(spec, "length"))  # noqa: B009  every prompt method's size
+        if self.prompts is not None:
+            self.n = fits(self.method, self.prompts.shape[0], length)
+        self.strip = length if self.strips else 0
+
+    def sliced_state(self) -> dict[str, torch.Tensor]:
+        return {"prompts": self.prompts[: self.n]} if self.prompts is not None and self.n else {}
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.prompts is not None:
-            p = self.prompts.unsqueeze(0).expand(x.shape[0], -1, -1).to(x.dtype)
+        if self.prompts is not None and self.n:
+            p = self.prompts[: self.n].unsqueeze(0).expand(x.shape[0], -1, -1).to(x.dtype)
             x = torch.cat([x[:, : self.offset], p, x[:, self.offset :]], dim=1)
         x = self.base(x, *args, **kwargs)
         if self.strip:

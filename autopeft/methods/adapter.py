@@ -11,24 +11,34 @@ from torch import nn
 
 from autopeft.backbones import BackboneSpec, block_path
 from autopeft.methods._layers import Bottleneck, bottleneck_params
-from autopeft.methods.base import MethodSpec, Wrapper, register, require, wrap
+from autopeft.methods.base import MethodSpec, Sliceable, Wrapper, fits, register, require, wrap
 
 POSITIONS = {"mlp": ("mlp",), "attn": ("attn",), "both": ("attn", "mlp")}
 
 
-class SequentialAdapter(Wrapper):
-    """out = base(x); out + up(act(down(out)))."""
+class SequentialAdapter(Wrapper, Sliceable):
+    """out = base(x); out + up(act(down(out))). `site`: the sub-layer it follows (`attn` or `mlp`)."""
 
     method = "adapter"
 
-    def __init__(self, base: nn.Module, d_model: int, dim: int):
+    def __init__(self, base: nn.Module, d_model: int, dim: int, site: str = "mlp"):
         super().__init__(base)
         ref = next(base.parameters())
         self.adapter = Bottleneck(d_model, dim).to(device=ref.device, dtype=ref.dtype)
+        self.site, self.on = site, True
+
+    def set_active(self, spec: MethodSpec | None) -> None:
+        adapter: Any = spec
+        self.on = spec is not None and self.site in POSITIONS[adapter.position]
+        if self.on:
+            self.adapter.width = fits(self.method, self.adapter.dim, adapter.dim)
+
+    def sliced_state(self) -> dict[str, torch.Tensor]:
+        return self.adapter.sliced_state("adapter.") if self.on else {}
 
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         out = self.base(*args, **kwargs)
-        return out + self.adapter(out)
+        return out + self.adapter(out) if self.on else out
 
 
 @register
@@ -42,6 +52,7 @@ class Adapter(MethodSpec):
     identity_at_init = True
     order = 40
     size_option = "dim"
+    sliceable = True
 
     dim: int = 8
     position: str = "mlp"
@@ -49,6 +60,13 @@ class Adapter(MethodSpec):
     def __post_init__(self) -> None:
         require(self.dim >= 1, self.name, f"dim must be a positive integer, got {self.dim}")
         require(self.position in POSITIONS, self.name, f"position must be one of {', '.join(POSITIONS)}")
+
+    @classmethod
+    def cover_option(cls, option: str, values: tuple[Any, ...]) -> Any:
+        if option == "position":  # after every sub-layer any choice puts it
+            sites = {site for v in values for site in POSITIONS[v]}
+            return next(p for p, s in POSITIONS.items() if set(s) == sites)
+        return super().cover_option(option, values)
 
     def count(self, spec: BackboneSpec, blocks: Sequence[int]) -> int:
         return sum(bottleneck_params(spec.dims[i], self.dim) * len(POSITIONS[self.position]) for i in blocks)
@@ -62,4 +80,4 @@ class Adapter(MethodSpec):
         for i in blocks:
             for site in POSITIONS[self.position]:
                 path = f"{block_path(model, i)}.{site}"
-                wrap(model, path, lambda m, d=spec.dims[i]: SequentialAdapter(m, d, self.dim))
+                wrap(model, path, lambda m, d=spec.dims[i], s=site: SequentialAdapter(m, d, self.dim, s))

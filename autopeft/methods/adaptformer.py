@@ -14,8 +14,9 @@ import torch
 from torch import nn
 
 from autopeft.backbones import BackboneSpec, block_path
+from autopeft.errors import AutopeftError
 from autopeft.methods._layers import Bottleneck, bottleneck_params
-from autopeft.methods.base import MethodSpec, Wrapper, register, require, wrap
+from autopeft.methods.base import MethodSpec, Sliceable, Wrapper, fits, register, require, wrap
 
 INPUTS = ("norm", "residual")
 
@@ -34,7 +35,7 @@ class InputTap(Wrapper):
         return self.base(x, *args, **kwargs)
 
 
-class ParallelAdapter(Wrapper):
+class ParallelAdapter(Wrapper, Sliceable):
     """out = base(h) + scale · bottleneck(input) (ReLU, as in AdaptFormer); input is h or the tapped residual."""
 
     method = "adaptformer"
@@ -45,9 +46,24 @@ class ParallelAdapter(Wrapper):
         self.adapter = Bottleneck(d_model, dim, act=nn.ReLU).to(device=ref.device, dtype=ref.dtype)
         self.scale = scale
         self._tap = [tap] if tap is not None else []  # a list: the tap is registered where it sits, not twice
+        self.on, self.tapped = True, tap is not None
+
+    def set_active(self, spec: MethodSpec | None) -> None:
+        adaptformer: Any = spec
+        self.on = spec is not None
+        if spec is not None:
+            self.adapter.width = fits(self.method, self.adapter.dim, adaptformer.dim)
+            self.scale, self.tapped = adaptformer.scale, adaptformer.input == "residual"
+            if self.tapped and not self._tap:
+                raise AutopeftError("adaptformer: a slice with input: residual needs a module built with it")
+
+    def sliced_state(self) -> dict[str, torch.Tensor]:
+        return self.adapter.sliced_state("adapter.") if self.on else {}
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        h = self._tap[0].last[0] if self._tap else x
+        if not self.on:
+            return self.base(x, *args, **kwargs)
+        h = self._tap[0].last[0] if self.tapped else x
         return self.base(x, *args, **kwargs) + self.scale * self.adapter(h)
 
 
@@ -66,6 +82,7 @@ class AdaptFormer(MethodSpec):
     identity_at_init = True
     order = 40
     size_option = "dim"
+    sliceable = True
 
     dim: int = 8
     scale: float = 0.1
@@ -75,6 +92,12 @@ class AdaptFormer(MethodSpec):
         require(self.dim >= 1, self.name, f"dim must be a positive integer, got {self.dim}")
         require(self.scale > 0, self.name, f"scale must be > 0, got {self.scale}")
         require(self.input in INPUTS, self.name, f"input must be {' or '.join(INPUTS)}, got {self.input!r}")
+
+    @classmethod
+    def cover_option(cls, option: str, values: tuple[Any, ...]) -> Any:
+        if option == "input":  # a tap when any choice feeds the residual (a slice of `norm` does not read it)
+            return "residual" if "residual" in values else values[0]
+        return super().cover_option(option, values)
 
     def count(self, spec: BackboneSpec, blocks: Sequence[int]) -> int:
         return sum(bottleneck_params(spec.dims[i], self.dim) for i in blocks)

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
+import torch
 from torch import nn
 
 from autopeft.backbones import BackboneSpec
@@ -43,6 +44,9 @@ class MethodSpec:
     # method most tasks tuned to 1e-2 is centred there (linear, VPT-shallow), one most tuned to 1e-3 at 1e-3 (LoRA,
     # SSF, LN-tune, FacT), one the tasks split on at 3e-3 (VPT-deep, BitFit, AdaptFormer, Convpass); see README.
     lr_range: ClassVar[tuple[float, float]] = (3e-4, 3e-3)
+    # Whether its modules run inside a one-shot supernet (autopeft.supernet): built once at the `cover` of a space's
+    # option values, each module (a `Sliceable`) runs at any smaller size or options, or not at all.
+    sliceable: ClassVar[bool] = False
 
     def count(self, spec: BackboneSpec, blocks: Sequence[int]) -> int:
         """Closed-form number of trainable parameters this method adds or unfreezes at `blocks`."""
@@ -73,6 +77,24 @@ class MethodSpec:
     def apply(self, model: nn.Module, spec: BackboneSpec, blocks: Sequence[int]) -> None:
         """Insert the method into `model` (already frozen) at `blocks`; new parameters are trainable."""
         raise NotImplementedError
+
+    @classmethod
+    def cover(cls, values: Mapping[str, Sequence[Any]]) -> MethodSpec:
+        """The spec whose modules can run the method at every combination of `values` (option -> the values a space
+        may choose; an option left out keeps its default): its modules are built once at it and sliced.
+
+        Raises AutopeftError for a method whose modules cannot be sliced or switched off."""
+        if not cls.sliceable:
+            raise AutopeftError(f"method '{cls.name}' cannot run inside a one-shot supernet: its modules cannot be "
+                                "sliced or switched off per block")
+        return make_spec(cls.name, {k: cls.cover_option(k, tuple(v)) for k, v in values.items() if len(v)})
+
+    @classmethod
+    def cover_option(cls, option: str, values: tuple[Any, ...]) -> Any:
+        """The value of `option` in the cover of `values`: the largest size; for another option the first value (an
+        option that shapes no weight: the active spec's own value is used when a slice runs). Methods with options
+        that shape their modules (LoRA's targets, the adapter's position) override it."""
+        return max(values) if option == cls.size_option else values[0]
 
     @property
     def size(self) -> int | None:
@@ -230,6 +252,28 @@ class Wrapper(nn.Module):
     def merged(self) -> nn.Module:
         """A plain module computing the same function with this wrapper's parameters folded in."""
         raise AutopeftError(f"{self.method} does not merge into the backbone weights")
+
+
+class Sliceable:
+    """A module a sliceable method inserts: built at the cover of a space's options, it runs as the module the same
+    method would insert at a smaller spec (`set_active(spec)`: the first rows, columns or tokens of its weights) or
+    not at all (`set_active(None)`: its inner module alone). Built outside a supernet it runs as built.
+
+    `sliced_state()` gives the parameters (its own, not its inner module's) that the module built alone at the active
+    spec holds, under that module's names: loaded there, it computes what the slice computes."""
+
+    def set_active(self, spec: MethodSpec | None) -> None:
+        raise NotImplementedError
+
+    def sliced_state(self) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+
+def fits(method: str, built: int, size: int) -> int:
+    """`size`, checked against the size a Sliceable was `built` at."""
+    if size > built:
+        raise AutopeftError(f"{method}: a slice of size {size} is larger than the {built} its module was built at")
+    return size
 
 
 def unwrap(module: nn.Module) -> nn.Module:

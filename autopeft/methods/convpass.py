@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from autopeft.backbones import BackboneSpec, block_path
-from autopeft.methods.base import MethodSpec, Wrapper, register, require, wrap
+from autopeft.methods.base import MethodSpec, Sliceable, Wrapper, fits, register, require, wrap
 
 
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
@@ -19,7 +19,7 @@ def quick_gelu(x: torch.Tensor) -> torch.Tensor:
     return x * torch.sigmoid(1.702 * x)
 
 
-class ConvBypass(Wrapper):
+class ConvBypass(Wrapper, Sliceable):
     """out = base(h) + scale · up(act(conv3x3(act(down(h))))), act the quick GELU.
 
     The last grid_h·grid_w tokens are the patch grid; every token before them (class, register and prompt tokens)
@@ -44,21 +44,42 @@ class ConvBypass(Wrapper):
         nn.init.zeros_(self.up.bias)
         self.scale = scale
         self.grid = grid
+        self.dim = self.width = dim  # width: the active width of a slice (`set_active`)
+        self.on = True
+
+    def set_active(self, spec: MethodSpec | None) -> None:
+        convpass: Any = spec
+        self.on = spec is not None
+        if spec is not None:
+            self.width, self.scale = fits(self.method, self.dim, convpass.dim), convpass.scale
+
+    def _weights(self) -> dict[str, torch.Tensor]:
+        k = self.width
+        assert self.conv.bias is not None
+        return {"down.weight": self.down.weight[:k], "down.bias": self.down.bias[:k],
+                "conv.weight": self.conv.weight[:k, :k], "conv.bias": self.conv.bias[:k],
+                "up.weight": self.up.weight[:, :k], "up.bias": self.up.bias}
+
+    def sliced_state(self) -> dict[str, torch.Tensor]:
+        return self._weights() if self.on else {}
 
     def bypass(self, h: torch.Tensor) -> torch.Tensor:
         b, n, _ = h.shape
         gh, gw = self.grid
-        z = quick_gelu(self.down(h))
+        w = self._weights()
+        z = quick_gelu(F.linear(h, w["down.weight"], w["down.bias"]))
         extra = n - gh * gw
         grid = z[:, extra:].transpose(1, 2).reshape(b, -1, gh, gw)
-        grid = self.conv(grid).flatten(2).transpose(1, 2)
+        grid = F.conv2d(grid, w["conv.weight"], w["conv.bias"], padding=1).flatten(2).transpose(1, 2)
         if extra:
-            centre = self.conv.weight[:, :, 1, 1]
-            tokens = F.linear(z[:, :extra], centre, self.conv.bias)
+            centre = w["conv.weight"][:, :, 1, 1]
+            tokens = F.linear(z[:, :extra], centre, w["conv.bias"])
             grid = torch.cat([tokens, grid], dim=1)
-        return self.up(quick_gelu(grid))
+        return F.linear(quick_gelu(grid), w["up.weight"], w["up.bias"])
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if not self.on:
+            return self.base(x, *args, **kwargs)
         return self.base(x, *args, **kwargs) + self.scale * self.bypass(x)
 
 
@@ -74,6 +95,7 @@ class Convpass(MethodSpec):
     identity_at_init = True
     order = 45
     size_option = "dim"
+    sliceable = True
 
     dim: int = 8
     scale: float = 10.0

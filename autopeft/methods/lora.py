@@ -12,14 +12,27 @@ from torch import nn
 
 from autopeft.backbones import BackboneSpec, block_path
 from autopeft.methods._layers import linear_paths, target_shape
-from autopeft.methods.base import MethodSpec, Wrapper, check_targets, merged_base, register, require, unwrap, wrap
+from autopeft.methods.base import (
+    TARGET_LAYERS,
+    MethodSpec,
+    Sliceable,
+    Wrapper,
+    check_targets,
+    fits,
+    merged_base,
+    register,
+    require,
+    unwrap,
+    wrap,
+)
 
 
-class LoraLinear(Wrapper):
+class LoraLinear(Wrapper, Sliceable):
     """y = base(x) + scale · B_t A_t x on the output slice of each target t.
 
     `slices` maps a target name to the (start, size) of its rows in the base weight (the whole weight for an
-    unfused Linear).
+    unfused Linear). Sliced (`set_active`), it runs the first `rank` rows of A and columns of B of the active
+    spec's targets at its scale.
     """
 
     method = "lora"
@@ -30,6 +43,7 @@ class LoraLinear(Wrapper):
         self.slices = dict(sorted(slices.items(), key=lambda kv: kv[1][0]))
         self.out_features: int = linear.out_features
         self.scale = scale
+        self.rank = rank
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
         for t, (_, size) in self.slices.items():
@@ -37,21 +51,37 @@ class LoraLinear(Wrapper):
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))
             self.lora_A[t] = nn.Parameter(a)
             self.lora_B[t] = nn.Parameter(a.new_zeros(size, rank))
+        self.active: tuple[str, ...] = tuple(self.slices)  # the targets that run, at rank `r`
+        self.r = rank
+
+    def set_active(self, spec: MethodSpec | None) -> None:
+        lora: Any = spec
+        self.active = () if spec is None else tuple(t for t in self.slices if t in lora.targets)
+        if spec is not None:
+            self.r, self.scale = fits(self.method, self.rank, lora.rank), lora.scale
+
+    def sliced_state(self) -> dict[str, torch.Tensor]:
+        return {**{f"lora_A.{t}": self.lora_A[t][: self.r] for t in self.active},
+                **{f"lora_B.{t}": self.lora_B[t][:, : self.r] for t in self.active}}
 
     def delta_weight(self) -> torch.Tensor:
         linear: Any = unwrap(self.base)
         delta = torch.zeros_like(linear.weight)
-        for t, (start, size) in self.slices.items():
-            delta[start : start + size] = self.scale * (self.lora_B[t] @ self.lora_A[t])
+        for t in self.active:
+            start, size = self.slices[t]
+            delta[start : start + size] = self.scale * (self.lora_B[t][:, : self.r] @ self.lora_A[t][: self.r])
         return delta
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        pieces, cursor = [], 0
-        for t, (start, size) in self.slices.items():
+        if not self.active:
+            return y
+        pieces, cursor, r = [], 0, self.r
+        for t in self.active:
+            start, size = self.slices[t]
             if start > cursor:
                 pieces.append(x.new_zeros(*x.shape[:-1], start - cursor))
-            pieces.append((x @ self.lora_A[t].t()) @ self.lora_B[t].t() * self.scale)
+            pieces.append((x @ self.lora_A[t][:r].t()) @ self.lora_B[t][:, :r].t() * self.scale)
             cursor = start + size
         if cursor < self.out_features:
             pieces.append(x.new_zeros(*x.shape[:-1], self.out_features - cursor))
@@ -76,6 +106,7 @@ class LoRA(MethodSpec):
     identity_at_init = True
     order = 10
     size_option = "rank"
+    sliceable = True
 
     rank: int = 4
     alpha: float = 0.0  # 0 means alpha = rank (scale 1)
@@ -85,6 +116,12 @@ class LoRA(MethodSpec):
         require(self.rank >= 1, self.name, f"rank must be a positive integer, got {self.rank}")
         require(self.alpha >= 0, self.name, f"alpha must be >= 0, got {self.alpha}")
         check_targets(self.name, self.targets)
+
+    @classmethod
+    def cover_option(cls, option: str, values: tuple[Any, ...]) -> Any:
+        if option == "targets":  # every target any choice names
+            return tuple(t for t in TARGET_LAYERS if any(t in v for v in values))
+        return super().cover_option(option, values)
 
     @property
     def scale(self) -> float:

@@ -12,13 +12,13 @@ from torch import nn
 
 from autopeft.backbones import BackboneSpec, block_path, final_norm_modules
 from autopeft.errors import AutopeftError
-from autopeft.methods.base import MethodSpec, Wrapper, merged_base, register, require, unwrap, wrap
+from autopeft.methods.base import MethodSpec, Sliceable, Wrapper, merged_base, register, require, unwrap, wrap
 
 SSF_SITES = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2", "norm1", "norm2")
 INITS = ("normal", "identity")
 
 
-class ScaleShift(Wrapper):
+class ScaleShift(Wrapper, Sliceable):
     """y = base(x) · γ + β per channel: the last dimension, or dimension 1 of a convolution's (B, C, H, W) output."""
 
     method = "ssf"
@@ -33,8 +33,17 @@ class ScaleShift(Wrapper):
         if init == "normal":
             nn.init.normal_(self.ssf_scale, mean=1.0, std=0.02)
             nn.init.normal_(self.ssf_shift, std=0.02)
+        self.on = True
+
+    def set_active(self, spec: MethodSpec | None) -> None:
+        self.on = spec is not None  # SSF has no size: a slice is on or off
+
+    def sliced_state(self) -> dict[str, torch.Tensor]:
+        return {"ssf_scale": self.ssf_scale, "ssf_shift": self.ssf_shift} if self.on else {}
 
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if not self.on:
+            return self.base(*args, **kwargs)
         shape = (-1,) + (1,) * (self.channel_dims - 1)
         return self.base(*args, **kwargs) * self.ssf_scale.view(shape) + self.ssf_shift.view(shape)
 
@@ -70,6 +79,7 @@ class SSF(MethodSpec):
     category = "partial"
     mergeable = True
     order = 20
+    sliceable = True
 
     init: str = "normal"
 

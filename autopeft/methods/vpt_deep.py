@@ -31,6 +31,7 @@ class VPTDeep(MethodSpec):
     families = ("vit",)
     order = 60
     size_option = "length"
+    sliceable = True
 
     length: int = 10
 

@@ -29,6 +29,7 @@ class VPTShallow(MethodSpec):
     scope = "global"
     order = 70  # outermost: wraps any VPT-deep wrapper of the first and last blocks
     size_option = "length"
+    sliceable = True
 
     length: int = 10
 

@@ -1,0 +1,175 @@
+"""The one-shot supernet: every sliceable method, built once at a cover of sizes and options, runs any smaller plan
+exactly as that plan built alone with the sliced weights, and the sliced weights are the plan's count."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from autopeft.backbones import backbone_spec, create_backbone, is_head_param
+from autopeft.errors import AutopeftError
+from autopeft.methods import list_methods, make_spec
+from autopeft.methods.base import Sliceable
+from autopeft.plan import PeftPlan
+from autopeft.supernet import Supernet, covers, parameter_count, sites
+
+VIT = "autopeft_test_vit"
+SLICEABLE = sorted(c.name for c in list_methods() if c.sliceable)
+
+# the values a space may choose per sliceable method: the cover holds them all
+CHOICES: dict[str, dict[str, tuple]] = {
+    "lora": {"rank": (1, 2, 4), "targets": (("q", "v"), ("k",), ("q", "k", "v", "proj", "fc1", "fc2")),
+             "alpha": (0.0, 3.0)},
+    "adapter": {"dim": (1, 3, 5), "position": ("mlp", "attn", "both")},
+    "adaptformer": {"dim": (1, 2, 4), "scale": (0.1, 1.0), "input": ("norm", "residual")},
+    "convpass": {"dim": (1, 2, 4), "scale": (1.0, 10.0)},
+    "prefix": {"length": (1, 2, 5)},
+    "vpt_deep": {"length": (1, 3, 5)},
+    "vpt_shallow": {"length": (1, 2, 4)},
+    "ssf": {"init": ("identity",)},
+}
+
+
+def test_the_sliceable_methods_are_the_ones_this_test_covers() -> None:
+    assert SLICEABLE == sorted(CHOICES)
+    for name in ("bitfit", "ln_tune", "fact_tt", "full", "partial", "linear"):
+        with pytest.raises(AutopeftError, match="cannot run inside a one-shot supernet"):
+            make_spec(name).cover({})
+
+
+def _cover_plan(methods: list[str], num_blocks: int) -> PeftPlan:
+    specs = [make_spec(m).cover(CHOICES[m]) for m in methods]
+    return PeftPlan(blocks={i: tuple(s for s in specs if s.scope == "block") for i in range(num_blocks)},
+                    global_parts=tuple(s for s in specs if s.scope == "global"))
+
+
+def _draw(rng: random.Random, methods: list[str], num_blocks: int) -> PeftPlan:
+    """A plan of some of `methods`, each with options drawn from CHOICES, on random blocks."""
+    blocks: dict[int, list] = {}
+    global_parts = []
+    for m in methods:
+        if rng.random() < 0.3:
+            continue
+        spec = make_spec(m, {k: rng.choice(v) for k, v in CHOICES[m].items()})
+        if spec.scope == "global":
+            global_parts.append(spec)
+            continue
+        for i in range(num_blocks):
+            if rng.random() < 0.6:
+                blocks.setdefault(i, []).append(spec)
+    return PeftPlan(blocks={i: tuple(s) for i, s in blocks.items()}, global_parts=tuple(global_parts))
+
+
+def _base() -> torch.nn.Module:
+    torch.manual_seed(123)
+    return create_backbone(VIT, num_classes=5).eval()
+
+
+def _alone(plan: PeftPlan, net: Supernet, supermodel: torch.nn.Module) -> torch.nn.Module:
+    """`plan` built alone on the same backbone and head, loaded with the supernet's sliced weights."""
+    spec = backbone_spec(VIT)
+    model = _base()
+    slices: dict = {}
+    plan.apply(model, spec, slices)
+    model.eval()
+    state = net.sliced_state(supermodel, plan)
+    named = sites(model)
+    loaded = set()
+    for (block, method), modules in slices.items():
+        for m in modules:
+            name = f"{block}/{method}/{named[id(m)]}"
+            own = {n for n, _ in m.named_parameters() if not n.startswith("base.")}  # type: ignore[attr-defined]
+            assert set(state.get(name, {})) == own, (name, sorted(own), sorted(state.get(name, {})))
+            if own:
+                m.load_state_dict(state[name], strict=False)  # type: ignore[attr-defined]
+                loaded.add(name)
+    assert loaded == set(state), set(state) - loaded  # every active slice has its module in the plan built alone
+    heads = {n: p for n, p in supermodel.named_parameters() if is_head_param(n)}
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if is_head_param(n):
+                p.copy_(heads[n])
+    return model
+
+
+def _supernet(methods: list[str]) -> tuple[Supernet, torch.nn.Module]:
+    spec = backbone_spec(VIT)
+    cover = _cover_plan(methods, spec.num_blocks)
+    model = _base()
+    slices: dict = {}
+    cover.apply(model, spec, slices)
+    torch.manual_seed(5)
+    with torch.no_grad():  # trained-looking weights: zero-initialised up-projections would hide slicing errors
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    return Supernet(cover, slices), model.eval()
+
+
+def _inputs() -> torch.Tensor:
+    return torch.randn(3, *backbone_spec(VIT).input_size, generator=torch.Generator().manual_seed(7))
+
+
+@pytest.mark.parametrize("method", SLICEABLE)
+def test_a_slice_computes_the_plan_built_alone(method: str) -> None:
+    """Each method alone, in a supernet of every sliceable method: at each of its option values, on some blocks,
+    with everything else switched off."""
+    spec = backbone_spec(VIT)
+    net, model = _supernet(SLICEABLE)
+    x = _inputs()
+    rng = random.Random(method)
+    for _ in range(4):
+        drawn = make_spec(method, {k: rng.choice(v) for k, v in CHOICES[method].items()})
+        plan = PeftPlan.single(drawn, sorted(rng.sample(range(spec.num_blocks), rng.randint(1, spec.num_blocks))))
+        net.activate(plan)
+        alone = _alone(plan, net, model)
+        state = net.sliced_state(model, plan)
+        assert parameter_count(state) == plan.count(spec)
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), alone(x), atol=1e-5, rtol=1e-4)
+
+
+def test_mixed_slices_compute_their_plans_and_switching_all_off_is_the_backbone() -> None:
+    spec = backbone_spec(VIT)
+    net, model = _supernet(SLICEABLE)
+    x = _inputs()
+    rng = random.Random(0)
+    for _ in range(6):
+        plan = _draw(rng, SLICEABLE, spec.num_blocks)
+        net.activate(plan)
+        alone = _alone(plan, net, model)
+        assert parameter_count(net.sliced_state(model, plan)) == plan.count(spec)
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), alone(x), atol=1e-5, rtol=1e-4)
+    net.activate(PeftPlan())
+    plain = _base()
+    with torch.no_grad():
+        for n, p in plain.named_parameters():
+            if is_head_param(n):
+                p.copy_(dict(model.named_parameters())[n])
+        torch.testing.assert_close(model(x), plain(x), atol=1e-6, rtol=1e-5)
+
+
+def test_a_plan_outside_the_cover_is_refused() -> None:
+    net, _ = _supernet(["lora", "adapter"])
+    with pytest.raises(AutopeftError, match="cannot run"):
+        net.activate(PeftPlan.single(make_spec("lora", {"rank": 8}), [0]))  # rank above the cover's 4
+    with pytest.raises(AutopeftError, match="cannot run"):
+        net.activate(PeftPlan.single(make_spec("prefix", {"length": 1}), [0]))  # a method the cover lacks
+    assert covers(make_spec("lora").cover(CHOICES["lora"]), make_spec("lora", {"rank": 2, "targets": "q,fc2"}))
+    assert not covers(make_spec("adapter", {"position": "mlp"}), make_spec("adapter", {"position": "attn"}))
+
+
+def test_modules_built_outside_a_supernet_run_as_built() -> None:
+    """Every Sliceable a plain plan inserts reports its whole self as its slice: nothing changes for a trial."""
+    spec = backbone_spec(VIT)
+    plan = PeftPlan(blocks={0: tuple(make_spec(m, {k: v[-1] for k, v in CHOICES[m].items()})
+                                     for m in SLICEABLE if m != "vpt_shallow")})
+    model = _base()
+    plan.apply(model, spec)
+    sliceables = [m for m in model.modules() if isinstance(m, Sliceable)]
+    assert sliceables
+    total = sum(t.numel() for m in sliceables for t in m.sliced_state().values())
+    assert total == plan.count(spec)
