@@ -22,6 +22,7 @@ ATTR_STATUS, ATTR_REASON, ATTR_OVERHEAD, ATTR_HPARAMS = "status", "fail_reason",
 ATTR_NODE, ATTR_WARM_START, ATTR_RERUN_OF = "node", "warm_start", "rerun_of"
 # infrastructure failures a trial was re-run after (its worker or node lost; --max-retries), and the nodes lost
 ATTR_RETRIES, ATTR_LOST_NODES = "retries", "lost_nodes"
+ATTR_SUPERNET_SCORE = "supernet_score"  # a one-shot finalist's val accuracy as a slice of the supernet
 ATTR_RESUMED_FROM = "resumed_from"  # the epoch of the checkpoint the trial's last re-run went on from
 # cross-validation results are study user attributes (a finished trial takes no new attributes), one per fold run:
 # `cv:<folds>:<trial>:<fold>` -> {"acc": held-out accuracy, "loss": ..., "seconds": ...} or {"fail": reason}
@@ -75,6 +76,7 @@ class TrialRecord:
         test_acc: test accuracy when the trial was evaluated on the test split.
         params: the sampled hyper-parameters (optuna parameter names to values).
         cv_accs: held-out accuracy of each cross-validation fold (`--select cv:K`), [] when not cross-validated.
+        supernet_score: a one-shot finalist's val accuracy as a slice of the trained supernet (None otherwise).
     """
 
     number: int
@@ -91,6 +93,7 @@ class TrialRecord:
     test_acc: float | None = None
     params: dict[str, Any] = field(default_factory=dict)
     cv_accs: list[float] = field(default_factory=list)
+    supernet_score: float | None = None
 
     def __post_init__(self) -> None:
         if self.status not in STATUSES:

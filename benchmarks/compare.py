@@ -64,6 +64,7 @@ class Arm:
     records: list[TrialRecord] = field(default_factory=list)
     hparams: dict[int, dict[str, Any]] = field(default_factory=dict)  # trial number -> hyper-parameters
     wall_s: float = 0.0
+    extra_epochs: int = 0  # compute outside its records: a one-shot study's supernet and scoring, in epochs
 
 
 def run_job(job: Job) -> dict[str, Any]:
@@ -220,9 +221,15 @@ def search_arm(c: CellConfig, trials: int, storage_dir: str, settings: dict[str,
                  gpus_per_trial=c.gpus_per_trial,
                  storage=url, seed=c.seed, baselines=True)
     flags.update(settings or {})
+    if flags.get("strategy") == "oneshot":  # its trials are its finalists, and it enqueues no baselines
+        flags.pop("trials")
+        flags.pop("baselines")
     start = time.perf_counter()
     outcome = search(settings_from(None, flags))
     arm = Arm("search", outcome.records, wall_s=time.perf_counter() - start)
+    from autopeft.search import oneshot
+
+    arm.extra_epochs = oneshot.spent_epochs(st.load_study(study, url))
     for t in st.load_study(study, url).get_trials(deepcopy=False):
         arm.hparams[t.number] = dict(t.user_attrs.get(st.ATTR_HPARAMS) or {})
     optuna.logging.set_verbosity(optuna.logging.WARNING)

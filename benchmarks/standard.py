@@ -312,7 +312,9 @@ def run_cell(c: StandardConfig, task: str, seed: int, space_path: Path, pool: Pr
         trials = search_trials_for(c.compute, e, cell.grace_epochs, cell.reduction_factor)
     search_cell = replace(cell, space=str(search_space_path)) if search_space_path else cell
     found = search_arm(search_cell, trials, storage_dir, settings)
-    arms["search"] = CellArm(within_epochs(found.records, c.compute), found.hparams, found.wall_s)
+    # a one-shot study's supernet spent part of the compute (the engine's cap counts it): its finalists get the rest
+    arms["search"] = CellArm(within_epochs(found.records, c.compute - found.extra_epochs), found.hparams,
+                             found.wall_s)
     log(f"  search: {trials} trials asked, {len(arms['search'].records)} within {c.compute} epochs, "
         f"{found.wall_s:.0f} s")
 
@@ -326,6 +328,9 @@ def run_cell(c: StandardConfig, task: str, seed: int, space_path: Path, pool: Pr
             arms[name].records, cv_epochs = cross_validated(c, arms[name], base, limit, pool, cache)
             cv_s += time.perf_counter() - t
         rows[name], best = _arm_row(arms[name], limit)
+        if name == "search" and found.extra_epochs:
+            rows[name]["supernet_epochs"] = found.extra_epochs
+            rows[name]["epochs"] += found.extra_epochs
         picks = {"pick": best, "val_pick": val_best if c.cv_folds else None}
         if c.cv_folds and val_best is not None:
             rows[name].update(cv_epochs=cv_epochs, cv={r.number: r.cv_accs for r in arms[name].records if r.cv_accs},

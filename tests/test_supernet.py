@@ -3,6 +3,7 @@ exactly as that plan built alone with the sliced weights, and the sliced weights
 
 from __future__ import annotations
 
+import copy
 import random
 
 import pytest
@@ -173,3 +174,78 @@ def test_modules_built_outside_a_supernet_run_as_built() -> None:
     assert sliceables
     total = sum(t.numel() for m in sliceables for t in m.sliced_state().values())
     assert total == plan.count(spec)
+
+
+# -- the one-shot strategy's pieces, without Ray -----------------------------------------------------------------
+
+
+def _job(tmp_path, **changes):
+    from autopeft.search.oneshot import SupernetJob
+
+    torch.manual_seed(0)
+    weights = tmp_path / "w.safetensors"
+    if not weights.is_file():
+        from safetensors.torch import save_file
+
+        save_file(create_backbone(VIT).state_dict(), str(weights))
+    values = dict(dataset="digits", backbone=VIT, space="oneshot", budget_limit=1500, epochs=3, candidates=12,
+                  finalists=3, seed=0, weights=str(weights), trial_epochs=3)
+    values.update(changes)
+    return SupernetJob(**values)
+
+
+def test_sub_plans_drawn_per_step_fit_the_budget_and_repeat_by_key() -> None:
+    from autopeft.search.oneshot import SubPlans
+    from autopeft.space import load_space
+
+    spec = backbone_spec(VIT)
+    a, b = SubPlans(load_space("oneshot"), spec, 1500, 0), SubPlans(load_space("oneshot"), spec, 1500, 0)
+    plans = [a.draw(k) for k in range(40)]
+    assert all(p.count(spec) <= 1500 for p in plans)
+    assert len({p.to_json() for p in plans}) > 30  # the draws vary
+    assert [b.draw(k).to_json() for k in (7, 3, 7)] == [plans[7].to_json(), plans[3].to_json(), plans[7].to_json()]
+    assert SubPlans(load_space("oneshot"), spec, 1500, 1).draw(7).to_json() != plans[7].to_json()  # the seed counts
+
+
+def test_a_resumed_supernet_ends_with_the_weights_of_a_straight_run(tmp_path, monkeypatch) -> None:
+    from autopeft.search.oneshot import train_supernet
+
+    monkeypatch.setenv("AUTOPEFT_CACHE", str(tmp_path / "cache"))
+    states: list[dict] = []
+    # a copy, as the trial saves it: the optimiser's state in it is the live one's
+    straight = train_supernet(_job(tmp_path), report=lambda m: states.append(copy.deepcopy(m.get("state"))))
+    assert states[0] is not None and states[0]["epoch"] == 1 and states[-1] is None  # the last epoch keeps none
+    resumed = train_supernet(_job(tmp_path), resume=states[0])
+    a = {n: p for n, p in straight.run.model.named_parameters() if p.requires_grad}
+    b = {n: p for n, p in resumed.run.model.named_parameters() if p.requires_grad}
+    assert a.keys() == b.keys() and len(a) > 10
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=0, rtol=0, msg=name)
+    assert straight.history == [dict(h, seconds=s["seconds"]) for h, s in zip(resumed.history, straight.history,
+                                                                               strict=True)]
+
+
+def test_scoring_ranks_distinct_plans_by_their_slice_accuracy(tmp_path, monkeypatch) -> None:
+    from autopeft.plan import PeftPlan
+    from autopeft.search.oneshot import score_candidates, train_supernet
+    from autopeft.space import bind, load_space
+    from autopeft.train import evaluate
+
+    monkeypatch.setenv("AUTOPEFT_CACHE", str(tmp_path / "cache"))
+    job = _job(tmp_path, epochs=1)
+    trained = train_supernet(job)
+    out = score_candidates(trained, job)
+    assert out["scored"] == 12 and 1 <= out["distinct"] <= 12
+    finalists = out["finalists"]
+    assert len(finalists) == 3 and len({str(f["plan"]) for f in finalists}) == 3
+    assert [f["score"] for f in finalists] == sorted((f["score"] for f in finalists), reverse=True)
+    spec = backbone_spec(VIT)
+    bound = bind(load_space("oneshot"), spec)
+    for f in finalists:
+        plan = PeftPlan.from_dict(f["plan"])
+        assert plan.count(spec) == f["peft_params"] <= job.budget_limit
+        # the space's parameters give the same plan again, as the enqueued trial will draw it
+        assert bound.plan(bound.parts_of(plan) or []) == plan
+        trained.net.activate(plan)
+        _, acc = evaluate(trained.run.model, trained.run.eval_src, trained.eval_batch_size)
+        assert acc == f["score"]

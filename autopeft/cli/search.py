@@ -67,6 +67,17 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="where trial checkpoints go: a path every node reaches (a shared filesystem) or an object "
                         "store URI such as s3://bucket/autopeft; default: a temp dir on this machine, and none on "
                         "a cluster")
+    p.add_argument("--strategy", choices=["trials", "oneshot"],
+                   help="trials (default): every trial trains its plan alone; oneshot: train one weight-sharing "
+                        "supernet of the space, score --candidates sub-plans on val with its shared weights and train "
+                        "the --finalists best alone as the study's trials (a space of sliceable methods: oneshot, "
+                        "noah, share, ...)")
+    p.add_argument("--finalists", type=int, metavar="K", help="oneshot: sub-plans trained alone as trials (default 5)")
+    p.add_argument("--candidates", type=int, metavar="N",
+                   help="oneshot: sub-plans scored on val with the supernet's weights (default: as many as one "
+                        "trial's training compute pays for, e.g. 45 for 15 epochs on as many train as val images)")
+    p.add_argument("--supernet-epochs", type=int, metavar="N", help="oneshot: epochs of the supernet (default "
+                   "--epochs)")
     p.set_defaults(func=cmd_search)
 
     p = sub.add_parser("results", help="print a study's trials or Pareto configs from its storage")
@@ -97,7 +108,8 @@ def cmd_search(args: argparse.Namespace) -> int:
                                              "study", "resume", "warm_start", "seed", "baselines",
                                              "baseline_lr_scales", "baseline_mix", "max_epochs", "select",
                                              "select_top", "max_retries", "storage_patience",
-                                             "checkpoint_every", "checkpoint_storage")}
+                                             "checkpoint_every", "checkpoint_storage", "strategy", "finalists",
+                                             "candidates", "supernet_epochs")}
     from autopeft.data.recipes import choose_recipe
 
     choice = choose_recipe(args.recipe, args.dataset)  # the dataset's own recipe, or defaults that suit it
@@ -150,13 +162,15 @@ def _print_table(table: pd.DataFrame, title: str) -> None:
 
     t = Table(title=Text(title))  # Text: strings from the study (failure reasons, plans) are shown, not parsed
     cv = bool(table["cv_acc"].notna().any())  # a column only for a study with cross-validated trials
-    cols = ["trial", "status", "val_acc", *(["cv_acc"] if cv else []), "peft_params", "percent", "epochs",
-            "baseline", "plan"]
+    scored = bool(table["supernet_score"].notna().any())  # a one-shot study's finalists
+    cols = ["trial", "status", "val_acc", *(["cv_acc"] if cv else []), *(["supernet"] if scored else []),
+            "peft_params", "percent", "epochs", "baseline", "plan"]
     for c in cols:
         t.add_column(c, overflow="fold")
     for row in table.to_dict(orient="records"):
         cells = [str(row["trial"]), row["status"] + (" ★" if row["best"] else ""), acc(row["val_acc"]),
-                 *([acc(row["cv_acc"])] if cv else []), f"{row['peft_params']:,}", f"{row['percent']:.3f}",
+                 *([acc(row["cv_acc"])] if cv else []), *([acc(row["supernet_score"])] if scored else []),
+                 f"{row['peft_params']:,}", f"{row['percent']:.3f}",
                  str(row["epochs"]), str(row["baseline"]),
                  row["plan"] if not row["fail_reason"] else f"{row['plan']} — {row['fail_reason']}"]
         t.add_row(*(Text(c) for c in cells))

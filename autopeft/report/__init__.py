@@ -2,9 +2,10 @@
 
     path = write_report("digits", "sqlite:///studies/digits.db")        # dashboards/digits.html
 
-The page names the study, dataset, backbone, budget and date, and holds six figures, always in this order (a view
+The page names the study, dataset, backbone, budget and date, and holds seven figures, always in this order (a view
 with nothing to show yet is a figure that says why, so the page keeps its shape): the Pareto front, the layer map of
-the top plans, the learning curves, accuracy per method family, hyper-parameter importance and compute; then the
+the top plans, the learning curves, accuracy per method family, hyper-parameter importance, compute and, for a
+one-shot study, the finalists' supernet scores against their stand-alone accuracy (with Kendall's τ); then the
 table of Pareto configs (and of failed trials, when there are any).
 
 Method family: the report draws one accuracy-against-parameters series per method name, grouped in the legend by
@@ -28,7 +29,7 @@ import plotly.graph_objects as go
 
 from autopeft.pareto import best_under_budget, record_hypervolume
 from autopeft.records import ATTR_REASON, TrialRecord
-from autopeft.report.cost import compute_figure, curves_figure, importance_figure
+from autopeft.report.cost import compute_figure, curves_figure, importance_figure, supernet_figure
 from autopeft.report.figures import family_figure, layer_map_figure, pareto_figure
 from autopeft.report.page import page, table_html
 from autopeft.search.results import frame, plan_short, summary
@@ -44,6 +45,7 @@ FIGURES = [
     ("families", "Accuracy per method family"),
     ("importance", "Hyper-parameter importance"),
     ("compute", "Compute"),
+    ("supernet", "Supernet ranking (one-shot studies)"),
 ]
 
 
@@ -57,6 +59,7 @@ def report_figures(settings: StudySettings, records: list[TrialRecord], study: o
         "families": family_figure(settings, records),
         "importance": importance_figure(study),
         "compute": compute_figure(settings, records),
+        "supernet": supernet_figure(settings, records),
     }
 
 

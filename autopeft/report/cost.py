@@ -150,3 +150,50 @@ def importance_figure(study: optuna.Study | None, metric: str = "val_acc") -> go
                       xaxis={"title": "importance (sums to 1)"}, margin={"l": 20})
     fig.update_yaxes(automargin=True)
     return fig
+
+
+def rank_correlation(records: list[TrialRecord]) -> tuple[float | None, int]:
+    """Kendall's τ between the supernet scores and the stand-alone val accuracies of a one-shot study's finalists
+    trained to full length, and how many there are (τ is None below two, or when either side is constant)."""
+    from scipy.stats import kendalltau
+
+    pairs = [(r.supernet_score, r.val_acc) for r in records
+             if r.supernet_score is not None and r.val_acc is not None and r.full_fidelity]
+    if len(pairs) < 2:
+        return None, len(pairs)
+    tau = float(kendalltau([p[0] for p in pairs], [p[1] for p in pairs]).statistic)
+    return (None if tau != tau else tau), len(pairs)
+
+
+def supernet_figure(settings: StudySettings, records: list[TrialRecord]) -> go.Figure:
+    """A one-shot study's finalists: their score as a slice of the supernet against their val accuracy trained
+    alone, with the rank correlation (finalists stopped early are drawn at their low-fidelity accuracy)."""
+    title = "Supernet score against the finalists' stand-alone val accuracy"
+    if settings.search.strategy != "oneshot":
+        return placeholder(title, "a trial search (--strategy trials): no supernet ranked its plans")
+    scored = [r for r in ran(records) if r.supernet_score is not None and r.val_acc is not None]
+    if not scored:
+        return placeholder(title, "no finalist has finished yet")
+    tau, n = rank_correlation(records)
+    fig = go.Figure()
+    total = settings.backbone_params
+    for state in ("COMPLETE", "PRUNED"):
+        group = [r for r in scored if state_of(r) == state]
+        if group:
+            fig.add_trace(go.Scatter(
+                x=[r.supernet_score for r in group], y=[r.val_acc for r in group], mode="markers+text",
+                name=STATE_LABELS[state], text=[str(r.number) for r in group], textposition="top center",
+                marker={"size": 10, "color": STATE_COLORS[state], "line": {"width": 0.5, "color": "#444"}},
+                hovertext=[f"supernet {r.supernet_score:.4f} · alone {r.val_acc:.4f}<br>{hover(r, total)}"
+                           for r in group], hoverinfo="text"))
+    low = min(min(r.supernet_score or 0.0 for r in scored), min(r.val_acc or 0.0 for r in scored))
+    high = max(max(r.supernet_score or 0.0 for r in scored), max(r.val_acc or 0.0 for r in scored))
+    fig.add_trace(go.Scatter(x=[low, high], y=[low, high], mode="lines", name="equal",
+                             line={"color": "#999", "dash": "dot"}, hoverinfo="skip"))
+    corr = f"Kendall τ {tau:+.2f} over {n} finalists trained to full length" if tau is not None else \
+        f"Kendall τ: needs two finalists trained to full length with different values ({n} so far)"
+    fig.update_layout(title=f"{title}<br><sup>{esc(corr)}</sup>", height=FIG_HEIGHT, template="plotly_white",
+                      xaxis_title="val accuracy as a slice of the supernet (shared weights)",
+                      yaxis_title="val accuracy trained alone", legend={"orientation": "h", "y": -0.2},
+                      yaxis_range=acc_range([r.val_acc for r in scored]))
+    return fig

@@ -74,10 +74,15 @@ def prepare(s: SearchSettings) -> Prepared:
         from autopeft.data.folds import check_folds
 
         check_folds(s.cv_folds, len(data.train_full))  # type: ignore[arg-type]  # every split has a length
-    baselines = baseline_plans(spec, budget.limit) if s.baselines and not s.resume else []
+    trial_search = s.strategy == "trials"  # a one-shot search's trials are its finalists: no baselines
+    baselines = baseline_plans(spec, budget.limit) if s.baselines and trial_search and not s.resume else []
     prep = Prepared(settings=s, spec=spec, budget=budget, space=space, storage_url=url,
                     num_classes=data.num_classes, baselines=baselines, train_size=len(data.train))  # type: ignore[arg-type]
     baseline_hparams(space, s.baseline_lr_scales)  # scaled rates inside the space's range, before the study exists
+    if not trial_search:
+        from autopeft.search import oneshot
+
+        oneshot.check(prep)
     return prep
 
 
@@ -116,6 +121,7 @@ def check_weights(backbone: str, weights: str) -> None:
 
 def search(s: SearchSettings, console: Console | None = None) -> Outcome:
     """Run (or resume) a search; return the study's settings and records."""
+    from autopeft.search import oneshot
     from autopeft.search.cluster import ray_log_path, ray_session
     from autopeft.search.engine import create_or_resume, epoch_cap, run
     from autopeft.search.epoch_cap import EpochCount
@@ -127,17 +133,33 @@ def search(s: SearchSettings, console: Console | None = None) -> Outcome:
     from autopeft.search.progress import SearchProgress  # imports Ray (seconds): not before the input is checked
     log = ray_log_path(prep.storage_url, s.study)
     with ray_session(s, log):  # Ray first: a request the cluster cannot serve fails before the study exists
+        if s.strategy == "oneshot" and not s.resume:
+            oneshot.clear_state(s, prep.storage_url)
         study, remaining = create_or_resume(prep)
         done = s.trials - remaining
         cap, spent = epoch_cap(prep, study)
         capped = f", at most {cap:,} epochs in all" + (f" ({spent:,} spent)" if spent else "") if cap else ""
         console.print(f"study [bold]{s.study}[/] in {escape(st.mask_url(prep.storage_url))}: {escape(s.dataset)} "
                       f"on {s.backbone}, budget {prep.budget.text} = {prep.budget.limit:,} params, space "
-                      f"{escape(prep.space.name)}, {s.trials} trials × {s.epochs} epochs{capped}"
+                      f"{escape(prep.space.name)}, "
+                      + (f"{s.trials} trials × {s.epochs} epochs" if s.strategy == "trials" else
+                         f"one-shot: a supernet of {oneshot.supernet_epochs(s)} epochs, "
+                         f"{s.candidates or 'one trial worth of'} candidates, "
+                         f"{s.trials} finalists × {s.epochs} epochs")
+                      + capped
                       + (f" ({done} already finished or running)" if done else "")
                       + (f"; then the top {s.select_top} by val cross-validated in {s.cv_folds} folds (--select)"
                          if s.cv_folds else ""), highlight=False)
         console.print(f"Ray's own messages: {log}", highlight=False)
+        if s.strategy == "oneshot":
+            try:
+                oneshot.run_phase(prep, study, console)
+            except Exception as exc:  # the storage stayed away past --storage-patience: one line, for --resume
+                unavailable = st.storage_unavailable(exc)
+                if unavailable is None:
+                    raise
+                raise unavailable from None
+            cap, spent = epoch_cap(prep, study)  # with the supernet's compute
         if s.checkpoints_need_storage:
             console.print("trials keep no checkpoints on a cluster without --checkpoint-storage (a path every node "
                           "reaches, or an object-store URI): a trial re-run after a lost node starts over",

@@ -360,11 +360,15 @@ def enqueue_warm_start(study: optuna.Study, prep: Prepared) -> int:
 
 def epoch_cap(prep: Prepared, study: optuna.Study) -> tuple[int | None, int]:
     """The study's `--max-epochs` (the one given, else on --resume the one the study was created with) and the
-    epochs its finished trials spent (0 without a cap)."""
+    epochs its finished trials (and a one-shot supernet) spent (0 without a cap)."""
+    from autopeft.search import oneshot
+
     cap = prep.settings.max_epochs
     if cap is None and prep.settings.resume:
         cap = st.read_settings(study).search.max_epochs
-    return cap, spent_epochs(study.get_trials(deepcopy=False)) if cap is not None else 0
+    if cap is None:
+        return cap, 0
+    return cap, spent_epochs(study.get_trials(deepcopy=False)) + oneshot.spent_epochs(study)
 
 
 def make_scheduler(s: SearchSettings) -> Any:

@@ -81,3 +81,24 @@ class SearchProgress(Callback):
             f"stopped early · {self.counts['failed']} failed · {best}[/]",
             highlight=False,
         )
+
+
+class SupernetProgress(Callback):
+    """A Ray Tune callback printing one line per epoch of a one-shot search's supernet."""
+
+    def __init__(self, console: Console | None, epochs: int):
+        self.console, self.epochs = console or Console(stderr=True, soft_wrap=True), epochs
+
+    def __getstate__(self) -> dict:  # Ray pickles callbacks with the tuner; a console holds locks
+        return {"epochs": self.epochs, "console": None}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.console = self.console or Console(stderr=True, soft_wrap=True)
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        if result.get("phase") != "supernet" or "val_acc" not in result:
+            return
+        then = "; scoring the candidates" if result["epoch"] == self.epochs else ""
+        self.console.print(f"supernet epoch {result['epoch']}/{self.epochs}: val_acc {result['val_acc']:.4f} (one "
+                           f"fixed sub-plan) · {result['seconds']:.0f} s{then}", highlight=False)

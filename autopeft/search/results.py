@@ -27,7 +27,8 @@ def pareto_records(settings: StudySettings, records: list[TrialRecord]) -> list[
 
 def frame(settings: StudySettings, records: list[TrialRecord], pareto: bool = False) -> pd.DataFrame:
     """One row per trial (or per Pareto config): number, status, val_acc, cv_acc (the mean fold accuracy of a
-    cross-validated trial, else None), params, %, epochs, seconds, tags, plan."""
+    cross-validated trial, else None), supernet_score (a one-shot finalist's val accuracy as a slice of the
+    supernet, else None), params, %, epochs, seconds, tags, plan."""
     rows = pareto_records(settings, records) if pareto else records
     best = best_under_budget(records, settings.budget_limit)
     front = {r.number for r in pareto_records(settings, records)}
@@ -36,6 +37,7 @@ def frame(settings: StudySettings, records: list[TrialRecord], pareto: bool = Fa
         "status": r.status if r.full_fidelity or r.status != "COMPLETE" else "PRUNED",
         "val_acc": r.val_acc,
         "cv_acc": r.cv_acc,
+        "supernet_score": r.supernet_score,
         "peft_params": r.peft_params,
         "percent": settings.percent(r.peft_params),
         "overhead": r.overhead,
@@ -47,8 +49,8 @@ def frame(settings: StudySettings, records: list[TrialRecord], pareto: bool = Fa
         "fail_reason": r.tags.get(ATTR_REASON, ""),
         "plan": plan_short(r),
     } for r in rows]
-    columns = ["trial", "status", "val_acc", "cv_acc", "peft_params", "percent", "overhead", "epochs", "seconds",
-               "pareto", "best", "baseline", "fail_reason", "plan"]
+    columns = ["trial", "status", "val_acc", "cv_acc", "supernet_score", "peft_params", "percent", "overhead", "epochs",
+               "seconds", "pareto", "best", "baseline", "fail_reason", "plan"]
     return pd.DataFrame(data, columns=columns)
 
 

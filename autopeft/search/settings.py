@@ -14,6 +14,7 @@ from autopeft.objectives import OBJECTIVES
 from autopeft.yamlfile import read_yaml
 
 SAMPLERS = ("tpe", "nsga2", "gp", "random")
+STRATEGIES = ("trials", "oneshot")
 
 
 @dataclass
@@ -65,6 +66,13 @@ class SearchSettings:
     # node reaches, or an object-store URI); None: a temp dir of the driver, and no checkpoints on a cluster
     checkpoint_every: int = 1
     checkpoint_storage: str | None = None
+    # `trials`: every trial trains its plan alone (the sampler proposes, ASHA stops); `oneshot`: a weight-sharing
+    # supernet of the space is trained once, `candidates` sub-plans are scored on val with its shared weights, and
+    # the best `finalists` train alone as the study's trials (`autopeft.search.oneshot`)
+    strategy: str = "trials"
+    finalists: int = 5
+    candidates: int | None = None  # None: as many as one trial's training compute pays for (oneshot.candidates_for)
+    supernet_epochs: int | None = None  # None: `epochs`, one full run's worth
 
     def __post_init__(self) -> None:
         if isinstance(self.baseline_lr_scales, (str, int, float)):
@@ -85,6 +93,18 @@ class SearchSettings:
         if bad or "acc" not in self.objectives or len(set(self.objectives)) != len(self.objectives):
             raise AutopeftError(f"--objectives '{','.join(self.objectives)}' is not valid; use acc,params or "
                                 "acc,params,overhead (acc is required, each at most once)")
+        if self.strategy not in STRATEGIES:
+            raise AutopeftError(f"unknown strategy '{self.strategy}'; choose one of: {', '.join(STRATEGIES)}")
+        if self.strategy == "oneshot":
+            if self.finalists < 1 or (self.candidates is not None and self.candidates < self.finalists):
+                raise AutopeftError(f"--finalists must be >= 1 and at most --candidates, got {self.finalists} "
+                                    f"finalists of {self.candidates} candidates")
+            if self.supernet_epochs is not None and self.supernet_epochs < 1:
+                raise AutopeftError(f"--supernet-epochs must be >= 1, got {self.supernet_epochs}")
+            if self.warm_start:
+                raise AutopeftError("--warm-start belongs to a trial search (--strategy trials); a one-shot search's "
+                                    "trials are its supernet's finalists")
+            self.trials = self.finalists  # the study's trials are the finalists
         if self.sampler not in SAMPLERS:
             raise AutopeftError(f"unknown sampler '{self.sampler}'; choose one of: {', '.join(SAMPLERS)}")
         checks = [
@@ -180,6 +200,9 @@ def settings_from(
     if recipe and flags.get("dataset") is not None and values.get("dataset", flags["dataset"]) != flags["dataset"]:
         values.pop("study", None)
     values.update({k: v for k, v in flags.items() if v is not None})
+    if values.get("strategy") == "oneshot" and flags.get("trials") is not None:
+        raise AutopeftError("--trials counts the trials of a trial search; a one-shot search trains its --finalists "
+                            "(default 5) as its trials")
     if "study" not in values and values.get("dataset"):
         # a search of flowers102 is study `flowers102`, of vtab1k/cifar `vtab1k-cifar`, of a folder its name
         dataset = str(values["dataset"]).rstrip("/")

@@ -38,6 +38,7 @@ from autopeft.records import (  # noqa: F401  (the trial attribute names, also h
     ATTR_RETRIES,
     ATTR_SECONDS,
     ATTR_STATUS,
+    ATTR_SUPERNET_SCORE,
     ATTR_WARM_START,
     TrialRecord,
     cv_accuracies,
@@ -204,6 +205,7 @@ def record_of(trial: FrozenTrial, cv: dict[int, dict[int, dict[str, Any]]] | Non
         tags=tags,
         params=dict(trial.params),
         cv_accs=cv_accuracies(cv or {}),
+        supernet_score=None if a.get(ATTR_SUPERNET_SCORE) is None else float(a[ATTR_SUPERNET_SCORE]),
     )
 
 

@@ -1,0 +1,112 @@
+"""`autopeft search --strategy oneshot` end to end on digits: the supernet trains as a Ray Tune trial, its finalists
+land in the study as ordinary trials with their supernet score, and results, export, report and --resume read the
+study as any other. One local Ray instance (2 CPUs) serves the module."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import optuna
+import pytest
+import ray
+import torch
+from safetensors.torch import save_file
+
+from autopeft.backbones import create_backbone
+from autopeft.cli import main
+
+WEIGHTS = Path(tempfile.gettempdir()) / f"autopeft-oneshot-vit-{os.getpid()}.safetensors"
+SEARCH = ["search", "--dataset", "digits", "--backbone", "autopeft_test_vit", "--weights", str(WEIGHTS),
+          "--budget", "5%", "--epochs", "2", "--grace-epochs", "1", "--concurrency", "2", "--seed", "0",
+          "--strategy", "oneshot", "--space", "oneshot", "--supernet-epochs", "2", "--candidates", "16",
+          "--finalists", "3"]
+
+
+@pytest.fixture(scope="module")
+def study_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    save_file(create_backbone("autopeft_test_vit").state_dict(), str(WEIGHTS))
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    d = tmp_path_factory.mktemp("oneshot")
+    cwd = os.getcwd()
+    os.chdir(d)
+    os.environ["AUTOPEFT_CACHE"] = str(d / "cache")
+    try:
+        assert main([*SEARCH, "--study", "os"]) == 0
+        yield d
+    finally:
+        os.chdir(cwd)
+        ray.shutdown()
+        WEIGHTS.unlink(missing_ok=True)
+
+
+def _study(d: Path) -> optuna.Study:
+    return optuna.load_study(study_name="os", storage=f"sqlite:///{d}/studies/os.db")
+
+
+def test_the_finalists_are_the_study_trials_with_their_supernet_scores(study_dir) -> None:
+    study = _study(study_dir)
+    trials = study.get_trials()
+    phase = study.user_attrs["oneshot"]
+    assert phase["enqueued"] and phase["scored"] == 16 and 3 <= phase["distinct"] <= 16
+    assert len(trials) == 3 and all(t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+                                    for t in trials)
+    finalists = phase["finalists"]
+    # each finalist trained its own plan, in the order of its score, and carries the score
+    assert [t.user_attrs["supernet_score"] for t in trials] == [f["score"] for f in finalists]
+    assert [t.user_attrs["plan"] for t in trials] == [f["plan"] for f in finalists]
+    assert all(t.user_attrs["peft_params"] <= 1622 for t in trials)  # 5 % of the test ViT
+    assert not (study_dir / "studies" / "os.supernet.pt").exists()  # the supernet's state goes once it is scored
+    # compute in full: the supernet's epochs and its scoring passes, beside the finalists' epochs
+    assert phase["supernet_epochs"] == 2 and phase["cost_epochs"] > 2
+
+
+def test_results_and_report_show_the_supernet_scores(study_dir, capsys) -> None:
+    os.chdir(study_dir)
+    assert main(["results", "--study", "os", "--format", "json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    scores = {t.number: t.user_attrs["supernet_score"] for t in _study(study_dir).get_trials()}
+    assert {r["trial"]: r["supernet_score"] for r in rows} == scores
+    from autopeft.report.cost import rank_correlation
+    from autopeft.search.storage import load_records
+
+    settings, records = load_records("os", f"sqlite:///{study_dir}/studies/os.db")
+    assert main(["report", "--study", "os", "-o", str(study_dir / "r.html")]) == 0
+    html = (study_dir / "r.html").read_text()
+    assert "Supernet score against the finalists" in html
+    tau, n = rank_correlation(records)
+    assert n == sum(r.full_fidelity for r in records)
+    assert "Kendall" in html and (f"{tau:+.2f} over {n} finalists" if tau is not None else "needs two") in html
+
+
+def test_export_takes_the_best_finalist(study_dir) -> None:
+    os.chdir(study_dir)
+    assert main(["export", "--study", "os", "-o", str(study_dir / "best.yaml")]) == 0
+    from autopeft.recipe import Recipe
+
+    recipe = Recipe.load(study_dir / "best.yaml")
+    best = max((t for t in _study(study_dir).get_trials() if t.state == optuna.trial.TrialState.COMPLETE),
+               key=lambda t: t.values[0])
+    assert recipe.plan.to_dict() == best.user_attrs["plan"]
+
+
+def test_resume_of_a_finished_one_shot_study_trains_nothing_more(study_dir, capsys) -> None:
+    os.chdir(study_dir)
+    before = [(t.number, t.state) for t in _study(study_dir).get_trials()]
+    flags = [f for f in SEARCH if f not in ("--candidates", "16")]  # the study keeps its own settings
+    assert main([*flags, "--study", "os", "--resume"]) == 0
+    err = capsys.readouterr().err
+    assert "supernet epoch" not in err
+    assert [(t.number, t.state) for t in _study(study_dir).get_trials()] == before
+
+
+def test_max_epochs_counts_the_supernet(study_dir) -> None:
+    from autopeft.search import oneshot
+
+    study = _study(study_dir)
+    assert oneshot.spent_epochs(study) == math.ceil(study.user_attrs["oneshot"]["cost_epochs"])
