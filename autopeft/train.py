@@ -256,13 +256,13 @@ def _restore(state: dict[str, Any], model: nn.Module, optimizer: torch.optim.Opt
 
 def run_epochs(run: TrainSetup, config: TrainConfig, report: Report | None = None,
                on_step: Callable[[int, int], None] | None = None, resume: dict[str, Any] | None = None,
-               checkpoint_every: int = 0, before_step: Callable[[int], None] | None = None,
+               checkpoint_every: int = 0, before_step: Callable[[int], float | None] | None = None,
                before_eval: Callable[[], None] | None = None) -> list[dict]:
     """Optimise for `config.epochs` epochs at the set-up's peak rate, evaluating after each; returns the per-epoch
     metrics. `resume`: a `train_state` to go on from (the run then ends as the uninterrupted run would);
     `checkpoint_every` k > 0: every k-th epoch's report (but the last's) carries the `train_state` under `state`.
-    `before_step(step)` runs before each optimiser step (0-based) and `before_eval()` before each evaluation (a
-    supernet sets its sub-plan there)."""
+    `before_step(step)` runs before each optimiser step (0-based; a number it returns multiplies that step's
+    scheduled rate) and `before_eval()` before each evaluation (a supernet sets its sub-plan and its rate there)."""
     config = replace(config, lr=run.lr, lr_scale=1.0, batch_size=run.config.batch_size)
     model, device, forward = run.model, run.device, run.forward
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -288,8 +288,10 @@ def run_epochs(run: TrainSetup, config: TrainConfig, report: Report | None = Non
         loss_sum, seen = 0.0, 0
         for images, labels in run.train_src.batches(batches.epoch()):
             images, labels = images.to(device, non_blocking=True), torch.as_tensor(labels).to(device)
-            if before_step:
-                before_step(step)
+            factor = before_step(step) if before_step else None
+            if factor is not None:  # the scheduler sets every step's rate afresh after the step
+                for group in optimizer.param_groups:
+                    group["lr"] *= factor
             with torch.autocast(**autocast):
                 loss = criterion((forward or model)(images), labels)
             if not torch.isfinite(loss):

@@ -62,7 +62,7 @@ def _cached(jobs: list[dict[str, Any]], pool: ProcessPoolExecutor) -> list[dict[
 
 
 def measure(task: str, space_path: Path, c: StandardConfig, supernet_epochs: int, plans: int, seed: int,
-            pool: ProcessPoolExecutor) -> dict[str, Any]:
+            pool: ProcessPoolExecutor, plan_rates: bool = False) -> dict[str, Any]:
     import torch
 
     from autopeft.backbones import backbone_spec
@@ -75,7 +75,7 @@ def measure(task: str, space_path: Path, c: StandardConfig, supernet_epochs: int
     limit = parse_budget(c.budget, spec).limit
     job = SupernetJob(dataset=task, backbone=c.backbone, space=str(space_path), budget_limit=limit,
                       epochs=supernet_epochs, candidates=plans, finalists=1, seed=seed, weights=c.weights,
-                      data_root=c.data_root)
+                      data_root=c.data_root, plan_rates=plan_rates)
     torch.set_num_threads(2)
     start = time.perf_counter()
     trained = train_supernet(job)
@@ -119,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--plans", type=int, default=30)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--label", default="default")
+    p.add_argument("--plan-rates", action="store_true",
+                   help="train each step at its sub-plan's own learning rate (default: the cover plan's, every step)")
     p.add_argument("--out", type=Path, default=RESULTS / "oneshot_tau.json")
     args = p.parse_args(argv)
     c = StandardConfig(space=args.space)
@@ -126,14 +128,16 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     with ProcessPoolExecutor(max_workers=c.workers, initializer=_one_thread) as pool:
         for task in c.tasks:
-            row = measure(task, space_path, c, args.supernet_epochs, args.plans, args.seed, pool)
+            row = measure(task, space_path, c, args.supernet_epochs, args.plans, args.seed, pool,
+                          plan_rates=args.plan_rates)
             print(f"{task}: tau {row['tau']:+.3f} [{row['tau_interval'][0]:+.3f}, {row['tau_interval'][1]:+.3f}] over "
                   f"{row['plans']} plans; supernet {row['supernet_seconds']:.0f} s, alone {row['alone_seconds']:.0f} s",
                   flush=True)
             rows.append(row)
     data = json.loads(args.out.read_text()) if args.out.is_file() else {"rows": []}
     data["rows"] = [r for r in data["rows"] if r.get("label") != args.label]
-    data["rows"].append({"label": args.label, "space": args.space, "seed": args.seed, "tasks": rows})
+    data["rows"].append({"label": args.label, "space": args.space, "seed": args.seed,
+                         "plan_rates": args.plan_rates, "tasks": rows})
     args.out.write_text(json.dumps(data, indent=2) + "\n")
     print(f"wrote {args.out}")
     return 0

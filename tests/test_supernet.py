@@ -249,3 +249,33 @@ def test_scoring_ranks_distinct_plans_by_their_slice_accuracy(tmp_path, monkeypa
         trained.net.activate(plan)
         _, acc = evaluate(trained.run.model, trained.run.eval_src, trained.eval_batch_size)
         assert acc == f["score"]
+
+
+def test_the_supernet_state_file_round_trips_and_a_damaged_one_is_one_error(tmp_path) -> None:
+    from autopeft.search.oneshot import _load_state, _save_state, state_path
+    from autopeft.search.settings import SearchSettings
+
+    path = str(tmp_path / "s" / "x.supernet.pt")
+    state = {"epoch": 2, "params": {"a": torch.arange(3.0)}, "history": [{"val_acc": 0.5}]}
+    _save_state(path, state)
+    back = _load_state(path)
+    assert back is not None and back["epoch"] == 2 and torch.equal(back["params"]["a"], torch.arange(3.0))
+    assert _load_state(str(tmp_path / "none.pt")) is None
+    (tmp_path / "bad.pt").write_bytes(b"not a state")
+    with pytest.raises(AutopeftError, match="cannot be read.*delete it"):
+        _load_state(str(tmp_path / "bad.pt"))
+    s = SearchSettings(study="st", strategy="oneshot")
+    assert state_path(s, "sqlite:////data/studies/st.db") == "/data/studies/st.supernet.pt"
+    assert state_path(SearchSettings(study="st", checkpoint_storage=str(tmp_path)), "postgresql://h/db") == \
+        str(tmp_path / "st.supernet.pt")
+    assert state_path(SearchSettings(study="st", checkpoint_storage="s3://b/x"), "sqlite:///a.db") is None
+    assert state_path(SearchSettings(study="st", checkpoint_every=0), "sqlite:///a.db") is None
+
+
+def test_default_candidates_cost_one_trial() -> None:
+    from autopeft.search.oneshot import FORWARD_SHARE, MAX_CANDIDATES, candidates_for, cost_epochs
+
+    assert candidates_for(15, 200, 200, 5) == 45
+    assert candidates_for(100, 800, 200, 5) == 1200
+    assert candidates_for(1, 10, 1000, 5) == 5 and candidates_for(100, 10**6, 10, 5) == MAX_CANDIDATES
+    assert cost_epochs(15, 45, 200, 200) == pytest.approx(15 + 45 * FORWARD_SHARE) == pytest.approx(30)

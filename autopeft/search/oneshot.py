@@ -56,6 +56,9 @@ class SupernetJob:
     weights: str | None = None
     data_root: str | None = None
     state_path: str | None = None  # where its state goes every epoch (None: nowhere, no resume)
+    # each step at its sub-plan's own methods' learning rate relative to the cover's; off: every step at the cover
+    # plan's rate. Measured off (BENCHMARKS.md "One-shot search": it lowered Kendall's tau on one task of two)
+    plan_rates: bool = False
 
 
 def supernet_hparams(space: Any, searched_only: bool = False) -> dict[str, Any]:
@@ -102,6 +105,7 @@ def train_supernet(job: SupernetJob, report: Any = None, resume: dict[str, Any] 
     epoch's metrics (with the run's state under `state`, but after the last epoch), val measured on one fixed draw."""
     from autopeft.backbones import backbone_spec
     from autopeft.data import data_config, load_dataset
+    from autopeft.learning_rate import plan_lr
     from autopeft.search.trainable import trial_config
     from autopeft.space import check_feasible, load_space
     from autopeft.supernet import Supernet, cover_plan
@@ -118,8 +122,15 @@ def train_supernet(job: SupernetJob, report: Any = None, resume: dict[str, Any] 
     net = Supernet(cover, slices)
     draws = SubPlans(space, spec, job.budget_limit, job.seed)
     probe = draws.draw(-1)  # the sub-plan each epoch's val accuracy is measured on
-    history = run_epochs(run, config, report, resume=resume, checkpoint_every=1,
-                         before_step=lambda step: net.activate(draws.draw(step)),
+    cover_lr = plan_lr(cover, spec)
+
+    def step(i: int) -> float | None:
+        plan = draws.draw(i)
+        net.activate(plan)
+        # each sub-plan at its own methods' rate relative to the cover's (autopeft.learning_rate), as alone
+        return plan_lr(plan, spec) / cover_lr if job.plan_rates else None
+
+    history = run_epochs(run, config, report, resume=resume, checkpoint_every=1, before_step=step,
                          before_eval=lambda: net.activate(probe))
     return TrainedSupernet(run=run, net=net, history=history, eval_batch_size=config.eval_batch_size)
 
