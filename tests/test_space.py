@@ -40,7 +40,7 @@ from autopeft.space.format import shipped_dir
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
-SHIPPED = ["adapter", "compact", "lora", "mergeable", "noah", "unified", "vpt"]
+SHIPPED = ["adapter", "compact", "lora", "mergeable", "noah", "oneshot", "unified", "vpt"]
 BUDGETS = ["0.05%", "0.5%", "2%"]
 # 2,000 draws per space on the benchmark backbone (~25 s, optuna's own bookkeeping is most of it); fewer on the tiny
 # backbones, whose spaces are the same and whose budgets are tight (so the repair is exercised on most draws anyway).
