@@ -67,7 +67,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="where trial checkpoints go: a path every node reaches (a shared filesystem) or an object "
                         "store URI such as s3://bucket/autopeft; default: a temp dir on this machine, and none on "
                         "a cluster")
-    p.add_argument("--strategy", choices=["trials", "oneshot"],
+    from autopeft.search.settings import STRATEGIES
+
+    p.add_argument("--strategy", choices=STRATEGIES,
                    help="trials (default): every trial trains its plan alone; oneshot: train one weight-sharing "
                         "supernet of the space, score --candidates sub-plans on val with its shared weights and train "
                         "the --finalists best alone as the study's trials (a space of sliceable methods: oneshot, "
