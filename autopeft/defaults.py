@@ -17,3 +17,7 @@ def env_megabytes(name: str, default: float) -> int:
         return int(float(os.environ.get(name, default)) * 2**20)
     except ValueError:
         raise AutopeftError(f"{name} must be a number of megabytes") from None
+
+# How a search looks at plans (`--strategy`): every trial trains its plan alone, or a one-shot supernet ranks them
+# first (autopeft.search.oneshot)
+STRATEGIES = ("trials", "oneshot")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
+from autopeft.defaults import STRATEGIES
 from autopeft.errors import AutopeftError
 
 if TYPE_CHECKING:
@@ -67,8 +68,6 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="where trial checkpoints go: a path every node reaches (a shared filesystem) or an object "
                         "store URI such as s3://bucket/autopeft; default: a temp dir on this machine, and none on "
                         "a cluster")
-    from autopeft.search.settings import STRATEGIES
-
     p.add_argument("--strategy", choices=STRATEGIES,
                    help="trials (default): every trial trains its plan alone; oneshot: train one weight-sharing "
                         "supernet of the space, score --candidates sub-plans on val with its shared weights and train "

@@ -8,13 +8,12 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from autopeft.defaults import DEFAULT_BACKBONE, MAX_FOLDS
+from autopeft.defaults import DEFAULT_BACKBONE, MAX_FOLDS, STRATEGIES
 from autopeft.errors import AutopeftError
 from autopeft.objectives import OBJECTIVES
 from autopeft.yamlfile import read_yaml
 
 SAMPLERS = ("tpe", "nsga2", "gp", "random")
-STRATEGIES = ("trials", "oneshot")
 
 
 @dataclass
