@@ -86,17 +86,16 @@ class Supernet:
     cover: PeftPlan
     slices: dict[Key, list[Sliceable]]
 
-    def _covers(self) -> dict[Key, MethodSpec]:
-        out: dict[Key, MethodSpec] = {(None, s.name): s for s in self.cover.global_parts}
-        out.update({(i, s.name): s for i, specs in self.cover.blocks.items() for s in specs})
-        return out
+    def __post_init__(self) -> None:
+        self._covers: dict[Key, MethodSpec] = {(None, s.name): s for s in self.cover.global_parts}
+        self._covers.update({(i, s.name): s for i, specs in self.cover.blocks.items() for s in specs})
 
     def entries(self, plan: PeftPlan) -> dict[Key, MethodSpec]:
         """The plan's specs by (block, method); AutopeftError for one the supernet cannot run."""
         out: dict[Key, MethodSpec] = {}
         items: list[tuple[Key, MethodSpec]] = [((None, s.name), s) for s in plan.global_parts]
         items += [((i, s.name), s) for i, specs in plan.blocks.items() for s in specs]
-        cover = self._covers()
+        cover = self._covers
         for key, s in items:
             if key in out:
                 raise AutopeftError(f"{s.name} is twice on block {key[0]}: a supernet holds one of each method a block")

@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -133,8 +135,6 @@ def search(s: SearchSettings, console: Console | None = None) -> Outcome:
     from autopeft.search.progress import SearchProgress  # imports Ray (seconds): not before the input is checked
     log = ray_log_path(prep.storage_url, s.study)
     with ray_session(s, log):  # Ray first: a request the cluster cannot serve fails before the study exists
-        if s.strategy == "oneshot" and not s.resume:
-            oneshot.clear_state(s, prep.storage_url)
         study, remaining = create_or_resume(prep)
         done = s.trials - remaining
         cap, spent = epoch_cap(prep, study)
@@ -152,13 +152,8 @@ def search(s: SearchSettings, console: Console | None = None) -> Outcome:
                          if s.cv_folds else ""), highlight=False)
         console.print(f"Ray's own messages: {log}", highlight=False)
         if s.strategy == "oneshot":
-            try:
+            with _storage_outage_as_error():
                 oneshot.run_phase(prep, study, console)
-            except Exception as exc:  # the storage stayed away past --storage-patience: one line, for --resume
-                unavailable = st.storage_unavailable(exc)
-                if unavailable is None:
-                    raise
-                raise unavailable from None
             cap, spent = epoch_cap(prep, study)  # with the supernet's compute
         if s.checkpoints_need_storage:
             console.print("trials keep no checkpoints on a cluster without --checkpoint-storage (a path every node "
@@ -168,16 +163,23 @@ def search(s: SearchSettings, console: Console | None = None) -> Outcome:
             console.print(f"trials train with {note}", highlight=False)
         progress = SearchProgress(s.trials, s.epochs, prep.budget.limit, console, offset=done, epoch_cap=cap,
                                   spent=spent)
-        try:
+        with _storage_outage_as_error():
             run(prep, study, remaining, callbacks=[progress], epochs=(cap, spent))
-        except Exception as exc:  # the storage stayed away past --storage-patience: one line, for --resume
-            unavailable = st.storage_unavailable(exc)
-            if unavailable is None:
-                raise
-            raise unavailable from None
         if cap is not None and not EpochCount(progress.spent).room_for_another(cap, running=0):
             console.print(f"the study has spent {progress.spent:,} of its {cap:,} epochs (--max-epochs): done; "
                           "resume with a larger --max-epochs to go on", highlight=False)
         cross_validate(prep, study, console)  # --select cv:K (nothing for --select val)
     settings, records = st.retry(lambda: st.load_records(s.study, prep.storage_url))
     return Outcome(settings=settings, records=records, storage=prep.storage_url)
+
+
+@contextlib.contextmanager
+def _storage_outage_as_error() -> Iterator[None]:
+    """A storage that stayed away past --storage-patience becomes its one-line error (for --resume)."""
+    try:
+        yield
+    except Exception as exc:
+        unavailable = st.storage_unavailable(exc)
+        if unavailable is None:
+            raise
+        raise unavailable from None

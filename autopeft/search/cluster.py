@@ -16,12 +16,17 @@ from autopeft.errors import AutopeftError
 from autopeft.search.settings import SearchSettings
 
 
-def ray_log_path(storage_url: str, study: str) -> Path:
-    """Where a search writes Ray's own messages: beside the study's SQLite file (`studies/<study>.ray.log`), else
-    `<study>.ray.log` in the working directory."""
+def beside_study(storage_url: str, study: str, suffix: str) -> Path:
+    """A file of the study's own: beside its SQLite file (`studies/<study><suffix>`), else `<study><suffix>` in the
+    working directory."""
     if storage_url.startswith("sqlite:///"):
-        return Path(storage_url.removeprefix("sqlite:///")).with_suffix(".ray.log")
-    return Path.cwd() / f"{study}.ray.log"
+        return Path(storage_url.removeprefix("sqlite:///")).with_suffix(suffix)
+    return Path.cwd() / f"{study}{suffix}"
+
+
+def ray_log_path(storage_url: str, study: str) -> Path:
+    """Where a search writes Ray's own messages: `<study>.ray.log` beside the study (`beside_study`)."""
+    return beside_study(storage_url, study, ".ray.log")
 
 
 @contextlib.contextmanager

@@ -98,6 +98,7 @@ class TrainedSupernet:
     net: Any  # autopeft.supernet.Supernet
     history: list[dict]
     eval_batch_size: int
+    bound: Any  # autopeft.space.BoundSpace: the space on the backbone, as the sub-plans were drawn from it
 
 
 def train_supernet(job: SupernetJob, report: Any = None, resume: dict[str, Any] | None = None) -> TrainedSupernet:
@@ -132,18 +133,17 @@ def train_supernet(job: SupernetJob, report: Any = None, resume: dict[str, Any] 
 
     history = run_epochs(run, config, report, resume=resume, checkpoint_every=1, before_step=step,
                          before_eval=lambda: net.activate(probe))
-    return TrainedSupernet(run=run, net=net, history=history, eval_batch_size=config.eval_batch_size)
+    return TrainedSupernet(run=run, net=net, history=history, eval_batch_size=config.eval_batch_size, bound=bound)
 
 
 def score_candidates(trained: TrainedSupernet, job: SupernetJob, progress: Any = None) -> dict[str, Any]:
     """Score `job.candidates` sub-plans drawn by TPE on val with the supernet's weights; the best `job.finalists`
     distinct plans (val accuracy, then the lower val loss) with their space parameters, score and count."""
-    from autopeft.backbones import backbone_spec
-    from autopeft.space import bind, load_space, repaired_params, sample_parts
+    from autopeft.space import repaired_params, sample_parts
     from autopeft.train import evaluate
 
-    space, spec = load_space(job.space), backbone_spec(job.backbone)
-    bound = bind(space, spec)
+    bound = trained.bound
+    space, spec = bound.space, bound.spec
     run, net = trained.run, trained.net
     seen: dict[str, tuple[float, float]] = {}
 
@@ -259,9 +259,9 @@ def state_path(s: Any, storage_url: str) -> str | None:
         return None if "://" in s.checkpoint_storage else str(Path(s.checkpoint_storage) / f"{s.study}.supernet.pt")
     if s.on_cluster:
         return None
-    if storage_url.startswith("sqlite:///"):
-        return str(Path(storage_url.removeprefix("sqlite:///")).with_suffix(".supernet.pt"))
-    return str(Path.cwd() / f"{s.study}.supernet.pt")
+    from autopeft.search.cluster import beside_study
+
+    return str(beside_study(storage_url, s.study, ".supernet.pt"))
 
 
 def supernet_epochs(s: Any) -> int:
@@ -294,6 +294,8 @@ def run_phase(prep: Any, study: optuna.Study, console: Any) -> None:
         return
     if not done:
         path = state_path(s, prep.storage_url)
+        if path and not s.resume:  # a new study starts afresh: not from a state an earlier one of its name left
+            Path(path).unlink(missing_ok=True)
         job = SupernetJob(dataset=s.dataset, backbone=s.backbone, space=s.space, budget_limit=prep.budget.limit,
                           epochs=supernet_epochs(s), candidates=s.candidates, finalists=s.finalists, seed=s.seed,
                           weights=s.weights, data_root=s.data_root, state_path=path, trial_epochs=s.epochs)
@@ -347,8 +349,3 @@ def spent_epochs(study: optuna.Study) -> int:
     return math.ceil(float(done.get("cost_epochs", 0.0)))
 
 
-def clear_state(s: Any, storage_url: str) -> None:
-    """A new study starts its supernet afresh: a state left by an earlier study of the same name is removed."""
-    path = state_path(s, storage_url)
-    if path:
-        Path(path).unlink(missing_ok=True)
