@@ -22,7 +22,7 @@ from autopeft.errors import AutopeftError
 from autopeft.plan import load_adapter
 from autopeft.recipe import load_data
 from autopeft.runs import Run
-from autopeft.train import build_model, evaluate, num_samples, resolve_device
+from autopeft.train import autocast, build_model, evaluate, num_samples, resolve_device
 
 
 def num_classes_of(run: Run) -> int:
@@ -74,19 +74,28 @@ def recorded_accuracy(run: Run, split: str, merged: bool) -> float | None:
     return None
 
 
+def run_precision(run: Run, device: torch.device) -> str:
+    """The precision the run computed at (its metrics say; runs from before they did: bf16 on a GPU, else fp32)."""
+    recorded = run.metrics.get("precision")
+    if recorded:
+        return str(recorded)
+    return "bf16" if device.type == "cuda" else "fp32"
+
+
 def evaluate_run(run: Run, split: str = "test", merged: bool = False, data_root: str | None = None,
                  weights: str | None = None, device: str = "auto") -> dict[str, Any]:
-    """Accuracy and loss of the run's model on `split`, next to what the run recorded there."""
+    """Accuracy and loss of the run's model on `split` at the run's precision, next to what the run recorded."""
     data = load_data(run.recipe, data_root)
     dataset = data.split(split)
     dev = resolve_device(device)
     model = load_model(run, merged, weights).to(dev)
     batch = int((run.metrics.get("config") or {}).get("eval_batch_size", 256))  # as training evaluated
-    loss, acc = evaluate(model, dataset, batch, dev)
+    precision = run_precision(run, dev)
+    loss, acc = evaluate(model, dataset, batch, dev, precision=precision)
     recorded = recorded_accuracy(run, split, merged)
     return {"run": str(run.path), "split": split, "model": "merged" if merged else "adapter",
             "images": num_samples(dataset), "acc": acc, "loss": loss, "recorded_acc": recorded,
-            "matches": recorded is None or acc == recorded}
+            "precision": precision, "matches": recorded is None or acc == recorded}
 
 
 def image_preprocessor(dataset: Dataset) -> Callable[[str | Path], torch.Tensor]:
@@ -129,7 +138,8 @@ def predict(run: Run, images: Sequence[str | Path], top_k: int = 5, merged: bool
     batch = torch.stack([prepare(p) for p in images])
     dev = resolve_device(device)
     model = load_model(run, merged, weights).to(dev)
-    probs = model(batch.to(dev)).float().softmax(-1).cpu()
+    with autocast(run_precision(run, dev), dev):
+        probs = model(batch.to(dev)).float().softmax(-1).cpu()
     values, indices = probs.topk(min(top_k, probs.shape[-1]), dim=-1)
     names = data.class_names
     return [{"image": str(path),

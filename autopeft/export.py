@@ -115,6 +115,7 @@ def recipe_of(study: Study, record: TrialRecord, epochs: int | None = None, pick
     search_epochs = s.epochs
     schedule = int(hp.get("epochs") or search_epochs)
     training = {k: v for k, v in hp.items() if k in TRAINING_KEYS}
+    training["precision"] = s.precision  # the final run computes at the study's precision, as its trials did
     recipe = Recipe(backbone=s.backbone, dataset=s.dataset, plan=record.peft_plan, epochs=schedule,
                     weights=s.weights, data_root=s.data_root, num_classes=study.settings.num_classes,
                     protocol="final", split_seed=s.seed, seed=s.seed, training=training)

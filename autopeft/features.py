@@ -9,10 +9,12 @@ directory is bounded in size (least recently used entries go first).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 from autopeft.backbones import family_of
 from autopeft.defaults import env_megabytes
 
-FORMAT = 1
+FORMAT = 2  # 2: keyed by the run's precision, features stored in the dtype the prefix computed them in
 
 
 def default_cache_dir() -> Path:
@@ -90,13 +92,21 @@ class FeatureCache:
         self.directory = Path(directory) if directory else default_cache_dir()
         self.max_bytes = max_cache_bytes() if max_bytes is None else max_bytes
 
-    def key(self, model_name: str, weights: str, k: int, fingerprint: str, split: str) -> str:
-        identity = dict(f=FORMAT, model=model_name, weights=weights, k=k, data=fingerprint, split=split)
+    def key(self, model_name: str, weights: str, k: int, fingerprint: str, split: str, precision: str = "fp32"
+            ) -> str:
+        identity = dict(f=FORMAT, model=model_name, weights=weights, k=k, data=fingerprint, split=split,
+                        precision=precision)
         return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:32]
 
     def features(self, model: nn.Module, k: int, dataset: Dataset, key: str, batch_size: int = 256,
-                 device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-        """(features, labels) of `dataset` at the input of block k, from the cache or computed and stored."""
+                 device: torch.device | str = "cpu",
+                 autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(features, labels) of `dataset` at the input of block k, from the cache or computed and stored.
+
+        `autocast()` is the run's precision (`autopeft.train.autocast`): the prefix computes under it exactly as the
+        uncached model's prefix does, and the features keep the dtype it gives them, so cached and uncached runs
+        feed the same values to block k."""
         path = self.directory / f"{key}.safetensors"
         if path.is_file():
             try:
@@ -109,7 +119,8 @@ class FeatureCache:
         was_training = model.training
         model.eval()
         for images, labels in DataLoader(dataset, batch_size=batch_size, shuffle=False):
-            xs.append(prefix_forward(model, images.to(device), k).float().cpu())
+            with autocast():
+                xs.append(prefix_forward(model, images.to(device), k).cpu())
             ys.append(torch.as_tensor(labels))
         model.train(was_training)
         x, y = torch.cat(xs), torch.cat(ys).long()

@@ -6,6 +6,7 @@ a local logger), so search and final training cannot drift apart.
 
 from __future__ import annotations
 
+import contextlib
 import random
 import time
 from collections.abc import Callable, Iterator, Sized
@@ -56,6 +57,7 @@ class TrainResult:
     seconds: float = 0.0
     cached_blocks: int = 0
     lr: float = 0.0  # the peak learning rate it trained at
+    precision: str = "fp32"  # the precision it computed at (`resolve_precision`: never auto)
     batch_size: int = 0  # the batch it trained with (fitted to the split, see `fitted_config`)
     drop_path: float = 0.0  # the drop-path rate it trained with
     notes: list[str] = field(default_factory=list)  # where the run trained otherwise than its config said, and why
@@ -71,6 +73,28 @@ def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise AutopeftError(f"device {name} requested but CUDA is not available; use --device cpu")
     return torch.device(name)
+
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """The precision a run computes at on `device`: `auto` is bf16 on a GPU that has it natively (Ampere and later),
+    fp16 on one that does not (V100, T4: bf16 there is emulated, slower than fp32), fp32 elsewhere; any other value
+    as given (bf16 and fp16 run on the CPU too, through torch's CPU autocast)."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        with torch.cuda.device(device):
+            return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
+    return "fp32"
+
+
+def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """What computes logits at `precision` (resolved) on `device`: torch's autocast, or nothing for fp32."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=_DTYPES[precision])
 
 
 def seed_everything(seed: int) -> None:
@@ -148,6 +172,7 @@ class TrainSetup:
     forward: Callable[[torch.Tensor], torch.Tensor] | None  # replaces model(x) on cached features
     source: Callable[[str, str, Dataset], _Source]  # (role, split name, dataset) -> batches, for the test split
     lr: float  # the peak learning rate (autopeft.learning_rate.peak_lr: given or derived, times lr_scale)
+    precision: str  # resolved (`resolve_precision`): what every forward of the run computes at
     config: TrainConfig  # the run's config as it trains (`fitted_config`: batch and drop-path)
     notes: list[str]  # what `fitted_config` changed, and why
 
@@ -181,6 +206,7 @@ def set_up(backbone: str, plan: PeftPlan, data: DataSplits, config: TrainConfig,
     the images are not augmented; the epoch loop then runs only the blocks after them.
     """
     device = resolve_device(config.device)
+    precision = resolve_precision(config.precision, device)
     seed_everything(config.seed)
     splits = {"train": _subset(data.split(train_split), config.train_fraction, config.seed)}
     config, notes = fitted_config(config, backbone, num_samples(splits["train"]))
@@ -202,18 +228,20 @@ def set_up(backbone: str, plan: PeftPlan, data: DataSplits, config: TrainConfig,
         if not use_cache:
             return _Source(dataset, None, config.num_workers)
         suffix = f"@{config.train_fraction}:{config.seed}" if role == "train" and config.train_fraction < 1 else ""
-        key = cache.key(backbone, w_hash, k, data.fingerprint, split_name + suffix)
-        return _Source(dataset, cache.features(model, k, dataset, key, config.eval_batch_size, str(device)), 0)
+        key = cache.key(backbone, w_hash, k, data.fingerprint, split_name + suffix, precision)
+        return _Source(dataset, cache.features(model, k, dataset, key, config.eval_batch_size, device,
+                                               lambda: autocast(precision, device)), 0)
 
     return TrainSetup(model=model, spec=spec, device=device, frozen_blocks=k, cached_blocks=k if use_cache else 0,
                   train_src=source("train", train_split, splits["train"]),
                   eval_src=source("eval", eval_split, splits["eval"]) if eval_split else None,
                   forward=(lambda x: suffix_forward(model, x, k)) if use_cache else None, source=source,
-                  lr=peak_lr(config, plan, spec, num_samples(splits["train"])), config=config, notes=notes)
+                  lr=peak_lr(config, plan, spec, num_samples(splits["train"])), precision=precision, config=config,
+                  notes=notes)
 
 
 def train_state(model: nn.Module, optimizer: torch.optim.Optimizer, batches: _Batches, epoch: int, step: int,
-                history: list[dict]) -> dict[str, Any]:
+                history: list[dict], scaler: torch.amp.GradScaler | None = None) -> dict[str, Any]:
     """Everything the epoch loop needs to go on after `epoch` exactly as if it had not stopped: the trainable
     parameters (plan and head; the frozen backbone is rebuilt), the optimiser, the batch order and every random
     number generator, the step and the metrics so far. Small: no frozen weight is in it; tensors, numbers and text
@@ -226,6 +254,8 @@ def train_state(model: nn.Module, optimizer: torch.optim.Optimizer, batches: _Ba
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["rng"]["cuda"] = torch.cuda.get_rng_state_all()
+    if scaler is not None and scaler.is_enabled():  # fp16: the loss scale it has found goes on from where it was
+        state["scaler"] = scaler.state_dict()
     return state
 
 
@@ -235,7 +265,8 @@ def _numpy_state() -> tuple:
     return kind, torch.from_numpy(np.asarray(keys, dtype=np.int64)), int(pos), int(has_gauss), float(cached)
 
 
-def _restore(state: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer, batches: _Batches) -> None:
+def _restore(state: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer, batches: _Batches,
+             scaler: torch.amp.GradScaler) -> None:
     params = dict(model.named_parameters())
     trainable = {n for n, p in params.items() if p.requires_grad}
     if set(state["params"]) != trainable:
@@ -252,6 +283,8 @@ def _restore(state: dict[str, Any], model: nn.Module, optimizer: torch.optim.Opt
     random.setstate(state["rng"]["python"])
     if "cuda" in state["rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    if "scaler" in state and scaler.is_enabled():
+        scaler.load_state_dict(state["scaler"])
 
 
 def run_epochs(run: TrainSetup, config: TrainConfig, report: Report | None = None,
@@ -274,11 +307,12 @@ def run_epochs(run: TrainSetup, config: TrainConfig, report: Report | None = Non
     scheduler = make_scheduler(optimizer, config, total, warmup)
     criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     frozen_prefix = prefix_modules(model, run.frozen_blocks) if run.frozen_blocks else []
-    autocast: dict[str, Any] = dict(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    # fp16's narrow range needs its loss scaled (bf16 has fp32's range and needs none)
+    scaler = torch.amp.GradScaler(device.type, enabled=run.precision == "fp16")
     history: list[dict] = []
     step, first = 0, 1
     if resume is not None:
-        _restore(resume, model, optimizer, batches)
+        _restore(resume, model, optimizer, batches, scaler)
         history, step, first = [dict(h) for h in resume["history"]], int(resume["step"]), int(resume["epoch"]) + 1
     for epoch in range(first, config.epochs + 1):
         epoch_start = time.perf_counter()
@@ -292,16 +326,18 @@ def run_epochs(run: TrainSetup, config: TrainConfig, report: Report | None = Non
             if factor is not None:  # the scheduler sets every step's rate afresh after the step
                 for group in optimizer.param_groups:
                     group["lr"] *= factor
-            with torch.autocast(**autocast):
-                loss = criterion((forward or model)(images), labels)
+            with autocast(run.precision, device):
+                loss = criterion((forward or model)(images).float(), labels)
             if not torch.isfinite(loss):
                 raise TrainingDiverged(f"training diverged: the loss became {loss.item()} at epoch {epoch}, step "
                                        f"{step + 1}; lower the learning rate (was {config.lr:g})")
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            scaler.scale(loss).backward()
             if config.grad_clip:
+                scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
                 nn.utils.clip_grad_norm_(trainable, config.grad_clip)
-            optimizer.step()
+            scaler.step(optimizer)  # skipped by the scaler where fp16 gradients overflowed
+            scaler.update()
             step += 1
             scheduler.step_update(step)
             loss_sum += loss.item() * len(labels)
@@ -313,12 +349,12 @@ def run_epochs(run: TrainSetup, config: TrainConfig, report: Report | None = Non
             if before_eval:
                 before_eval()
             metrics["val_loss"], metrics["val_acc"] = evaluate(model, run.eval_src, config.eval_batch_size, device,
-                                                               forward)
+                                                               forward, run.precision)
         metrics["seconds"] = time.perf_counter() - epoch_start
         history.append(metrics)
         if report:
             due = checkpoint_every > 0 and epoch % checkpoint_every == 0 and epoch < config.epochs
-            report({**metrics, "state": train_state(model, optimizer, batches, epoch, step, history)} if due
+            report({**metrics, "state": train_state(model, optimizer, batches, epoch, step, history, scaler)} if due
                    else dict(metrics))
     return history
 
@@ -362,21 +398,24 @@ def train(
     history = run_epochs(run, config, report, on_step, resume=resume, checkpoint_every=checkpoint_every)
     model = run.model
     result = TrainResult(model=model, history=history, cached_blocks=run.cached_blocks, lr=run.lr,
+                         precision=run.precision,
                          batch_size=run.config.batch_size, drop_path=run.config.drop_path, notes=list(run.notes),
                          peft_params=plan.count(run.spec),
                          head_params=sum(p.numel() for n, p in model.named_parameters() if is_head_param(n)))
     if test:
         test_src = run.source("test", "test", data.split("test"))
         result.test_loss, result.test_acc = evaluate(model, test_src, config.eval_batch_size, run.device,
-                                                     run.forward)
+                                                     run.forward, run.precision)
     result.seconds = time.perf_counter() - start
     return result
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, source: _Source | Dataset, batch_size: int = 256, device: torch.device | str = "cpu",
-             forward: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[float, float]:
-    """(mean cross-entropy, accuracy) of `model` over a split; `forward` replaces `model(x)` (cached features)."""
+             forward: Callable[[torch.Tensor], torch.Tensor] | None = None, precision: str = "fp32"
+             ) -> tuple[float, float]:
+    """(mean cross-entropy, accuracy) of `model` over a split at `precision` (resolved: the run's own, so that a
+    recorded accuracy is reproduced); `forward` replaces `model(x)` (cached features)."""
     source = source if isinstance(source, _Source) else _Source(source, None, 0)
     forward = forward or model
     device = torch.device(device)
@@ -386,7 +425,7 @@ def evaluate(model: nn.Module, source: _Source | Dataset, batch_size: int = 256,
     loss_sum, correct = 0.0, 0.0
     for images, labels in source.batches([list(range(i, min(i + batch_size, n))) for i in range(0, n, batch_size)]):
         images, labels = images.to(device), torch.as_tensor(labels).to(device)
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with autocast(precision, device):
             logits = forward(images).float()
         loss_sum += nn.functional.cross_entropy(logits, labels, reduction="sum").item()
         correct += (logits.argmax(-1) == labels).sum().item()

@@ -19,6 +19,9 @@ from autopeft.errors import AutopeftError, UnknownKey
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULERS = ("cosine", "constant")
 SGD_MOMENTUM = 0.9
+# the precisions a run may compute at: auto is bf16 on a GPU that has it natively, fp16 (with a gradient scaler) on
+# one that does not, fp32 on the CPU (autopeft.train.resolve_precision)
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 
 # TrainConfig fields that belong to one run, not to the recipe or space it trains: the recipe holds epochs and seed
 # at its top level, a study sets the fidelity (train_fraction), the machine the rest
@@ -58,6 +61,9 @@ class TrainConfig:
     eval_batch_size: int = 256
     feature_cache: bool = True
     cache_dir: str | None = None
+    # what computes the run's logits, everywhere: the cached frozen prefix, training, evaluation, `evaluate` and
+    # `predict` (a recorded accuracy is reproduced at the precision it was recorded at)
+    precision: str = "auto"
 
     def __post_init__(self) -> None:
         checks = [
@@ -73,6 +79,8 @@ class TrainConfig:
                                            f"{', '.join(OPTIMIZERS)}"),
             (self.scheduler in SCHEDULERS, f"scheduler {self.scheduler!r} is not valid; use one of: "
                                            f"{', '.join(SCHEDULERS)}"),
+            (self.precision in PRECISIONS, f"precision {self.precision!r} is not valid; use one of: "
+                                           f"{', '.join(PRECISIONS)}"),
         ]
         for ok, message in checks:
             if not ok:

@@ -349,6 +349,48 @@ def test_bad_search_input_creates_nothing(tmp_path, monkeypatch, capsys, ray_ins
     assert not list(tmp_path.iterdir())
 
 
+def test_unloadable_hub_weights_stop_the_search_before_any_trial(tmp_path, monkeypatch, capsys, ray_instance) -> None:
+    """timm's `test_vit` names hub weights; offline they cannot load: one line on the driver, exit 2, no study, rather
+    than every trial failing with the same line."""
+    monkeypatch.chdir(tmp_path)
+    args = [a for a in SEARCH if a not in ("--weights", str(WEIGHTS))]
+    args[args.index("autopeft_test_vit")] = "test_vit"
+    assert main([*args, "--trials", "2", "--study", "hub"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "pretrained weights for test_vit could not be loaded" in err[0], err
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_relative_folder_reaches_every_trial(tmp_path, monkeypatch, capsys, ray_instance) -> None:
+    """Trials run in Ray's own working directories: `--dataset data` (relative to where the search starts) is made
+    absolute on the driver, stored so, and every trial trains on it."""
+    from data_fixtures import write_image_folder
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("AUTOPEFT_CACHE", str(tmp_path / "cache"))
+    write_image_folder(tmp_path / "data", {"a": 10, "b": 10})
+    args = [*SEARCH, "--trials", "2", "--epochs", "1", "--study", "folder", "--no-baselines"]
+    args[args.index("digits")] = "data"
+    assert main(args) == 0
+    settings, records = st.load_records("folder", f"sqlite:///{tmp_path}/studies/folder.db")
+    assert settings.search.dataset == f"imagefolder:{tmp_path / 'data'}"
+    assert len(records) == 2 and all(r.status == "COMPLETE" for r in records), [r.tags for r in records]
+
+
+def test_a_study_whose_every_trial_failed_is_one_line() -> None:
+    from autopeft.cli.search import all_failed
+    from autopeft.records import ATTR_REASON, TrialRecord
+
+    def record(n: int, status: str, reason: str = "") -> TrialRecord:
+        return TrialRecord(number=n, plan={}, peft_params=0, status=status,
+                           tags={ATTR_REASON: reason} if reason else {})
+
+    failed = [record(0, "FAIL", "out of memory"), record(1, "FAIL", "boom"), record(2, "FAIL", "boom")]
+    assert all_failed(failed) == ("every trial of the study failed (3); the commonest reason (2 of 3): boom")
+    assert all_failed([*failed, record(3, "PRUNED")]) is None
+    assert all_failed([]) is None
+
+
 def test_existing_study_needs_resume(study_dir, monkeypatch, capsys) -> None:
     monkeypatch.chdir(study_dir)
     assert main([*SEARCH, "--trials", "8", "--study", "e2e"]) == 2

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 from autopeft.defaults import STRATEGIES
 from autopeft.errors import AutopeftError
+from autopeft.train_config import PRECISIONS
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -77,6 +78,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--candidates", type=int, metavar="N",
                    help="oneshot: sub-plans scored on val with the supernet's weights (default: as many as one "
                         "trial's training compute pays for, e.g. 45 for 15 epochs on as many train as val images)")
+    p.add_argument("--precision", choices=PRECISIONS,
+                   help="what every trial computes at: auto (default: bf16 on a GPU that has it natively, fp16 with "
+                        "loss scaling on one that does not, fp32 on the CPU), bf16, fp16 or fp32; exported recipes "
+                        "keep it")
     p.add_argument("--supernet-epochs", type=int, metavar="N", help="oneshot: epochs of the supernet (default "
                    "--epochs)")
     p.set_defaults(func=cmd_search)
@@ -110,7 +115,7 @@ def cmd_search(args: argparse.Namespace) -> int:
                                              "baseline_lr_scales", "baseline_mix", "max_epochs", "select",
                                              "select_top", "max_retries", "storage_patience",
                                              "checkpoint_every", "checkpoint_storage", "strategy", "finalists",
-                                             "candidates", "supernet_epochs")}
+                                             "candidates", "supernet_epochs", "precision")}
     from autopeft.data.recipes import choose_recipe
 
     choice = choose_recipe(args.recipe, args.dataset)  # the dataset's own recipe, or defaults that suit it
@@ -127,7 +132,27 @@ def cmd_search(args: argparse.Namespace) -> int:
     from autopeft.search.storage import mask_url
 
     print(f"study '{settings.study}' stored in {mask_url(outcome.storage)}")
+    line = all_failed(outcome.records)
+    if line:
+        import sys
+
+        print(line, file=sys.stderr)
+        return 1
     return 0
+
+
+def all_failed(records: list) -> str | None:
+    """One line when every trial of the study failed (a search that trained nothing must not exit 0), naming the
+    commonest reason; None otherwise."""
+    from collections import Counter
+
+    from autopeft.records import ATTR_REASON
+
+    if not records or any(r.status != "FAIL" for r in records):
+        return None
+    reason, n = Counter(r.tags.get(ATTR_REASON) or "no reason recorded" for r in records).most_common(1)[0]
+    return (f"every trial of the study failed ({len(records)}); the commonest reason ({n} of {len(records)}): "
+            f"{reason}")
 
 
 def _storage(args: argparse.Namespace) -> str:

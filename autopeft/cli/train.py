@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 # the training keys with a flag of their own (--augment is a switch, below); without --config the flags not given
 # take TrainConfig's defaults, with --config a flag given overrides the recipe
 TRAINING_FLAGS = ("batch_size", "lr", "lr_scale", "weight_decay", "warmup_epochs", "optimizer", "scheduler",
-                  "label_smoothing")
+                  "label_smoothing", "precision")
 
 
 def _lr(text: str) -> float | str:
@@ -39,7 +39,7 @@ def _shown(value: float) -> str:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from autopeft.train_config import OPTIMIZERS, SCHEDULERS, SGD_MOMENTUM, TrainConfig
+    from autopeft.train_config import OPTIMIZERS, PRECISIONS, SCHEDULERS, SGD_MOMENTUM, TrainConfig
 
     d = TrainConfig.defaults()
     p = sub.add_parser("train", help="train one method, plan or recipe and write a run directory")
@@ -78,6 +78,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--final", action="store_true", default=None,
                    help="final protocol: train on train+val (e.g. VTAB train800val200), no val curve, test once")
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:1 …")
+    p.add_argument("--precision", choices=PRECISIONS,
+                   help="what every forward computes at: auto (default: bf16 on a GPU that has it natively, fp16 "
+                        "with loss scaling on one that does not, fp32 on the CPU), bf16, fp16 or fp32; recorded in "
+                        "the run, which `autopeft evaluate` and `predict` then use")
     p.add_argument("--no-cache", action="store_true", help="do not cache the frozen prefix's features")
     p.add_argument("--out", default=None, help="run directory (default runs/<dataset>-<time>)")
     p.set_defaults(func=cmd_train)
@@ -232,6 +236,7 @@ def _one_run(recipe: Recipe, data: DataSplits, run_dir: Path, args: argparse.Nam
     info = {"dataset": data.name, "backbone": recipe.backbone, "weights": recipe.weights,
             "num_classes": data.num_classes, "protocol": recipe.protocol, "config": config.to_dict(),
             "split_seed": recipe.split_seed, "percent": 100.0 * result.peft_params / spec.backbone_params,
+            "precision": result.precision,
             "provenance": recipe.provenance}
     write_run(run_dir, result, recipe.plan, info, recipe)
     if args.merge:
@@ -242,6 +247,6 @@ def _one_run(recipe: Recipe, data: DataSplits, run_dir: Path, args: argparse.Nam
         write_merged(run_dir, state)
         device = resolve_device(args.device)
         merged = plain_model(recipe.backbone, data.num_classes, state).to(device)
-        loss, acc = evaluate(merged, data.test, config.eval_batch_size, device)
+        loss, acc = evaluate(merged, data.test, config.eval_batch_size, device, precision=result.precision)
         update_metrics(run_dir, merged={"file": "merged.safetensors", "test_acc": acc, "test_loss": loss})
     return json.loads((run_dir / METRICS).read_text())

@@ -189,6 +189,13 @@ def load_dataset(
     return reader(Request(name, root_path, settings, int(seed), download))
 
 
+def dataset_name(name: str, root: str | Path | None = None) -> str:
+    """`name` as it means the same from any working directory and node: a registered name as it is, a folder (given
+    by a path relative to here, or as `imagefolder:PATH`) as `imagefolder:` and its absolute path; AutopeftError for
+    neither. Reads no image."""
+    return _resolve(str(name), root)[1]
+
+
 def _resolve(name: str, root: str | Path | None) -> tuple[Reader, str, Path]:
     folder_reader = _REGISTRY["imagefolder"]
     if name in _REGISTRY and name != "imagefolder":

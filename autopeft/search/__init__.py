@@ -42,12 +42,14 @@ def prepare(s: SearchSettings) -> Prepared:
     import optuna
 
     from autopeft.data import data_config, load_dataset
+    from autopeft.data.base import dataset_name
     from autopeft.search.baselines import baseline_hparams
     from autopeft.search.engine import Prepared
     from autopeft.space import check_feasible, load_space
 
     # cheap checks first, then the storage, then what reads files (weights, every image)
     st.check_study_name(s.study)
+    s.dataset = dataset_name(s.dataset, s.data_root)  # trials run in Ray's working directories, on other nodes
     spec = backbone_spec(s.backbone)
     budget = parse_budget(s.budget, spec)
     space = load_space(s.space)
@@ -66,10 +68,7 @@ def prepare(s: SearchSettings) -> Prepared:
                             "or choose another --study")
     if s.warm_start:
         st.load_study(s.warm_start, s.warm_storage or url)
-    if s.weights is not None:
-        check_weights(s.backbone, s.weights)
-    else:
-        check_pretrained(s.backbone)
+    check_weights(s.backbone, s.weights)
     data = load_dataset(s.dataset, s.data_root, seed=s.seed, **data_config(s.backbone))
     check_images(data)
     if s.cv_folds is not None:
@@ -105,13 +104,17 @@ def check_local_gpus(s: SearchSettings) -> None:
     check_resources(s, {"GPU": float(torch.cuda.device_count()), "CPU": float(s.local_cpus())})
 
 
-def check_weights(backbone: str, weights: str) -> None:
-    """Load `weights` into `backbone` once on the driver, so a wrong file fails the search, not every trial."""
+def check_weights(backbone: str, weights: str | None) -> None:
+    """Load the backbone with its pretrained weights (`weights`, a file, or timm's from the hub) once on the driver,
+    so unloadable weights fail the search in one line, not every trial one by one. From the hub this also fills the
+    local cache the trials on this machine then read."""
     from autopeft.backbones import create_backbone
 
-    if not Path(weights).expanduser().is_file():
-        raise AutopeftError(f"weights file '{weights}' does not exist; pass an existing file with --weights")
+    check_pretrained(backbone, weights)
     fix = f"pass a weights file of {backbone} (safetensors, timm .npz, or .pth/.bin holding tensors only)"
+    if weights is None:
+        create_backbone(backbone, pretrained=True)  # a hub miss is its own AutopeftError, naming --weights
+        return
     try:
         create_backbone(backbone, weights=weights)
     except AutopeftError as exc:

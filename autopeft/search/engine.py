@@ -388,7 +388,8 @@ def trial_trainable(s: SearchSettings, checkpoint_every: int = 0) -> Any:
     from ray import tune
 
     trial_settings = TrialSettings(dataset=s.dataset, backbone=s.backbone, epochs=s.epochs, weights=s.weights,
-                                   data_root=s.data_root, seed=s.seed, checkpoint_every=checkpoint_every)
+                                   data_root=s.data_root, seed=s.seed, checkpoint_every=checkpoint_every,
+                                   precision=s.precision)
     return tune.with_resources(tune.with_parameters(run_trial, settings=trial_settings),
                                {"cpu": s.cpus_per_trial, "gpu": s.gpus_per_trial})
 

@@ -59,6 +59,7 @@ class SupernetJob:
     # each step at its sub-plan's own methods' learning rate relative to the cover's; off: every step at the cover
     # plan's rate. Measured off (BENCHMARKS.md "One-shot search": it lowered Kendall's tau on one task of two)
     plan_rates: bool = False
+    precision: str = "auto"  # as the study's trials (autopeft.train.resolve_precision)
 
 
 def supernet_hparams(space: Any, searched_only: bool = False) -> dict[str, Any]:
@@ -115,7 +116,7 @@ def train_supernet(job: SupernetJob, report: Any = None, resume: dict[str, Any] 
     space, spec = load_space(job.space), backbone_spec(job.backbone)
     bound = check_feasible(space, spec, job.budget_limit)
     cover = cover_plan(bound)
-    config = trial_config(supernet_hparams(space), job.epochs, job.seed)
+    config = trial_config(supernet_hparams(space), job.epochs, job.seed, job.precision)
     data = load_dataset(job.dataset, job.data_root, augment=config.augment, seed=job.seed,
                         **data_config(job.backbone))
     slices: dict = {}
@@ -152,7 +153,8 @@ def score_candidates(trained: TrainedSupernet, job: SupernetJob, progress: Any =
         key = plan.to_json()
         if key not in seen:
             net.activate(plan)
-            loss, acc = evaluate(run.model, run.eval_src, trained.eval_batch_size, run.device, run.forward)
+            loss, acc = evaluate(run.model, run.eval_src, trained.eval_batch_size, run.device, run.forward,
+                                 run.precision)
             seen[key] = (acc, loss)
             if progress is not None:
                 progress(len(seen))
@@ -298,7 +300,8 @@ def run_phase(prep: Any, study: optuna.Study, console: Any) -> None:
             Path(path).unlink(missing_ok=True)
         job = SupernetJob(dataset=s.dataset, backbone=s.backbone, space=s.space, budget_limit=prep.budget.limit,
                           epochs=supernet_epochs(s), candidates=s.candidates, finalists=s.finalists, seed=s.seed,
-                          weights=s.weights, data_root=s.data_root, state_path=path, trial_epochs=s.epochs)
+                          weights=s.weights, data_root=s.data_root, state_path=path, trial_epochs=s.epochs,
+                          precision=s.precision)
         n = job.candidates or "as many sub-plans as one trial's compute pays for"
         console.print(f"one-shot: a supernet of space {prep.space.name} trains {job.epochs} epochs (one sub-plan "
                       f"a step), then {n} are scored on val with its weights and the best "

@@ -11,6 +11,7 @@ from typing import Any
 from autopeft.defaults import DEFAULT_BACKBONE, MAX_FOLDS, STRATEGIES
 from autopeft.errors import AutopeftError
 from autopeft.objectives import OBJECTIVES
+from autopeft.train_config import PRECISIONS
 from autopeft.yamlfile import read_yaml
 
 SAMPLERS = ("tpe", "nsga2", "gp", "random")
@@ -72,6 +73,9 @@ class SearchSettings:
     finalists: int = 5
     candidates: int | None = None  # None: as many as one trial's training compute pays for (oneshot.candidates_for)
     supernet_epochs: int | None = None  # None: `epochs`, one full run's worth
+    # what every trial computes at (autopeft.train.resolve_precision: auto is bf16 on a GPU that has it natively,
+    # fp16 on one that does not, fp32 on the CPU); exported recipes keep it
+    precision: str = "auto"
 
     def __post_init__(self) -> None:
         if isinstance(self.baseline_lr_scales, (str, int, float)):
@@ -104,6 +108,8 @@ class SearchSettings:
                 raise AutopeftError("--warm-start belongs to a trial search (--strategy trials); a one-shot search's "
                                     "trials are its supernet's finalists")
             self.trials = self.finalists  # the study's trials are the finalists
+        if self.precision not in PRECISIONS:
+            raise AutopeftError(f"unknown precision '{self.precision}'; choose one of: {', '.join(PRECISIONS)}")
         if self.sampler not in SAMPLERS:
             raise AutopeftError(f"unknown sampler '{self.sampler}'; choose one of: {', '.join(SAMPLERS)}")
         checks = [

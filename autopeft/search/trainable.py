@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import tempfile
 import time
 import traceback
@@ -27,23 +28,27 @@ class TrialSettings:
     data_root: str | None = None
     seed: int = 0
     checkpoint_every: int = 0  # a trial's state goes with every k-th epoch's report (0: none)
+    precision: str = "auto"  # what the trials compute at (autopeft.train.resolve_precision)
 
 
 STATE_FILE = "train_state.pt"
 
 
-def trial_config(hparams: dict[str, Any], epochs: int, seed: int) -> TrainConfig:
+def trial_config(hparams: dict[str, Any], epochs: int, seed: int, precision: str | None = None) -> TrainConfig:
     """The TrainConfig of a trial from its hyper-parameters at the study's fidelity.
 
     `hparams` are what `sample_hparams` returns: the space's fixed training settings and the sampled ones, under
     the keys of `SPACE_TRAINING_KEYS` (checked when the space was read); keys it leaves out take TrainConfig's
     defaults. `epochs` and `seed` are the study's, and the space's warm-up keeps its share of the space's schedule
-    (`epochs` in the space: 10 of 100 warm-up epochs are 1 of a 10-epoch trial).
+    (`epochs` in the space: 10 of 100 warm-up epochs are 1 of a 10-epoch trial). `precision`, the study's, holds
+    over the space's.
     """
     from autopeft.train_config import SPACE_TRAINING_KEYS, TrainConfig, check_training, rescale_warmup
 
     training = rescale_warmup(hparams, hparams.get("epochs"), epochs)
     training.pop("epochs", None)
+    if precision is not None:
+        training["precision"] = precision
     return TrainConfig(**check_training(training, SPACE_TRAINING_KEYS), epochs=epochs, seed=seed)
 
 
@@ -55,6 +60,20 @@ def _failure(exc: BaseException) -> str:
     frame = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
     where = f" ({frame.filename.rsplit('/', 1)[-1]}:{frame.lineno})" if frame else ""
     return f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}{where}"
+
+
+# failures of this worker process's trials that left its CUDA context unusable (`_poisons_context`)
+_POISONED: list[str] = []
+# what CUDA says of an error that leaves the context unusable for the rest of the process (an illegal address, a
+# device-side assert, a launch failure); out of memory is not one of them
+_FATAL_CUDA = ("illegal memory access", "device-side assert", "unspecified launch failure", "misaligned address",
+               "illegal instruction", "an illegal", "uncorrectable ecc", "cuda error: unknown error")
+
+
+def _poisons_context(exc: BaseException) -> bool:
+    """Whether `exc` is a CUDA error after which no kernel runs again in this process."""
+    text = str(exc).lower()
+    return "cuda" in text and any(marker in text for marker in _FATAL_CUDA)
 
 
 def _node() -> str:
@@ -81,6 +100,8 @@ def run_trial(config: dict, settings: TrialSettings) -> None:
     from autopeft.plan import PeftPlan
     from autopeft.train import train
 
+    if _POISONED:  # a CUDA error of an earlier trial broke this process: end it, Ray re-runs the trial elsewhere
+        os._exit(3)
     _release_memory()  # what the worker's previous trial left
     info = config["autopeft"]
     start = time.perf_counter()
@@ -92,7 +113,7 @@ def run_trial(config: dict, settings: TrialSettings) -> None:
         base["resumed_from"] = int(resume["epoch"])
     try:
         plan = PeftPlan.from_dict(info["plan"])
-        cfg = trial_config(info.get("hparams", {}), settings.epochs, settings.seed)
+        cfg = trial_config(info.get("hparams", {}), settings.epochs, settings.seed, settings.precision)
         data = load_dataset(settings.dataset, settings.data_root, augment=cfg.augment, seed=settings.seed,
                             **data_config(settings.backbone))
         if info.get("cv"):
@@ -117,9 +138,16 @@ def run_trial(config: dict, settings: TrialSettings) -> None:
         train(settings.backbone, plan, data, cfg, weights=settings.weights, report=report, resume=resume,
               checkpoint_every=settings.checkpoint_every)
     except Exception as exc:  # noqa: BLE001  a bad trial must never end the study
-        _release_memory()  # an out-of-memory trial hands back what it held before its neighbours go on
-        tune.report({**base, "fail_reason": _failure(exc), "epoch": len(curve), "curve": list(curve),
-                     "seconds": time.perf_counter() - start})
+        failure, poisoned = _failure(exc), _poisons_context(exc)
+    else:
+        return
+    # Out of the `except` block: the exception is gone, and with its traceback the frames that held the model, its
+    # optimiser and graph, so that their memory is back before the failure is recorded and a neighbour goes on
+    _release_memory()
+    tune.report({**base, "fail_reason": failure, "epoch": len(curve), "curve": list(curve),
+                 "seconds": time.perf_counter() - start})
+    if poisoned:
+        _POISONED.append(failure)  # this worker's CUDA context is unusable: its next trial must not run here
     # Not in a `finally`: a trial ASHA stops ends inside its report (Ray raises SystemExit there) while Tune waits
     # 2 s (TUNE_FUNCTION_THREAD_TIMEOUT_S) for the thread before it reuses the worker; a garbage collection in that
     # window, slow on a loaded machine, made Tune give up on the worker. The next trial collects first instead.
