@@ -3,23 +3,26 @@
 When a plan leaves the patch embedding and blocks 0..k-1 exactly as pretrained and the inputs are not augmented, the
 output of block k-1 is the same every epoch: compute it once per split and train only blocks k.. and the head.
 Entries are keyed by the prefix's weights (a hash of the tensors), k, the dataset fingerprint (name, root, seed,
-transform) and the split; they live as safetensors files under the cache directory, written atomically, and the
-directory is bounded in size (least recently used entries go first).
+transform), the split and the run's precision; they live as safetensors files under the cache directory (one per
+node: `$AUTOPEFT_CACHE`), written batch by batch and published atomically, memory-mapped when read, one writer per
+entry (a lock file), and the directory is bounded in size (least recently used entries go first).
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
+import mmap
 import os
+import struct
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -85,6 +88,66 @@ def weights_hash(model: nn.Module, k: int) -> str:
     return h.hexdigest()
 
 
+_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64"}
+
+
+def _header(tensors: dict[str, tuple[torch.dtype, list[int], int]]) -> bytes:
+    """A safetensors header for tensors laid out in this order: {name: (dtype, shape, bytes)}."""
+    meta, offset = {}, 0
+    for name, (dtype, shape, nbytes) in tensors.items():
+        meta[name] = {"dtype": _DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    text = json.dumps(meta, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned
+    return struct.pack("<Q", len(text)) + text
+
+
+def _raw(t: torch.Tensor) -> memoryview:
+    """The bytes of a contiguous tensor (any dtype: bf16 has no numpy type)."""
+    return t.reshape(-1).view(torch.uint8).numpy().data
+
+
+def _mapped(path: Path) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The (x, y) of a cache file, memory-mapped; None when it is missing, torn or foreign (a torn or foreign file is
+    deleted: recomputed, never trusted)."""
+    names = {v: k for k, v in _DTYPES.items()}
+    try:
+        with open(path, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            meta = json.loads(f.read(length))
+            start = 8 + length
+            end = max(int(m["data_offsets"][1]) for m in meta.values())
+            if os.fstat(f.fileno()).st_size != start + end:
+                raise ValueError("size does not match the header")
+            mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # private: a trial never writes the file
+        out = []
+        for name in ("x", "y"):
+            m = meta[name]
+            dtype, shape, (a, b) = names[m["dtype"]], m["shape"], m["data_offsets"]
+            count = (b - a) // torch.empty((), dtype=dtype).element_size()
+            tensor = torch.frombuffer(mapping, dtype=dtype, count=count, offset=start + a) if count else \
+                torch.empty(0, dtype=dtype)
+            out.append(tensor.view(shape))
+        os.utime(path)  # recently used: evicted last
+        return out[0], out[1]
+    except FileNotFoundError:
+        return None
+    except Exception:  # noqa: BLE001  a torn or foreign file
+        path.unlink(missing_ok=True)
+        return None
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive lock on `path` (a file lock: it holds across processes and threads of this node)."""
+    with open(path, "a+b") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
 class FeatureCache:
     """Block-k input features of one split, computed once and kept on disk."""
 
@@ -106,40 +169,55 @@ class FeatureCache:
 
         `autocast()` is the run's precision (`autopeft.train.autocast`): the prefix computes under it exactly as the
         uncached model's prefix does, and the features keep the dtype it gives them, so cached and uncached runs
-        feed the same values to block k."""
+        feed the same values to block k. The features are memory-mapped from their file, not loaded: concurrent
+        trials of a node share its pages, and a split larger than memory still trains. One process computes an
+        entry while the others that want it wait for it (a lock file per entry)."""
         path = self.directory / f"{key}.safetensors"
-        if path.is_file():
-            try:
-                data = load_file(str(path))
-                os.utime(path)  # recently used: evicted last
-                return data["x"], data["y"]
-            except Exception:  # noqa: BLE001  a torn or foreign file is recomputed, never trusted
-                path.unlink(missing_ok=True)
-        xs, ys = [], []
+        found = _mapped(path)
+        if found is not None:
+            return found
+        self.directory.mkdir(parents=True, exist_ok=True)
+        with _locked(self.directory / f"{key}.lock"):
+            found = _mapped(path)  # written by another process while this one waited
+            if found is not None:
+                return found
+            return self._compute(path, model, k, dataset, batch_size, device, autocast)
+
+    def _compute(self, path: Path, model: nn.Module, k: int, dataset: Dataset, batch_size: int,
+                 device: torch.device | str, autocast: Callable[[], contextlib.AbstractContextManager]
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Compute the entry batch by batch straight into a file (never the whole split in memory, let alone twice),
+        then publish it atomically; an entry larger than the whole cache is mapped from a file deleted at once."""
+        n = len(dataset)  # type: ignore[arg-type]  # every dataset here has a length
+        fd, tmp = tempfile.mkstemp(dir=self.directory, suffix=".tmp")
         was_training = model.training
         model.eval()
-        for images, labels in DataLoader(dataset, batch_size=batch_size, shuffle=False):
-            with autocast():
-                xs.append(prefix_forward(model, images.to(device), k).cpu())
-            ys.append(torch.as_tensor(labels))
-        model.train(was_training)
-        x, y = torch.cat(xs), torch.cat(ys).long()
-        self._store(path, x, y)
-        return x, y
-
-    def _store(self, path: Path, x: torch.Tensor, y: torch.Tensor) -> None:
-        size = x.numel() * x.element_size()
-        if size > self.max_bytes:
-            return  # larger than the whole cache: use it in memory only
-        self.directory.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.directory, suffix=".tmp")
-        os.close(fd)
         try:
-            save_file({"x": x.contiguous(), "y": y.contiguous()}, tmp)
-            os.replace(tmp, path)  # atomic: concurrent trials never read a half-written entry
+            with os.fdopen(fd, "wb") as f:
+                labels: list[torch.Tensor] = []
+                size = 0
+                for images, y in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+                    with autocast():
+                        x = prefix_forward(model, images.to(device), k).cpu().contiguous()
+                    if not labels:
+                        size = n * x[0].numel() * x.element_size()
+                        f.write(_header({"x": (x.dtype, [n, *x.shape[1:]], size), "y": (torch.int64, [n], n * 8)}))
+                    f.write(_raw(x))
+                    labels.append(torch.as_tensor(y).long())
+                f.write(_raw(torch.cat(labels)))
+            if size > self.max_bytes:  # larger than the whole cache: mapped for this run only
+                found = _mapped(Path(tmp))
+                Path(tmp).unlink(missing_ok=True)  # the mapping keeps the pages until the run drops them
+            else:
+                os.replace(tmp, path)  # atomic: a reader never maps a half-written entry
+                self.evict()
+                found = _mapped(path)
         finally:
+            model.train(was_training)
             Path(tmp).unlink(missing_ok=True)
-        self.evict()
+        if found is None:
+            raise RuntimeError(f"the feature cache entry {path.name} could not be read back")
+        return found
 
     def evict(self) -> None:
         """Remove least recently used entries until the directory fits `max_bytes`."""

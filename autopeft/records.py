@@ -20,6 +20,7 @@ ATTR_PLAN, ATTR_PARAMS, ATTR_PERCENT, ATTR_BASELINE = "plan", "peft_params", "pe
 ATTR_CURVE, ATTR_EPOCHS, ATTR_MAX_EPOCHS, ATTR_SECONDS = "curve", "epochs", "max_epochs", "seconds"
 ATTR_STATUS, ATTR_REASON, ATTR_OVERHEAD, ATTR_HPARAMS = "status", "fail_reason", "overhead", "hparams"
 ATTR_NODE, ATTR_WARM_START, ATTR_RERUN_OF = "node", "warm_start", "rerun_of"
+ATTR_GPUS = "gpus"  # the ids of the GPUs Ray gave the trial (empty: it ran on the CPU)
 # infrastructure failures a trial was re-run after (its worker or node lost; --max-retries), and the nodes lost
 ATTR_RETRIES, ATTR_LOST_NODES = "retries", "lost_nodes"
 ATTR_SUPERNET_SCORE = "supernet_score"  # a one-shot finalist's val accuracy as a slice of the supernet

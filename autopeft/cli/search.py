@@ -34,10 +34,16 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="train every trial for all --epochs (no ASHA), e.g. for a plain random search")
     p.add_argument("--sampler", help="tpe (default), nsga2, gp or random")
     p.add_argument("--objectives", help="acc,params (default) or acc,params,overhead")
-    p.add_argument("--gpus-per-trial", type=float, help="GPUs per trial (fractions share a GPU)")
-    p.add_argument("--cpus-per-trial", type=float, help="CPUs per trial")
-    p.add_argument("--concurrency", type=int, help="trials running at once")
-    p.add_argument("--address", help="address of an existing Ray cluster (default: a local instance)")
+    p.add_argument("--gpus-per-trial", type=float,
+                   help="GPUs per trial (fractions share a GPU; default: --trials-per-gpu trials on every GPU Ray "
+                        "has, or 1/ceil(c/GPUs) each with --concurrency c; 0 where there are none)")
+    p.add_argument("--cpus-per-trial", type=float, help="CPUs per trial (default 1)")
+    p.add_argument("--concurrency", type=int, help="trials running at once (default: all the GPUs hold, see "
+                                                   "--gpus-per-trial; 2 without GPUs)")
+    p.add_argument("--trials-per-gpu", type=int, metavar="K",
+                   help="trials sharing one GPU when neither --gpus-per-trial nor --concurrency is given (default 2)")
+    p.add_argument("--address", help="address of an existing Ray cluster, e.g. auto or HOST:6379 on its head node "
+                                     "(default: a local instance; Ray Client ray:// is not supported)")
     p.add_argument("--storage", help="Optuna storage URL (default sqlite:///studies/<study>.db)")
     p.add_argument("--study", help="study name (default: the recipe's file name)")
     p.add_argument("--resume", action="store_true", default=None, help="continue an interrupted study")
@@ -110,7 +116,8 @@ def cmd_search(args: argparse.Namespace) -> int:
 
     flags = {k: getattr(args, k) for k in ("dataset", "budget", "backbone", "weights", "data_root", "space", "trials",
                                              "epochs", "grace_epochs", "early_stopping", "sampler", "objectives",
-                                             "gpus_per_trial", "cpus_per_trial", "concurrency", "address", "storage",
+                                             "gpus_per_trial", "cpus_per_trial", "concurrency", "trials_per_gpu",
+                                             "address", "storage",
                                              "study", "resume", "warm_start", "seed", "baselines",
                                              "baseline_lr_scales", "baseline_mix", "max_epochs", "select",
                                              "select_top", "max_retries", "storage_patience",

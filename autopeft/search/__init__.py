@@ -93,7 +93,7 @@ def check_local_gpus(s: SearchSettings) -> None:
     import os
     import sys
 
-    if s.gpus_per_trial <= 0 or s.address or os.environ.get("RAY_ADDRESS"):
+    if not s.gpus_per_trial or s.address or os.environ.get("RAY_ADDRESS"):
         return
     if "ray" in sys.modules and sys.modules["ray"].is_initialized():
         return  # a Ray this process already runs (a notebook, a test) says what it has
@@ -127,7 +127,7 @@ def check_weights(backbone: str, weights: str | None) -> None:
 def search(s: SearchSettings, console: Console | None = None) -> Outcome:
     """Run (or resume) a search; return the study's settings and records."""
     from autopeft.search import oneshot
-    from autopeft.search.cluster import ray_log_path, ray_session
+    from autopeft.search.cluster import ray_log_path, ray_session, resources_line
     from autopeft.search.engine import create_or_resume, epoch_cap, run
     from autopeft.search.epoch_cap import EpochCount
     from autopeft.search.selection import cross_validate
@@ -137,7 +137,7 @@ def search(s: SearchSettings, console: Console | None = None) -> Outcome:
     st.set_patience(s.storage_patience)
     from autopeft.search.progress import SearchProgress  # imports Ray (seconds): not before the input is checked
     log = ray_log_path(prep.storage_url, s.study)
-    with ray_session(s, log):  # Ray first: a request the cluster cannot serve fails before the study exists
+    with ray_session(s, log) as resources:  # Ray first: a request the cluster cannot serve fails before the study
         study, remaining = create_or_resume(prep)
         done = s.trials - remaining
         cap, spent = epoch_cap(prep, study)
@@ -153,6 +153,7 @@ def search(s: SearchSettings, console: Console | None = None) -> Outcome:
                       + (f" ({done} already finished or running)" if done else "")
                       + (f"; then the top {s.select_top} by val cross-validated in {s.cv_folds} folds (--select)"
                          if s.cv_folds else ""), highlight=False)
+        console.print(resources_line(s, resources), highlight=False)
         console.print(f"Ray's own messages: {log}", highlight=False)
         if s.strategy == "oneshot":
             with _storage_outage_as_error():

@@ -108,18 +108,63 @@ def _ray(s: SearchSettings) -> Iterator[dict[str, float]]:
         started = True
     try:
         resources = ray.cluster_resources()
-        check_resources(s, resources)
+        largest = largest_node(ray.nodes())
+        resolve_gpus(s, resources.get("GPU", 0.0))
+        check_resources(s, resources, largest)
         yield resources
     finally:
         if started:
             ray.shutdown()
 
 
-def check_resources(s: SearchSettings, resources: dict[str, float]) -> None:
-    gpus, cpus = resources.get("GPU", 0.0), resources.get("CPU", 0.0)
-    if s.gpus_per_trial > gpus:
-        raise AutopeftError(f"--gpus-per-trial {s.gpus_per_trial:g} is more than the {gpus:g} GPU(s) the Ray "
-                            "cluster has; lower it (fractions like 0.5 share a GPU) or add GPU nodes")
+def largest_node(nodes: list[dict]) -> dict[str, float]:
+    """The most GPUs and the most CPUs any one live node has: a trial runs on one node, so it must fit there."""
+    alive = [n.get("Resources", {}) for n in nodes if n.get("Alive", True)]
+    return {key: max((float(r.get(key, 0.0)) for r in alive), default=0.0) for key in ("GPU", "CPU")}
+
+
+def resolve_gpus(s: SearchSettings, gpus: float) -> None:
+    """Fill in `gpus_per_trial` and `concurrency` where they were not given, from the `gpus` Ray has, so that a GPU
+    machine or cluster is used whole by default.
+
+    Without GPUs: none per trial, DEFAULT_CONCURRENCY at once. With G GPUs and neither given: `trials_per_gpu` (k)
+    trials share each GPU, k·G at once. With `concurrency` c alone: 1/ceil(c/G) of a GPU each (so that c trials fit
+    on the G GPUs together). With `gpus_per_trial` g alone: as many at once as fit, floor(G/g)."""
+    from autopeft.search.settings import DEFAULT_CONCURRENCY
+
+    if s.gpus_per_trial is None:
+        if gpus <= 0:
+            s.gpus_per_trial = 0.0
+        elif s.concurrency is None:
+            s.gpus_per_trial = 1.0 / s.trials_per_gpu
+            s.concurrency = int(round(s.trials_per_gpu * gpus))
+        else:
+            s.gpus_per_trial = 1.0 / -(-s.concurrency // int(gpus)) if gpus >= 1 else float(gpus)
+    if s.concurrency is None:
+        s.concurrency = max(1, int(gpus // s.gpus_per_trial)) if s.gpus_per_trial > 0 else DEFAULT_CONCURRENCY
+
+
+def resources_line(s: SearchSettings, resources: dict[str, float]) -> str:
+    """How the trials use what Ray has, once `resolve_gpus` chose: one line for the search's header."""
+    gpus = resources.get("GPU", 0.0)
+    line = (f"{s.concurrency} trial(s) at once, each {s.cpus_per_trial:g} CPU and {s.gpus_per_trial or 0:g} GPU, of "
+            f"the {resources.get('CPU', 0.0):g} CPU(s) and {gpus:g} GPU(s) Ray has")
+    if not s.gpus_per_trial and gpus > 0:
+        line += ("; --gpus-per-trial 0: trials run on the CPU although Ray has GPUs (drop the flag to use them)")
+    return line
+
+
+def check_resources(s: SearchSettings, resources: dict[str, float], largest: dict[str, float] | None = None
+                    ) -> None:
+    """A trial's request against the cluster: it must fit on one node (`largest`, the most any one node has;
+    the cluster's totals where unknown)."""
+    largest = largest or {"GPU": resources.get("GPU", 0.0), "CPU": resources.get("CPU", 0.0)}
+    gpus, cpus = largest["GPU"], largest["CPU"]
+    if (s.gpus_per_trial or 0.0) > gpus:
+        where = "any one node of the Ray cluster has" if resources.get("GPU", 0.0) > gpus else "the Ray cluster has"
+        raise AutopeftError(f"--gpus-per-trial {s.gpus_per_trial:g} is more than the {gpus:g} GPU(s) {where}; lower "
+                            "it (fractions like 0.5 share a GPU) or add larger GPU nodes")
     if s.cpus_per_trial > cpus:
-        raise AutopeftError(f"--cpus-per-trial {s.cpus_per_trial:g} is more than the {cpus:g} CPU(s) the Ray "
-                            "cluster has; lower it")
+        where = "any one node of the Ray cluster has" if resources.get("CPU", 0.0) > cpus else "the Ray cluster has"
+        raise AutopeftError(f"--cpus-per-trial {s.cpus_per_trial:g} is more than the {cpus:g} CPU(s) {where}; "
+                            "lower it")

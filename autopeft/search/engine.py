@@ -172,7 +172,8 @@ def _searcher_class() -> type:
             self.epochs.see(trial_id, r)
             epochs = int(r.get("epoch", 0) or 0)
             attrs = {st.ATTR_CURVE: list(r.get("curve") or []), st.ATTR_EPOCHS: epochs,
-                     st.ATTR_SECONDS: float(r.get("seconds", 0.0) or 0.0), st.ATTR_NODE: str(r.get("node", ""))}
+                     st.ATTR_SECONDS: float(r.get("seconds", 0.0) or 0.0), st.ATTR_NODE: str(r.get("node", "")),
+                     st.ATTR_GPUS: [str(g) for g in r.get("gpus") or []]}
             if r.get("resumed_from"):
                 attrs[st.ATTR_RESUMED_FROM] = int(r["resumed_from"])
             reason = r.get("fail_reason") or (lost_reason(len(self.lost.get(trial_id, []))) if error else None)
@@ -389,9 +390,9 @@ def trial_trainable(s: SearchSettings, checkpoint_every: int = 0) -> Any:
 
     trial_settings = TrialSettings(dataset=s.dataset, backbone=s.backbone, epochs=s.epochs, weights=s.weights,
                                    data_root=s.data_root, seed=s.seed, checkpoint_every=checkpoint_every,
-                                   precision=s.precision)
+                                   precision=s.precision, device="auto" if s.gpus_per_trial else "cpu")
     return tune.with_resources(tune.with_parameters(run_trial, settings=trial_settings),
-                               {"cpu": s.cpus_per_trial, "gpu": s.gpus_per_trial})
+                               {"cpu": s.cpus_per_trial, "gpu": s.gpus_per_trial or 0.0})
 
 
 def run(prep: Prepared, study: optuna.Study, remaining: int, callbacks: list | None = None,

@@ -60,6 +60,7 @@ class SupernetJob:
     # plan's rate. Measured off (BENCHMARKS.md "One-shot search": it lowered Kendall's tau on one task of two)
     plan_rates: bool = False
     precision: str = "auto"  # as the study's trials (autopeft.train.resolve_precision)
+    device: str = "auto"  # as the study's trials (TrialSettings.device)
 
 
 def supernet_hparams(space: Any, searched_only: bool = False) -> dict[str, Any]:
@@ -116,7 +117,7 @@ def train_supernet(job: SupernetJob, report: Any = None, resume: dict[str, Any] 
     space, spec = load_space(job.space), backbone_spec(job.backbone)
     bound = check_feasible(space, spec, job.budget_limit)
     cover = cover_plan(bound)
-    config = trial_config(supernet_hparams(space), job.epochs, job.seed, job.precision)
+    config = trial_config(supernet_hparams(space), job.epochs, job.seed, job.precision, job.device)
     data = load_dataset(job.dataset, job.data_root, augment=config.augment, seed=job.seed,
                         **data_config(job.backbone))
     slices: dict = {}
@@ -301,7 +302,7 @@ def run_phase(prep: Any, study: optuna.Study, console: Any) -> None:
         job = SupernetJob(dataset=s.dataset, backbone=s.backbone, space=s.space, budget_limit=prep.budget.limit,
                           epochs=supernet_epochs(s), candidates=s.candidates, finalists=s.finalists, seed=s.seed,
                           weights=s.weights, data_root=s.data_root, state_path=path, trial_epochs=s.epochs,
-                          precision=s.precision)
+                          precision=s.precision, device="auto" if s.gpus_per_trial else "cpu")
         n = job.candidates or "as many sub-plans as one trial's compute pays for"
         console.print(f"one-shot: a supernet of space {prep.space.name} trains {job.epochs} epochs (one sub-plan "
                       f"a step), then {n} are scored on val with its weights and the best "
@@ -311,7 +312,7 @@ def run_phase(prep: Any, study: optuna.Study, console: Any) -> None:
         os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
         trainable = tune.with_resources(tune.with_parameters(run_supernet, job=job),
-                                        {"cpu": s.cpus_per_trial, "gpu": s.gpus_per_trial})
+                                        {"cpu": s.cpus_per_trial, "gpu": s.gpus_per_trial or 0.0})
         workdir = tempfile.mkdtemp(prefix=f"autopeft-{s.study}-supernet-")
         try:
             grid = tune.Tuner(trainable, tune_config=tune.TuneConfig(num_samples=1),

@@ -15,6 +15,7 @@ from autopeft.train_config import PRECISIONS
 from autopeft.yamlfile import read_yaml
 
 SAMPLERS = ("tpe", "nsga2", "gp", "random")
+DEFAULT_CONCURRENCY = 2  # trials at once where Ray has no GPU and --concurrency is not given
 
 
 @dataclass
@@ -35,9 +36,13 @@ class SearchSettings:
     reduction_factor: int = 2
     sampler: str = "tpe"
     objectives: tuple[str, ...] = ("acc", "params")
-    gpus_per_trial: float = 0.0
+    # None: chosen from the GPUs Ray has (`autopeft.search.cluster.resolve_gpus`): without GPUs none and
+    # DEFAULT_CONCURRENCY trials at once; with G GPUs `trials_per_gpu` trials on each of them, or, with
+    # `concurrency` c given, each trial 1/ceil(c/G) of a GPU
+    gpus_per_trial: float | None = None
     cpus_per_trial: float = 1.0
-    concurrency: int = 2
+    concurrency: int | None = None
+    trials_per_gpu: int = 2
     address: str | None = None
     storage: str | None = None
     resume: bool = False
@@ -117,12 +122,14 @@ class SearchSettings:
             (self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}"),
             (self.grace_epochs >= 1, f"--grace-epochs must be >= 1, got {self.grace_epochs}"),
             (self.reduction_factor >= 2, f"reduction_factor must be >= 2, got {self.reduction_factor}"),
-            (self.concurrency >= 1, f"--concurrency must be >= 1, got {self.concurrency}"),
+            (self.concurrency is None or self.concurrency >= 1, f"--concurrency must be >= 1, got {self.concurrency}"),
+            (self.trials_per_gpu >= 1, f"--trials-per-gpu must be >= 1, got {self.trials_per_gpu}"),
             (self.max_retries >= 0, f"--max-retries must be >= 0, got {self.max_retries}"),
             (self.checkpoint_every >= 0, f"--checkpoint-every must be >= 0, got {self.checkpoint_every}"),
             (self.storage_patience >= 0, f"--storage-patience must be >= 0 seconds, got {self.storage_patience:g}"),
             (self.cpus_per_trial > 0, f"--cpus-per-trial must be > 0, got {self.cpus_per_trial}"),
-            (self.gpus_per_trial >= 0, f"--gpus-per-trial must be >= 0, got {self.gpus_per_trial}"),
+            (self.gpus_per_trial is None or self.gpus_per_trial >= 0,
+             f"--gpus-per-trial must be >= 0, got {self.gpus_per_trial}"),
             (self.max_epochs is None or self.max_epochs >= self.epochs,
              f"--max-epochs {self.max_epochs} is less than one trial's {self.epochs} epochs (--epochs): no trial "
              "could finish; give at least that many"),
@@ -140,6 +147,11 @@ class SearchSettings:
                 continue  # an object-store URI
             if value:
                 setattr(self, name, str(Path(value).expanduser().absolute()))
+        if self.address and self.address.startswith("ray://"):
+            raise AutopeftError(f"--address {self.address}: Ray Client (ray://) is not supported (Ray Tune pickles the "
+                                "search's Optuna searcher, which keeps no storage connection across the client); run "
+                                "the search on the cluster's head node with --address auto, or submit it there with "
+                                "`ray job submit -- autopeft search ...`")
         if self.space and (self.space.endswith((".yaml", ".yml")) or os.sep in self.space):
             self.space = str(Path(self.space).expanduser().absolute())
 
@@ -174,7 +186,8 @@ class SearchSettings:
 
     def local_cpus(self) -> int:
         """CPUs of a local Ray instance: the machine's, but at least what the requested concurrency needs."""
-        return max(int(os.cpu_count() or 1), int(self.cpus_per_trial * self.concurrency + 0.999))
+        concurrency = self.concurrency or DEFAULT_CONCURRENCY
+        return max(int(os.cpu_count() or 1), int(self.cpus_per_trial * concurrency + 0.999))
 
 
 def load_recipe(path: str | Path) -> dict[str, Any]:

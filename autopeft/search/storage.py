@@ -24,6 +24,7 @@ from autopeft.records import (  # noqa: F401  (the trial attribute names, also h
     ATTR_BASELINE,
     ATTR_CURVE,
     ATTR_EPOCHS,
+    ATTR_GPUS,
     ATTR_HPARAMS,
     ATTR_LOST_NODES,
     ATTR_MAX_EPOCHS,

@@ -29,12 +29,16 @@ class TrialSettings:
     seed: int = 0
     checkpoint_every: int = 0  # a trial's state goes with every k-th epoch's report (0: none)
     precision: str = "auto"  # what the trials compute at (autopeft.train.resolve_precision)
+    # `auto`: the GPU Ray gave the trial (it sets CUDA_VISIBLE_DEVICES to it), else the CPU; `cpu` for trials that
+    # asked for no GPU, which must not take one nobody reserved for them
+    device: str = "auto"
 
 
 STATE_FILE = "train_state.pt"
 
 
-def trial_config(hparams: dict[str, Any], epochs: int, seed: int, precision: str | None = None) -> TrainConfig:
+def trial_config(hparams: dict[str, Any], epochs: int, seed: int, precision: str | None = None,
+                 device: str = "auto") -> TrainConfig:
     """The TrainConfig of a trial from its hyper-parameters at the study's fidelity.
 
     `hparams` are what `sample_hparams` returns: the space's fixed training settings and the sampled ones, under
@@ -49,7 +53,7 @@ def trial_config(hparams: dict[str, Any], epochs: int, seed: int, precision: str
     training.pop("epochs", None)
     if precision is not None:
         training["precision"] = precision
-    return TrainConfig(**check_training(training, SPACE_TRAINING_KEYS), epochs=epochs, seed=seed)
+    return TrainConfig(**check_training(training, SPACE_TRAINING_KEYS), epochs=epochs, seed=seed, device=device)
 
 
 def _failure(exc: BaseException) -> str:
@@ -74,6 +78,16 @@ def _poisons_context(exc: BaseException) -> bool:
     """Whether `exc` is a CUDA error after which no kernel runs again in this process."""
     text = str(exc).lower()
     return "cuda" in text and any(marker in text for marker in _FATAL_CUDA)
+
+
+def _gpus() -> list[str]:
+    """The GPUs Ray gave this trial (its CUDA_VISIBLE_DEVICES; none outside Ray or for a CPU trial)."""
+    try:
+        import ray
+
+        return [str(g) for g in ray.get_gpu_ids()]
+    except Exception:  # noqa: BLE001  outside Ray
+        return []
 
 
 def _node() -> str:
@@ -106,14 +120,16 @@ def run_trial(config: dict, settings: TrialSettings) -> None:
     info = config["autopeft"]
     start = time.perf_counter()
     curve: list[float] = []
-    base = {"peft_params": info["peft_params"], "overhead": info.get("overhead", 0.0), "node": _node()}
+    base = {"peft_params": info["peft_params"], "overhead": info.get("overhead", 0.0), "node": _node(),
+            "gpus": _gpus()}
     resume = _last_state()
     if resume is not None:  # a re-run after a lost worker: on from the trial's last checkpoint
         curve = [float(h["val_acc"]) for h in resume["history"]]
         base["resumed_from"] = int(resume["epoch"])
     try:
         plan = PeftPlan.from_dict(info["plan"])
-        cfg = trial_config(info.get("hparams", {}), settings.epochs, settings.seed, settings.precision)
+        cfg = trial_config(info.get("hparams", {}), settings.epochs, settings.seed, settings.precision,
+                           settings.device)
         data = load_dataset(settings.dataset, settings.data_root, augment=cfg.augment, seed=settings.seed,
                             **data_config(settings.backbone))
         if info.get("cv"):
