@@ -140,11 +140,31 @@ def _subset(dataset: Dataset, fraction: float, seed: int) -> Dataset:
     return Subset(dataset, sorted(keep.tolist()))
 
 
-class _Source:
-    """Batches of one split: either images through the whole model or cached block-k features."""
+class _Planned:
+    """A batch sampler that yields whatever batches it was last given: one DataLoader, and with workers one set of
+    worker processes, serves every epoch's own order."""
 
-    def __init__(self, dataset: Dataset, cached: tuple[torch.Tensor, torch.Tensor] | None, workers: int):
-        self.dataset, self.cached, self.workers = dataset, cached, workers
+    def __init__(self) -> None:
+        self.batches: list[list[int]] = []
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+class _Source:
+    """Batches of one split: either images through the whole model or cached block-k features.
+
+    Images are prepared by `workers` DataLoader processes (0: in the training thread), kept alive across epochs;
+    `pin` puts each batch in page-locked memory, so that its copy to a GPU overlaps the step."""
+
+    def __init__(self, dataset: Dataset, cached: tuple[torch.Tensor, torch.Tensor] | None, workers: int,
+                 pin: bool = False):
+        self.dataset, self.cached, self.workers, self.pin = dataset, cached, workers, pin
+        self._plan = _Planned()
+        self._loader: DataLoader | None = None
 
     def __len__(self) -> int:
         return len(self.cached[1]) if self.cached else num_samples(self.dataset)
@@ -155,7 +175,11 @@ class _Source:
             for idx in index_batches:
                 yield x[idx], y[idx]
             return
-        yield from DataLoader(self.dataset, batch_sampler=index_batches, num_workers=self.workers)
+        if self._loader is None:
+            self._loader = DataLoader(self.dataset, batch_sampler=self._plan, num_workers=self.workers,
+                                      pin_memory=self.pin, persistent_workers=self.workers > 0)
+        self._plan.batches = index_batches
+        yield from self._loader
 
 
 @dataclass
@@ -226,7 +250,7 @@ def set_up(backbone: str, plan: PeftPlan, data: DataSplits, config: TrainConfig,
 
     def source(role: str, split_name: str, dataset: Dataset) -> _Source:
         if not use_cache:
-            return _Source(dataset, None, config.num_workers)
+            return _Source(dataset, None, config.num_workers, pin=device.type == "cuda")
         suffix = f"@{config.train_fraction}:{config.seed}" if role == "train" and config.train_fraction < 1 else ""
         key = cache.key(backbone, w_hash, k, data.fingerprint, split_name + suffix, precision)
         return _Source(dataset, cache.features(model, k, dataset, key, config.eval_batch_size, device,

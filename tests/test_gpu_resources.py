@@ -100,3 +100,16 @@ def test_gpus_per_trial_0_says_the_gpus_stay_idle(tmp_path, monkeypatch, capsys,
     assert "--gpus-per-trial 0: trials run on the CPU although Ray has GPUs" in capsys.readouterr().err
     trial = optuna.load_study(study_name="cpu", storage=f"sqlite:///{tmp_path}/studies/cpu.db").trials[0]
     assert trial.user_attrs[st.ATTR_GPUS] == []
+
+
+def test_a_trials_cpus_beyond_its_thread_prepare_its_images() -> None:
+    from autopeft.search.engine import trial_settings
+
+    assert SearchSettings().data_workers == 0
+    assert SearchSettings(cpus_per_trial=4).data_workers == 3
+    assert SearchSettings(cpus_per_trial=4, num_workers=1).data_workers == 1
+    with pytest.raises(AutopeftError, match="--num-workers must be >= 0"):
+        SearchSettings(num_workers=-1)
+    on_gpu = trial_settings(SearchSettings(cpus_per_trial=3, gpus_per_trial=0.5, concurrency=2))
+    assert (on_gpu.num_workers, on_gpu.device) == (2, "auto")
+    assert trial_settings(SearchSettings(gpus_per_trial=0.0)).device == "cpu"

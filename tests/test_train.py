@@ -277,3 +277,14 @@ def test_check_training_types_and_refuses_unknown_keys() -> None:
         check_training({"optimizr": "sgd"})
     with pytest.raises(AutopeftError, match="training key 'optimizer' must be str, got 1"):
         check_training({"optimizer": 1})
+
+
+def test_dataloader_workers_give_the_same_run(digits, tmp_path) -> None:
+    """Images prepared by two persistent DataLoader processes (one loader for all epochs, each epoch's own order)
+    train exactly as in the training thread."""
+    plan = PeftPlan.single(make_spec("lora", {"rank": 2}), [0, 1, 2])
+    inline = _run(digits, plan, tmp_path, feature_cache=False, epochs=3)
+    workers = _run(digits, plan, tmp_path, feature_cache=False, epochs=3, num_workers=2)
+    assert [h["train_loss"] for h in workers.history] == [h["train_loss"] for h in inline.history]
+    assert [h["val_acc"] for h in workers.history] == [h["val_acc"] for h in inline.history]
+    assert workers.test_acc == inline.test_acc

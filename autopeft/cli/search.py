@@ -37,7 +37,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--gpus-per-trial", type=float,
                    help="GPUs per trial (fractions share a GPU; default: --trials-per-gpu trials on every GPU Ray "
                         "has, or 1/ceil(c/GPUs) each with --concurrency c; 0 where there are none)")
-    p.add_argument("--cpus-per-trial", type=float, help="CPUs per trial (default 1)")
+    p.add_argument("--cpus-per-trial", type=float, help="CPUs per trial (default 1); those beyond the first prepare "
+                                                        "its images in DataLoader processes")
+    p.add_argument("--num-workers", type=int, metavar="N",
+                   help="DataLoader processes per trial (default: --cpus-per-trial minus one)")
     p.add_argument("--concurrency", type=int, help="trials running at once (default: all the GPUs hold, see "
                                                    "--gpus-per-trial; 2 without GPUs)")
     p.add_argument("--trials-per-gpu", type=int, metavar="K",
@@ -117,6 +120,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     flags = {k: getattr(args, k) for k in ("dataset", "budget", "backbone", "weights", "data_root", "space", "trials",
                                              "epochs", "grace_epochs", "early_stopping", "sampler", "objectives",
                                              "gpus_per_trial", "cpus_per_trial", "concurrency", "trials_per_gpu",
+                                             "num_workers",
                                              "address", "storage",
                                              "study", "resume", "warm_start", "seed", "baselines",
                                              "baseline_lr_scales", "baseline_mix", "max_epochs", "select",

@@ -83,6 +83,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "with loss scaling on one that does not, fp32 on the CPU), bf16, fp16 or fp32; recorded in "
                         "the run, which `autopeft evaluate` and `predict` then use")
     p.add_argument("--no-cache", action="store_true", help="do not cache the frozen prefix's features")
+    p.add_argument("--num-workers", type=int, default=0, metavar="N",
+                   help="DataLoader processes preparing images (default 0: in the training thread)")
     p.add_argument("--out", default=None, help="run directory (default runs/<dataset>-<time>)")
     p.set_defaults(func=cmd_train)
 
@@ -146,6 +148,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     recipe = recipe_from_args(args)
     recipe.check()  # the plan against the backbone, before any data is read
     check_pretrained(recipe.backbone, recipe.weights)
+    if args.num_workers < 0:
+        raise AutopeftError(f"--num-workers must be >= 0, got {args.num_workers}")
     if args.seeds < 1:
         raise AutopeftError(f"--seeds must be >= 1, got {args.seeds}")
     if args.merge and not recipe.plan.mergeable:
@@ -228,10 +232,11 @@ def _one_run(recipe: Recipe, data: DataSplits, run_dir: Path, args: argparse.Nam
             progress.console.print(f"epoch {m['epoch']:3d}  train_loss {m['train_loss']:.4f}{val}  {m['seconds']:.1f}s")
 
         result = train_recipe(recipe, data, report=report, on_step=on_step, device=args.device,
-                              feature_cache=not args.no_cache)
+                              feature_cache=not args.no_cache, num_workers=args.num_workers)
     if result.test_acc is None:
         raise AutopeftError("the run produced no test accuracy")
-    config = recipe.train_config(device=args.device, feature_cache=not args.no_cache)
+    config = recipe.train_config(device=args.device, feature_cache=not args.no_cache,
+                                 num_workers=args.num_workers)
     spec = backbone_spec(recipe.backbone)
     info = {"dataset": data.name, "backbone": recipe.backbone, "weights": recipe.weights,
             "num_classes": data.num_classes, "protocol": recipe.protocol, "config": config.to_dict(),

@@ -383,15 +383,21 @@ def make_scheduler(s: SearchSettings) -> Any:
                          grace_period=min(s.grace_epochs, s.epochs), reduction_factor=s.reduction_factor)
 
 
+def trial_settings(s: SearchSettings, checkpoint_every: int = 0) -> TrialSettings:
+    """What every trial of the study gets: a trial that asked for no GPU computes on the CPU (never on a GPU
+    nobody reserved for it); the CPUs it reserves beyond its thread prepare its images."""
+    return TrialSettings(dataset=s.dataset, backbone=s.backbone, epochs=s.epochs, weights=s.weights,
+                         data_root=s.data_root, seed=s.seed, checkpoint_every=checkpoint_every,
+                         precision=s.precision, device="auto" if s.gpus_per_trial else "cpu",
+                         num_workers=s.data_workers)
+
+
 def trial_trainable(s: SearchSettings, checkpoint_every: int = 0) -> Any:
     """The Ray Tune trainable of a study's trials (and of its cross-validation fold runs), with their resources;
     `checkpoint_every` k > 0: each trial checkpoints every k epochs."""
     from ray import tune
 
-    trial_settings = TrialSettings(dataset=s.dataset, backbone=s.backbone, epochs=s.epochs, weights=s.weights,
-                                   data_root=s.data_root, seed=s.seed, checkpoint_every=checkpoint_every,
-                                   precision=s.precision, device="auto" if s.gpus_per_trial else "cpu")
-    return tune.with_resources(tune.with_parameters(run_trial, settings=trial_settings),
+    return tune.with_resources(tune.with_parameters(run_trial, settings=trial_settings(s, checkpoint_every)),
                                {"cpu": s.cpus_per_trial, "gpu": s.gpus_per_trial or 0.0})
 
 

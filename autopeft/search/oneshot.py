@@ -61,6 +61,7 @@ class SupernetJob:
     plan_rates: bool = False
     precision: str = "auto"  # as the study's trials (autopeft.train.resolve_precision)
     device: str = "auto"  # as the study's trials (TrialSettings.device)
+    num_workers: int = 0  # as the study's trials (TrialSettings.num_workers)
 
 
 def supernet_hparams(space: Any, searched_only: bool = False) -> dict[str, Any]:
@@ -117,7 +118,8 @@ def train_supernet(job: SupernetJob, report: Any = None, resume: dict[str, Any] 
     space, spec = load_space(job.space), backbone_spec(job.backbone)
     bound = check_feasible(space, spec, job.budget_limit)
     cover = cover_plan(bound)
-    config = trial_config(supernet_hparams(space), job.epochs, job.seed, job.precision, job.device)
+    config = trial_config(supernet_hparams(space), job.epochs, job.seed, job.precision, device=job.device,
+                          num_workers=job.num_workers)
     data = load_dataset(job.dataset, job.data_root, augment=config.augment, seed=job.seed,
                         **data_config(job.backbone))
     slices: dict = {}
@@ -302,7 +304,8 @@ def run_phase(prep: Any, study: optuna.Study, console: Any) -> None:
         job = SupernetJob(dataset=s.dataset, backbone=s.backbone, space=s.space, budget_limit=prep.budget.limit,
                           epochs=supernet_epochs(s), candidates=s.candidates, finalists=s.finalists, seed=s.seed,
                           weights=s.weights, data_root=s.data_root, state_path=path, trial_epochs=s.epochs,
-                          precision=s.precision, device="auto" if s.gpus_per_trial else "cpu")
+                          precision=s.precision, device="auto" if s.gpus_per_trial else "cpu",
+                          num_workers=s.data_workers)
         n = job.candidates or "as many sub-plans as one trial's compute pays for"
         console.print(f"one-shot: a supernet of space {prep.space.name} trains {job.epochs} epochs (one sub-plan "
                       f"a step), then {n} are scored on val with its weights and the best "

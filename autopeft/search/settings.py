@@ -43,6 +43,9 @@ class SearchSettings:
     cpus_per_trial: float = 1.0
     concurrency: int | None = None
     trials_per_gpu: int = 2
+    # DataLoader processes preparing each trial's images; None: one per CPU the trial reserves beyond its own
+    # thread (`data_workers`)
+    num_workers: int | None = None
     address: str | None = None
     storage: str | None = None
     resume: bool = False
@@ -124,6 +127,7 @@ class SearchSettings:
             (self.reduction_factor >= 2, f"reduction_factor must be >= 2, got {self.reduction_factor}"),
             (self.concurrency is None or self.concurrency >= 1, f"--concurrency must be >= 1, got {self.concurrency}"),
             (self.trials_per_gpu >= 1, f"--trials-per-gpu must be >= 1, got {self.trials_per_gpu}"),
+            (self.num_workers is None or self.num_workers >= 0, f"--num-workers must be >= 0, got {self.num_workers}"),
             (self.max_retries >= 0, f"--max-retries must be >= 0, got {self.max_retries}"),
             (self.checkpoint_every >= 0, f"--checkpoint-every must be >= 0, got {self.checkpoint_every}"),
             (self.storage_patience >= 0, f"--storage-patience must be >= 0 seconds, got {self.storage_patience:g}"),
@@ -183,6 +187,12 @@ class SearchSettings:
         if not self.checkpoint_every or self.checkpoints_need_storage:
             return None
         return self.checkpoint_storage or workdir
+
+    @property
+    def data_workers(self) -> int:
+        """DataLoader processes per trial: `num_workers`, else the CPUs the trial reserves beyond its training
+        thread (--cpus-per-trial 4: three)."""
+        return self.num_workers if self.num_workers is not None else max(0, int(self.cpus_per_trial) - 1)
 
     def local_cpus(self) -> int:
         """CPUs of a local Ray instance: the machine's, but at least what the requested concurrency needs."""

@@ -32,20 +32,21 @@ class TrialSettings:
     # `auto`: the GPU Ray gave the trial (it sets CUDA_VISIBLE_DEVICES to it), else the CPU; `cpu` for trials that
     # asked for no GPU, which must not take one nobody reserved for them
     device: str = "auto"
+    num_workers: int = 0  # DataLoader processes preparing the trial's images (autopeft.train: 0, in its thread)
 
 
 STATE_FILE = "train_state.pt"
 
 
 def trial_config(hparams: dict[str, Any], epochs: int, seed: int, precision: str | None = None,
-                 device: str = "auto") -> TrainConfig:
+                 **machine: Any) -> TrainConfig:
     """The TrainConfig of a trial from its hyper-parameters at the study's fidelity.
 
     `hparams` are what `sample_hparams` returns: the space's fixed training settings and the sampled ones, under
     the keys of `SPACE_TRAINING_KEYS` (checked when the space was read); keys it leaves out take TrainConfig's
     defaults. `epochs` and `seed` are the study's, and the space's warm-up keeps its share of the space's schedule
     (`epochs` in the space: 10 of 100 warm-up epochs are 1 of a 10-epoch trial). `precision`, the study's, holds
-    over the space's.
+    over the space's; `machine`: where the trial runs (TrainConfig's `device`, `num_workers`).
     """
     from autopeft.train_config import SPACE_TRAINING_KEYS, TrainConfig, check_training, rescale_warmup
 
@@ -53,7 +54,7 @@ def trial_config(hparams: dict[str, Any], epochs: int, seed: int, precision: str
     training.pop("epochs", None)
     if precision is not None:
         training["precision"] = precision
-    return TrainConfig(**check_training(training, SPACE_TRAINING_KEYS), epochs=epochs, seed=seed, device=device)
+    return TrainConfig(**check_training(training, SPACE_TRAINING_KEYS), epochs=epochs, seed=seed, **machine)
 
 
 def _failure(exc: BaseException) -> str:
@@ -129,7 +130,7 @@ def run_trial(config: dict, settings: TrialSettings) -> None:
     try:
         plan = PeftPlan.from_dict(info["plan"])
         cfg = trial_config(info.get("hparams", {}), settings.epochs, settings.seed, settings.precision,
-                           settings.device)
+                           device=settings.device, num_workers=settings.num_workers)
         data = load_dataset(settings.dataset, settings.data_root, augment=cfg.augment, seed=settings.seed,
                             **data_config(settings.backbone))
         if info.get("cv"):
