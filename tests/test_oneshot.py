@@ -112,3 +112,18 @@ def test_max_epochs_counts_the_supernet(study_dir) -> None:
 
     study = _study(study_dir)
     assert oneshot.spent_epochs(study) == math.ceil(study.user_attrs["oneshot"]["cost_epochs"])
+
+
+def test_max_epochs_must_leave_room_for_the_scoring_passes(study_dir, tmp_path, capsys) -> None:
+    """The pre-check counts the supernet's scoring passes: 2,000 candidates on digits' 200 val images cost more
+    epochs than the supernet itself; refused in one line before anything exists."""
+    from autopeft.search.oneshot import FORWARD_SHARE
+
+    os.chdir(tmp_path)
+    flags = [f for f in SEARCH if f not in ("--candidates", "10")]
+    scoring = math.ceil(1 + 2000 * FORWARD_SHARE * 200 / 800) - 1  # digits: 800 train, 200 val images
+    assert scoring > 1
+    assert main([*flags, "--study", "capped", "--candidates", "2000", "--max-epochs", str(1 + 2 + scoring - 1)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"its scoring of 2000 candidates ({scoring} epochs' compute)" in err[0], err
+    assert f"give at least {1 + scoring + 2}" in err[0] and not list(tmp_path.iterdir())

@@ -78,7 +78,8 @@ def prepare(s: SearchSettings) -> Prepared:
     trial_search = s.strategy == "trials"  # a one-shot search's trials are its finalists: no baselines
     baselines = baseline_plans(spec, budget.limit) if s.baselines and trial_search and not s.resume else []
     prep = Prepared(settings=s, spec=spec, budget=budget, space=space, storage_url=url,
-                    num_classes=data.num_classes, baselines=baselines, train_size=len(data.train))  # type: ignore[arg-type]
+                    num_classes=data.num_classes, baselines=baselines, train_size=len(data.train),  # type: ignore[arg-type]
+                    val_size=len(data.val))  # type: ignore[arg-type]
     baseline_hparams(space, s.baseline_lr_scales)  # scaled rates inside the space's range, before the study exists
     if not trial_search:
         from autopeft.search import oneshot

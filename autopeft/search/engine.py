@@ -261,6 +261,7 @@ class Prepared:
     num_classes: int
     baselines: list[tuple[str, PeftPlan]] = field(default_factory=list)
     train_size: int = 0  # images of the train split the trials train on
+    val_size: int = 0  # images of the val split they are scored on
 
     def fidelity_notes(self) -> list[str]:
         """Where the trials train otherwise than the space says (`autopeft.train.fitted_config`: a batch fitted to

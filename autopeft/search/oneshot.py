@@ -275,15 +275,22 @@ def supernet_epochs(s: Any) -> int:
 
 def check(prep: Any) -> None:
     """Before anything is created: the space's methods all slice (one line naming the others), and a --max-epochs
-    leaves room for the supernet and one finalist."""
+    leaves room for the supernet, its scoring passes (at most --candidates, each a forward pass over val, counted
+    in epochs of training as `cost_epochs` counts them) and one finalist."""
     from autopeft.space import bind
     from autopeft.supernet import cover_specs
 
     cover_specs(bind(prep.space, prep.spec))
     s = prep.settings
-    if s.max_epochs is not None and s.max_epochs < supernet_epochs(s) + s.epochs:
+    if s.max_epochs is None:
+        return
+    passes = s.candidates or candidates_for(s.epochs, prep.train_size, prep.val_size, s.finalists)
+    phase = math.ceil(cost_epochs(supernet_epochs(s), passes, prep.val_size, prep.train_size))
+    if s.max_epochs < phase + s.epochs:
         raise AutopeftError(f"--max-epochs {s.max_epochs} leaves no room for the supernet's {supernet_epochs(s)} "
-                            f"epochs and one finalist's {s.epochs}; give at least {supernet_epochs(s) + s.epochs}")
+                            f"epochs, its scoring of {passes} candidates ({phase - supernet_epochs(s)} epochs' "
+                            f"compute) and one finalist's {s.epochs}; give at least {phase + s.epochs} (or fewer "
+                            "--candidates)")
 
 
 def run_phase(prep: Any, study: optuna.Study, console: Any) -> None:
