@@ -10,6 +10,7 @@ import contextlib
 import random
 import time
 from collections.abc import Callable, Iterator, Sized
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any, cast
 
@@ -157,23 +158,57 @@ class _Planned:
 class _Source:
     """Batches of one split: either images through the whole model or cached block-k features.
 
-    Images are prepared by `workers` DataLoader processes (0: in the training thread), kept alive across epochs;
-    `pin` puts each batch in page-locked memory, so that its copy to a GPU overlaps the step."""
+    A split whose images are in the pixel store (`ImageFileDataset.pixel_batch`) is read from it as uint8, one batch
+    ahead in a thread, copied to `device` and normalised there. Other images are prepared by `workers` DataLoader
+    processes (0: in the training thread), kept alive across epochs; `pin` puts each batch in page-locked memory, so
+    that its copy to a GPU overlaps the step."""
 
     def __init__(self, dataset: Dataset, cached: tuple[torch.Tensor, torch.Tensor] | None, workers: int,
-                 pin: bool = False):
+                 pin: bool = False, device: torch.device | str = "cpu"):
         self.dataset, self.cached, self.workers, self.pin = dataset, cached, workers, pin
+        self.device = torch.device(device)
         self._plan = _Planned()
         self._loader: DataLoader | None = None
+        self._stored: tuple[Any, list[int] | None] | None | bool = False  # False: not looked up yet
 
     def __len__(self) -> int:
         return len(self.cached[1]) if self.cached else num_samples(self.dataset)
+
+    def _pixel_store(self) -> tuple[Any, list[int] | None] | None:
+        """(the stored dataset, the Subset's indices into it or None), or None where the split is not stored."""
+        if self._stored is False:
+            base: Any = self.dataset
+            index = None
+            if isinstance(base, Subset):
+                base, index = base.dataset, list(base.indices)
+            self._stored = (base, index) if hasattr(base, "pixel_batch") and base.stored() is not None else None
+        return self._stored  # type: ignore[return-value]
+
+    def _stored_batches(self, base: Any, index: list[int] | None, index_batches: list[list[int]]
+                        ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        normalize = base.normalize.on(self.device)
+
+        def load(batch: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+            x, y = base.pixel_batch(batch if index is None else [index[i] for i in batch])
+            return (x.pin_memory() if self.pin else x), y
+
+        with ThreadPoolExecutor(1) as pool:  # gathers the next batch from the mapped file while this one trains
+            ahead = pool.submit(load, index_batches[0]) if index_batches else None
+            for i in range(len(index_batches)):
+                assert ahead is not None
+                x, y = ahead.result()
+                ahead = pool.submit(load, index_batches[i + 1]) if i + 1 < len(index_batches) else None
+                yield normalize(x.to(self.device, non_blocking=True)), y
 
     def batches(self, index_batches: list[list[int]]) -> Iterator[tuple[Any, Any]]:
         if self.cached:
             x, y = self.cached
             for idx in index_batches:
                 yield x[idx], y[idx]
+            return
+        stored = self._pixel_store()
+        if stored is not None:
+            yield from self._stored_batches(*stored, index_batches)
             return
         if self._loader is None:
             self._loader = DataLoader(self.dataset, batch_sampler=self._plan, num_workers=self.workers,
@@ -250,7 +285,7 @@ def set_up(backbone: str, plan: PeftPlan, data: DataSplits, config: TrainConfig,
 
     def source(role: str, split_name: str, dataset: Dataset) -> _Source:
         if not use_cache:
-            return _Source(dataset, None, config.num_workers, pin=device.type == "cuda")
+            return _Source(dataset, None, config.num_workers, pin=device.type == "cuda", device=device)
         suffix = f"@{config.train_fraction}:{config.seed}" if role == "train" and config.train_fraction < 1 else ""
         key = cache.key(backbone, w_hash, k, data.fingerprint, split_name + suffix, precision)
         return _Source(dataset, cache.features(model, k, dataset, key, config.eval_batch_size, device,
@@ -440,9 +475,9 @@ def evaluate(model: nn.Module, source: _Source | Dataset, batch_size: int = 256,
              ) -> tuple[float, float]:
     """(mean cross-entropy, accuracy) of `model` over a split at `precision` (resolved: the run's own, so that a
     recorded accuracy is reproduced); `forward` replaces `model(x)` (cached features)."""
-    source = source if isinstance(source, _Source) else _Source(source, None, 0)
-    forward = forward or model
     device = torch.device(device)
+    source = source if isinstance(source, _Source) else _Source(source, None, 0, device=device)
+    forward = forward or model
     was_training = model.training
     model.eval()
     n = len(source)

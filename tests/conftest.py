@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+if "AUTOPEFT_PIXEL_CACHE" not in os.environ:  # the suite's decoded images stay out of the user's store
+    os.environ["AUTOPEFT_PIXEL_CACHE"] = tempfile.mkdtemp(prefix="autopeft-test-pixels-")
+    atexit.register(shutil.rmtree, os.environ["AUTOPEFT_PIXEL_CACHE"], True)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -202,12 +202,13 @@ def test_network_probe_gives_up_quickly():
 
 
 def test_decoded_images_are_shared_by_later_datasets_of_the_process(tmp_path, monkeypatch) -> None:
-    """A reused search worker's next trial loads the dataset anew and decodes no file again; a changed file, another
-    input size or augmentation misses; AUTOPEFT_IMAGE_CACHE_MB=0 keeps nothing."""
+    """Where the pixel store is off: a reused search worker's next trial loads the dataset anew and decodes no file
+    again; a changed file, another input size or augmentation misses; AUTOPEFT_IMAGE_CACHE_MB=0 keeps nothing."""
     import os
 
     import autopeft.data.datasets as ds
 
+    monkeypatch.setenv("AUTOPEFT_PIXEL_CACHE_MB", "0")
     folder = write_image_folder(tmp_path / "imgs", {"a": 6, "b": 6})
     monkeypatch.setattr(ds, "PIXELS", ds.PixelCache())
     reads = []

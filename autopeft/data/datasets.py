@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from autopeft.data import pixels
 from autopeft.data.transforms import Normalizer, TransformSettings, augment_batch, pil_transform, resize_batch
 from autopeft.defaults import env_megabytes
 from autopeft.errors import AutopeftError
@@ -68,6 +69,7 @@ class PixelCache:
 
 
 PIXELS = PixelCache()
+DECODED = 0  # image files this process has decoded at full size (read by tests: a stored split decodes none)
 
 
 def read_image(path: str | Path, mode: str = "RGB") -> Image.Image:
@@ -84,8 +86,11 @@ def read_image(path: str | Path, mode: str = "RGB") -> Image.Image:
 class ImageFileDataset(Dataset):
     """Images read from files with a timm.data pipeline, yielding (normalised C×H×W float tensor, label).
 
-    Without augmentation the resized uint8 image is kept in the process's `PIXELS` cache, so search trials decode
-    each file once per process (worker), not once per epoch or per trial.
+    Without augmentation the split's images are decoded and resized once per node into the pixel store
+    (`autopeft.data.pixels`) and read from there, memory-mapped; `pixel_batch` gives a batch as uint8 for the
+    trainer to normalise on its device. Where the store is off (or the split exceeds it) each image is decoded as it
+    is read and kept in the process's `PIXELS` cache. Augmented splits decode every image as it is read (the random
+    crop is taken from the full-resolution image).
     """
 
     def __init__(
@@ -99,6 +104,8 @@ class ImageFileDataset(Dataset):
         self._mode = "RGB" if settings.channels == 3 else "L"
         self._preprocessing = (settings.input_size, settings.interpolation, self._mode, bool(train), bool(hflip))
         self._keys: dict[int, tuple] = {}  # index -> PIXELS key: a file is stat-ed once, not once per epoch
+        self._store: np.ndarray | None = None
+        self._store_tried = False
 
     @property
     def targets(self) -> list[int]:
@@ -108,23 +115,60 @@ class ImageFileDataset(Dataset):
         """The same files read as an evaluation split (no augmentation)."""
         return ImageFileDataset(self.samples, self.settings, train=False, hflip=self.hflip)
 
+    def __getstate__(self) -> dict:
+        # a spawned worker maps the store itself; pickling the mapping would copy every image
+        return dict(self.__dict__, _store=None, _store_tried=False)
+
     def __len__(self) -> int:
         return len(self.samples)
 
+    def _decode(self, path: str) -> torch.Tensor:
+        global DECODED
+        DECODED += 1
+        pixels = self.transform(read_image(path, self._mode))
+        return pixels.unsqueeze(0) if pixels.ndim == 2 else pixels  # MaybePILToTensor drops a greyscale channel axis
+
+    def stored(self) -> np.ndarray | None:
+        """The split's uint8 pixels from the node's pixel store (decoded into it on first use); None when the split
+        is augmented or not stored (see `autopeft.data.pixels.stored`)."""
+        if not self._store_tried and not self.augment:
+            self._store_tried = True
+            self._store = pixels.stored([p for p, _ in self.samples], self.settings.input_size,
+                                        self.settings.interpolation, self._mode,
+                                        lambda path: self._decode(path).numpy(), threads=torch.get_num_threads())
+        return self._store
+
+    def pixel_batch(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """uint8 images (B×C×H×W, not normalised) and labels of `indices` from the pixel store; None where the split
+        is not stored (then read items)."""
+        store = self.stored()
+        if store is None:
+            return None
+        return (torch.from_numpy(store[np.asarray(indices, dtype=np.int64)]),
+                torch.tensor([self.samples[i][1] for i in indices], dtype=torch.long))
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         path, label = self.samples[index]
+        store = self.stored()
+        if store is not None:
+            return self.normalize(torch.from_numpy(store[index])), label
         key = None if self.augment else self._keys.get(index)
         if key is None and not self.augment:
             key = PIXELS.key(path, self._preprocessing)
             if key is not None:
                 self._keys[index] = key
-        pixels = PIXELS.get(key)
-        if pixels is None:
-            pixels = self.transform(read_image(path, self._mode))
-            if pixels.ndim == 2:  # MaybePILToTensor drops the channel axis of greyscale images
-                pixels = pixels.unsqueeze(0)
-            PIXELS.put(key, pixels)
-        return self.normalize(pixels), label
+        cached = PIXELS.get(key)
+        if cached is None:
+            cached = self._decode(path)
+            PIXELS.put(key, cached)
+        return self.normalize(cached), label
+
+    def __getitems__(self, indices: Sequence[int]) -> list[tuple[torch.Tensor, int]]:
+        batch = self.pixel_batch(indices)
+        if batch is None:
+            return [self[i] for i in indices]
+        x, y = batch
+        return list(zip(self.normalize(x).unbind(0), y.tolist(), strict=True))
 
 
 class TensorImageDataset(Dataset):

@@ -9,6 +9,7 @@ do.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -147,6 +148,12 @@ class Normalizer:
         self.mean = torch.tensor(settings.mean).view(-1, 1, 1)
         self.std = torch.tensor(settings.std).view(-1, 1, 1)
         self.zero = (0.0 - self.mean) / self.std  # where black (the canvas background) lands after normalising
+
+    def on(self, device: torch.device | str) -> Normalizer:
+        """This normaliser computing on `device` (the trainer normalises stored uint8 batches where it trains)."""
+        out = copy.copy(self)
+        out.mean, out.std, out.zero = self.mean.to(device), self.std.to(device), self.zero.to(device)
+        return out
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
