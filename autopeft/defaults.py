@@ -21,3 +21,6 @@ def env_megabytes(name: str, default: float) -> int:
 # How a search looks at plans (`--strategy`): every trial trains its plan alone, or a one-shot supernet ranks them
 # first (autopeft.search.oneshot)
 STRATEGIES = ("trials", "oneshot")
+# the space each strategy searches unless --space says otherwise: `oneshot` is `unified` without the methods that
+# cannot share weights in a supernet
+DEFAULT_SPACES = {"trials": "unified", "oneshot": "oneshot"}

@@ -25,6 +25,7 @@ ATTR_GPUS = "gpus"  # the ids of the GPUs Ray gave the trial (empty: it ran on t
 ATTR_RETRIES, ATTR_LOST_NODES = "retries", "lost_nodes"
 ATTR_SUPERNET_SCORE = "supernet_score"  # a one-shot finalist's val accuracy as a slice of the supernet
 ATTR_RESUMED_FROM = "resumed_from"  # the epoch of the checkpoint the trial's last re-run went on from
+ATTR_TRAINED = "trained_epochs"  # epochs every run of the trial trained (a re-run after a lost worker included)
 # cross-validation results are study user attributes (a finished trial takes no new attributes), one per fold run:
 # `cv:<folds>:<trial>:<fold>` -> {"acc": held-out accuracy, "loss": ..., "seconds": ...} or {"fail": reason}
 CV_PREFIX = "cv:"

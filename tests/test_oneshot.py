@@ -18,11 +18,12 @@ from safetensors.torch import save_file
 
 from autopeft.backbones import create_backbone
 from autopeft.cli import main
+from autopeft.search import storage as st
 
 WEIGHTS = Path(tempfile.gettempdir()) / f"autopeft-oneshot-vit-{os.getpid()}.safetensors"
 SEARCH = ["search", "--dataset", "digits", "--backbone", "autopeft_test_vit", "--weights", str(WEIGHTS),
           "--budget", "5%", "--epochs", "2", "--grace-epochs", "1", "--concurrency", "2", "--seed", "0",
-          "--strategy", "oneshot", "--space", "oneshot", "--supernet-epochs", "1", "--candidates", "10",
+          "--strategy", "oneshot", "--supernet-epochs", "1", "--candidates", "10",
           "--finalists", "3"]
 
 
@@ -63,6 +64,7 @@ def test_the_finalists_are_the_study_trials_with_their_supernet_scores(study_dir
     assert not (study_dir / "studies" / "os.supernet.pt").exists()  # the supernet's state goes once it is scored
     # compute in full: the supernet's epochs and its scoring passes, beside the finalists' epochs
     assert phase["supernet_epochs"] == 1 and phase["cost_epochs"] > 1
+    assert st.read_settings(study).search.space == "oneshot"  # one-shot's default space, no --space given
 
 
 def test_results_and_report_show_the_supernet_scores(study_dir, capsys) -> None:

@@ -426,3 +426,29 @@ def test_epoch_count_adds_each_trials_last_epoch_to_the_finished_ones() -> None:
     count.see("c", None)
     assert count.spent == 8
     assert count.room_for_another(cap=11, running=2) and not count.room_for_another(cap=10, running=2)
+
+
+def test_epoch_count_counts_every_run_of_a_trial_re_run_after_a_lost_worker() -> None:
+    """A trial whose worker was lost is run again by Ray: from its start without a checkpoint (every epoch trained
+    again), or from its last checkpoint (the epochs after it). Each run carries its own `attempt` token."""
+    from autopeft.search.epoch_cap import EpochCount, trained_epochs
+
+    count = EpochCount(base=0)
+    for epoch in (1, 2, 3):  # the first run trains 3 epochs, then its node is lost
+        count.see("a", {"epoch": epoch, "attempt": "first"})
+    for epoch in (1, 2, 3, 4):  # no checkpoint: the re-run starts over
+        count.see("a", {"epoch": epoch, "attempt": "again"})
+    count.see("a", {"epoch": 4, "attempt": "again"})  # the final result, repeated
+    assert count.trained("a") == 7 and count.spent == 7
+    for epoch in (1, 2):
+        count.see("b", {"epoch": epoch, "attempt": "b1"})
+    for epoch in (2, 3, 4):  # from the checkpoint of epoch 1: epochs 2-4 trained again
+        count.see("b", {"epoch": epoch, "attempt": "b2", "resumed_from": 1})
+    assert count.trained("b") == 5 and count.spent == 12
+
+    class Trial:
+        def __init__(self, attrs: dict) -> None:
+            self.user_attrs, self.state = attrs, optuna.trial.TrialState.COMPLETE
+
+    assert trained_epochs(Trial({"epochs": 4, "trained_epochs": 7})) == 7
+    assert trained_epochs(Trial({"epochs": 4})) == 4  # a trial recorded before the count: its length

@@ -23,7 +23,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "images, else vit_base_patch16_224.augreg_in21k)")
     p.add_argument("--weights", help="local weights file for the backbone")
     p.add_argument("--data-root", help="where datasets live (default $AUTOPEFT_DATA or ~/.cache/autopeft/data)")
-    p.add_argument("--space", help="search space name (autopeft space list) or YAML file")
+    p.add_argument("--space", help="search space name (autopeft space list) or YAML file (default: unified; "
+                   "oneshot with --strategy oneshot)")
     p.add_argument("--trials", type=int, help="number of trials (baselines included)")
     p.add_argument("--epochs", type=int, help="epochs of a full-fidelity trial")
     p.add_argument("--max-epochs", type=int, metavar="N",
@@ -82,7 +83,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="trials (default): every trial trains its plan alone; oneshot: train one weight-sharing "
                         "supernet of the space, score --candidates sub-plans on val with its shared weights and train "
                         "the --finalists best alone as the study's trials (a space of sliceable methods: oneshot, "
-                        "noah, share, ...)")
+                        "the default with it, noah, share, ...)")
     p.add_argument("--finalists", type=int, metavar="K", help="oneshot: sub-plans trained alone as trials (default 5)")
     p.add_argument("--candidates", type=int, metavar="N",
                    help="oneshot: sub-plans scored on val with the supernet's weights (default: as many as one "
@@ -130,8 +131,15 @@ def cmd_search(args: argparse.Namespace) -> int:
     from autopeft.data.recipes import choose_recipe
 
     choice = choose_recipe(args.recipe, args.dataset)  # the dataset's own recipe, or defaults that suit it
-    print(choice.line, flush=True)
-    outcome = search(settings_from(choice.path, flags, defaults=choice.defaults))
+    asked = settings_from(choice.path, flags, defaults=choice.defaults)
+    if args.resume:  # the study's stored settings under the flags (and a recipe given with --recipe)
+        asked = settings_from(args.recipe, {**flags, "study": asked.study})
+        print(f"resuming study {asked.study} with its stored settings; given: "
+              f"{', '.join(n for n in asked.given or () if n not in ('study', 'resume')) or 'nothing else'}",
+              flush=True)
+    else:
+        print(choice.line, flush=True)
+    outcome = search(asked)
     settings = outcome.settings
     table = frame(settings, outcome.records, pareto=True)
     _print_table(table, f"Pareto configs under {settings.search.budget} ({settings.budget_limit:,} params)")

@@ -22,7 +22,7 @@ from autopeft.records import TrialRecord
 from autopeft.search import storage as st
 from autopeft.search.baselines import baseline_plans
 from autopeft.search.settings import SearchSettings, load_recipe, settings_from
-from autopeft.search.study_settings import StudySettings
+from autopeft.search.study_settings import StudySettings, resumed
 
 if TYPE_CHECKING:
     from autopeft.search.engine import Prepared
@@ -47,14 +47,9 @@ def prepare(s: SearchSettings) -> Prepared:
     from autopeft.search.engine import Prepared
     from autopeft.space import check_feasible, load_space
 
-    # cheap checks first, then the storage, then what reads files (weights, every image)
+    # the storage first (a resumed study's own settings are the base of the rest), then cheap checks, then what
+    # reads files (weights, every image)
     st.check_study_name(s.study)
-    s.dataset = dataset_name(s.dataset, s.data_root)  # trials run in Ray's working directories, on other nodes
-    spec = backbone_spec(s.backbone)
-    budget = parse_budget(s.budget, spec)
-    space = load_space(s.space)
-    check_feasible(space, spec, budget)
-    check_local_gpus(s)
     url = s.storage or st.default_storage(s.study)
     exists = False
     if not url.startswith("sqlite:///") or Path(url[len("sqlite:///"):]).is_file():
@@ -66,6 +61,15 @@ def prepare(s: SearchSettings) -> Prepared:
     if exists and not s.resume:
         raise AutopeftError(f"study '{s.study}' already exists in {st.mask_url(url)}; pass --resume to continue it "
                             "or choose another --study")
+    s.dataset = dataset_name(s.dataset, s.data_root)  # trials run in Ray's working directories, on other nodes
+    changes: dict = {}
+    if s.resume:
+        s, changes = resumed(s, st.read_settings(st.load_study(s.study, url)))
+    spec = backbone_spec(s.backbone)
+    budget = parse_budget(s.budget, spec)
+    space = load_space(s.space)
+    check_feasible(space, spec, budget)
+    check_local_gpus(s)
     if s.warm_start:
         st.load_study(s.warm_start, s.warm_storage or url)
     check_weights(s.backbone, s.weights)
@@ -79,7 +83,7 @@ def prepare(s: SearchSettings) -> Prepared:
     baselines = baseline_plans(spec, budget.limit) if s.baselines and trial_search and not s.resume else []
     prep = Prepared(settings=s, spec=spec, budget=budget, space=space, storage_url=url,
                     num_classes=data.num_classes, baselines=baselines, train_size=len(data.train),  # type: ignore[arg-type]
-                    val_size=len(data.val))  # type: ignore[arg-type]
+                    val_size=len(data.val), changes=changes)  # type: ignore[arg-type]
     baseline_hparams(space, s.baseline_lr_scales)  # scaled rates inside the space's range, before the study exists
     if not trial_search:
         from autopeft.search import oneshot
@@ -135,6 +139,7 @@ def search(s: SearchSettings, console: Console | None = None) -> Outcome:
 
     console = console or Console(stderr=True, soft_wrap=True)
     prep = prepare(s)
+    s = prep.settings  # on --resume: the study's stored settings with the given changes
     st.set_patience(s.storage_patience)
     from autopeft.search.progress import SearchProgress  # imports Ray (seconds): not before the input is checked
     log = ray_log_path(prep.storage_url, s.study)
@@ -145,7 +150,9 @@ def search(s: SearchSettings, console: Console | None = None) -> Outcome:
         capped = f", at most {cap:,} epochs in all" + (f" ({spent:,} spent)" if spent else "") if cap else ""
         console.print(f"study [bold]{s.study}[/] in {escape(st.mask_url(prep.storage_url))}: {escape(s.dataset)} "
                       f"on {s.backbone}, budget {prep.budget.text} = {prep.budget.limit:,} params, space "
-                      f"{escape(prep.space.name)}, "
+                      f"{escape(prep.space.name)}"
+                      + (" (one-shot's default; --space chooses another)"
+                         if s.strategy == "oneshot" and s.defaulted("space") else "") + ", "
                       + (f"{s.trials} trials × {s.epochs} epochs" if s.strategy == "trials" else
                          f"one-shot: a supernet of {oneshot.supernet_epochs(s)} epochs, "
                          f"{s.candidates or 'one trial worth of'} candidates, "

@@ -176,6 +176,7 @@ def _searcher_class() -> type:
                      st.ATTR_GPUS: [str(g) for g in r.get("gpus") or []]}
             if r.get("resumed_from"):
                 attrs[st.ATTR_RESUMED_FROM] = int(r["resumed_from"])
+            attrs[st.ATTR_TRAINED] = self.epochs.trained(trial_id)
             reason = r.get("fail_reason") or (lost_reason(len(self.lost.get(trial_id, []))) if error else None)
             values = None
             if reason:
@@ -262,6 +263,7 @@ class Prepared:
     baselines: list[tuple[str, PeftPlan]] = field(default_factory=list)
     train_size: int = 0  # images of the train split the trials train on
     val_size: int = 0  # images of the val split they are scored on
+    changes: dict[str, Any] = field(default_factory=dict)  # --resume: settings that change (study_settings.resumed)
 
     def fidelity_notes(self) -> list[str]:
         """Where the trials train otherwise than the space says (`autopeft.train.fitted_config`: a batch fitted to
@@ -291,6 +293,8 @@ def create_or_resume(prep: Prepared) -> tuple[optuna.Study, int]:
         if study.directions != [optuna.study.StudyDirection[d.upper()] for d in directions]:  # same objectives
             raise AutopeftError(f"study '{s.study}' was created with other objectives; resume with the same ones")
         requeue_interrupted(study)
+        if prep.changes:  # they hold from the next trial on; a later --resume keeps them
+            st.record_changes(study, prep.study_settings, prep.changes)
     else:
         study = optuna.create_study(study_name=s.study, storage=store, directions=directions)
         with warnings.catch_warnings():

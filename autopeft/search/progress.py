@@ -8,6 +8,8 @@ from ray.tune import Callback
 from rich.console import Console
 from rich.markup import escape
 
+from autopeft.search.epoch_cap import EpochCount
+
 
 class SearchProgress(Callback):
     """A Ray Tune callback printing one line per finished trial and a running tally."""
@@ -15,7 +17,8 @@ class SearchProgress(Callback):
     def __init__(self, total: int, max_epochs: int, budget_limit: int, console: Console | None = None,
                  offset: int = 0, epoch_cap: int | None = None, spent: int = 0):
         self.total, self.max_epochs, self.limit = total, max_epochs, budget_limit
-        self.epoch_cap, self.spent = epoch_cap, spent  # --max-epochs, and the epochs the finished trials spent
+        # --max-epochs, and the epochs spent: the finished trials' and each run of this driver's trials
+        self.epoch_cap, self.count = epoch_cap, EpochCount(spent)
         self.console = console or Console(stderr=True, soft_wrap=True)
         self.counts = {"done": 0, "pruned": 0, "failed": 0}
         self.offset = offset
@@ -35,8 +38,15 @@ class SearchProgress(Callback):
     def _info(trial: Any) -> dict:
         return (trial.config or {}).get("autopeft", {})
 
+    @property
+    def spent(self) -> int:
+        return self.count.spent
+
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self.running.add(trial.trial_id)
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        self.count.see(trial.trial_id, result)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._finish(trial, trial.last_result or {}, error=False)
@@ -58,7 +68,7 @@ class SearchProgress(Callback):
         meta = self._info(trial)
         params, number = int(meta.get("peft_params", 0)), meta.get("number", "?")
         epochs = int(r.get("epoch", 0) or 0)
-        self.spent += epochs
+        self.count.see(trial.trial_id, r)
         if error or r.get("fail_reason"):
             self.counts["failed"] += 1
             status = f"[red]FAIL[/] {escape(str(r.get('fail_reason', 'worker failed')))}"  # text, not markup

@@ -8,7 +8,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from autopeft.defaults import DEFAULT_BACKBONE, MAX_FOLDS, STRATEGIES
+from autopeft.defaults import DEFAULT_BACKBONE, DEFAULT_SPACES, MAX_FOLDS, STRATEGIES
 from autopeft.errors import AutopeftError
 from autopeft.objectives import OBJECTIVES
 from autopeft.train_config import PRECISIONS
@@ -28,7 +28,7 @@ class SearchSettings:
     backbone: str = DEFAULT_BACKBONE
     weights: str | None = None
     data_root: str | None = None
-    space: str = "unified"
+    space: str = ""  # "": the strategy's default space (DEFAULT_SPACES)
     trials: int = 20
     epochs: int = 10
     grace_epochs: int = 2
@@ -84,8 +84,13 @@ class SearchSettings:
     # what every trial computes at (autopeft.train.resolve_precision: auto is bf16 on a GPU that has it natively,
     # fp16 on one that does not, fp32 on the CPU); exported recipes keep it
     precision: str = "auto"
+    # the settings the caller gave (flags, a recipe): what `--resume` compares with the study's stored settings and
+    # keeps (`study_settings.resumed`); None: every setting counts as given (a SearchSettings built in code)
+    given: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
+        if self.given is not None:
+            self.given = tuple(self.given)
         if isinstance(self.baseline_lr_scales, (str, int, float)):
             text = str(self.baseline_lr_scales)
             try:
@@ -106,6 +111,8 @@ class SearchSettings:
                                 "acc,params,overhead (acc is required, each at most once)")
         if self.strategy not in STRATEGIES:
             raise AutopeftError(f"unknown strategy '{self.strategy}'; choose one of: {', '.join(STRATEGIES)}")
+        if not self.space:
+            self.space = DEFAULT_SPACES[self.strategy]
         if self.strategy == "oneshot":
             if self.finalists < 1 or (self.candidates is not None and self.candidates < self.finalists):
                 raise AutopeftError(f"--finalists must be >= 1 and at most --candidates, got {self.finalists} "
@@ -159,6 +166,10 @@ class SearchSettings:
         if self.space and (self.space.endswith((".yaml", ".yml")) or os.sep in self.space):
             self.space = str(Path(self.space).expanduser().absolute())
 
+    def defaulted(self, name: str) -> bool:
+        """Whether setting `name` took its default, neither a flag nor the recipe giving it."""
+        return self.given is not None and name not in self.given
+
     @property
     def cv_folds(self) -> int | None:
         """The folds of `select` (`cv:5` -> 5), None for `val`; AutopeftError for anything else."""
@@ -206,7 +217,7 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
     data = read_yaml(p, "study recipe") or {}
     if not isinstance(data, dict):
         raise AutopeftError(f"study recipe '{p}' must be a mapping of settings")
-    valid = {f.name for f in fields(SearchSettings)} - {"resume", "storage", "address"}
+    valid = {f.name for f in fields(SearchSettings)} - {"resume", "storage", "address", "given"}
     unknown = sorted(set(data) - valid)
     if unknown:
         raise AutopeftError(f"{p}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(valid))}")
@@ -222,12 +233,15 @@ def settings_from(
     given (not None). A recipe's study names its dataset: searching another dataset with it names the study after
     that one (vtab1k/dtd with the natural group's recipe is study vtab1k-dtd)."""
     values: dict[str, Any] = dict(defaults or {})
-    values.update(load_recipe(recipe) if recipe else {})
+    from_recipe = load_recipe(recipe) if recipe else {}
+    values.update(from_recipe)
     if recipe and "study" not in values:
         values["study"] = Path(recipe).stem
     if recipe and flags.get("dataset") is not None and values.get("dataset", flags["dataset"]) != flags["dataset"]:
         values.pop("study", None)
-    values.update({k: v for k, v in flags.items() if v is not None})
+    given = {k: v for k, v in flags.items() if v is not None}
+    values["given"] = tuple(sorted(set(from_recipe) | set(given)))
+    values.update(given)
     if values.get("strategy") == "oneshot" and flags.get("trials") is not None:
         raise AutopeftError("--trials counts the trials of a trial search; a one-shot search trains its --finalists "
                             "(default 5) as its trials")

@@ -40,6 +40,7 @@ from autopeft.records import (  # noqa: F401  (the trial attribute names, also h
     ATTR_SECONDS,
     ATTR_STATUS,
     ATTR_SUPERNET_SCORE,
+    ATTR_TRAINED,
     ATTR_WARM_START,
     TrialRecord,
     cv_accuracies,
@@ -50,6 +51,7 @@ from autopeft.search.study_settings import StudySettings
 
 # study attribute holding the StudySettings (search settings, budget, backbone facts, classes)
 STUDY_SETTINGS = "autopeft"
+SETTINGS_CHANGES = "autopeft_settings_changes"  # what each --resume changed: [{"from_trial": n, setting: value}]
 
 _STATE_NAMES = {TrialState.COMPLETE: "COMPLETE", TrialState.PRUNED: "PRUNED", TrialState.FAIL: "FAIL",
                 TrialState.RUNNING: "RUNNING", TrialState.WAITING: "RUNNING"}
@@ -175,6 +177,20 @@ def load_study(study: str, storage: str) -> optuna.Study:
 def write_settings(study: optuna.Study, settings: StudySettings) -> None:
     """Keep `settings` in the study (once, when the engine creates it)."""
     study.set_user_attr(STUDY_SETTINGS, settings.to_stored())
+
+
+def record_changes(study: optuna.Study, settings: StudySettings, changes: dict[str, Any]) -> None:
+    """Keep the settings a resume changed (`study_settings.resumed`), each with the number of the first trial it
+    holds for, in SETTINGS_CHANGES, and store `settings` (with them) as the study's settings."""
+    history = list(study.user_attrs.get(SETTINGS_CHANGES, []))
+    history.append({"from_trial": len(study.get_trials(deepcopy=False)), **changes})
+    study.set_user_attr(SETTINGS_CHANGES, history)
+    write_settings(study, settings)
+
+
+def settings_changes(study: optuna.Study) -> list[dict[str, Any]]:
+    """The changes `--resume` made to the study's settings, oldest first (`record_changes`)."""
+    return list(study.user_attrs.get(SETTINGS_CHANGES, []))
 
 
 def read_settings(study: optuna.Study) -> StudySettings:

@@ -30,8 +30,15 @@ STUDY_FORMAT = 2
 FORMAT_KEY = "format"
 # SearchSettings fields a study never stores: where it runs and how it was started (a storage URL may hold a password)
 NOT_STORED = ("storage", "resume", "address", "warm_storage", "max_retries",
-              "storage_patience", "checkpoint_every", "checkpoint_storage")
+              "storage_patience", "checkpoint_every", "checkpoint_storage", "given")
 FACTS = ("budget_limit", "budget_percent", "backbone_params", "num_blocks", "num_classes")
+# Stored settings `--resume` may change: they hold from the next trial on, and the study keeps each change (CHANGES).
+# Every other stored setting defines the study: resuming with another value is refused (`resumed`).
+MAY_CHANGE = ("trials", "max_epochs", "concurrency", "gpus_per_trial", "cpus_per_trial", "trials_per_gpu",
+              "num_workers", "select", "select_top")
+# Settings of how this run of the study runs (never stored as the study's settings), kept in CHANGES when a resume
+# gives them
+RUN_SETTINGS = ("address", "max_retries", "storage_patience", "checkpoint_every", "checkpoint_storage")
 
 
 @dataclass(frozen=True)
@@ -144,3 +151,50 @@ def _derived(search: SearchSettings, facts: dict[str, Any]) -> dict[str, Any]:
                    budget_percent=facts["budget_percent"] if facts["budget_percent"] is not None
                    else 100.0 * int(facts["budget_limit"]) / max(int(out["backbone_params"]), 1))
     return out
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, (tuple, list)):
+        return ",".join(str(v) for v in value)
+    return "(none)" if value is None else str(value)
+
+
+def resumed(given: SearchSettings, stored: StudySettings) -> tuple[SearchSettings, dict[str, Any]]:
+    """The settings a resumed study runs with, and what changed.
+
+    The study's stored settings, with the settings that may change (MAY_CHANGE) and how this run runs
+    (NOT_STORED) taken from `given` where it gives them (`given.given`; None: every setting is given). A setting that
+    defines the study, given with another value than the stored one, is refused: one line naming each with both
+    values, before anything is written.
+
+    Returns:
+        (settings, changes): `changes` maps each MAY_CHANGE setting that differs from the stored value, and each
+        RUN_SETTINGS setting given, to its new value (the engine records them with the trial they hold from).
+    """
+    from autopeft.search.storage import mask_url
+
+    names = [f.name for f in dataclasses.fields(SearchSettings) if f.name != "given"]
+    keys = set(names) if given.given is None else set(given.given) & set(names)
+    old = {n: getattr(stored.search, n) for n in names}
+    new = {n: getattr(given, n) for n in names}
+    defining = [n for n in names if n not in MAY_CHANGE and n not in NOT_STORED and n != "study"]
+    differ = [n for n in defining if n in keys and new[n] != old[n]]
+    if differ:
+        raise AutopeftError(
+            f"--resume: study '{stored.study}' was created with "
+            + "; ".join(f"{_flag(n)} {_shown(old[n])} (given: {_shown(new[n])})" for n in differ)
+            + "; resume with the stored values (or leave them out), or start another --study")
+    values = {n: (new[n] if n in NOT_STORED or (n in MAY_CHANGE and n in keys) else old[n]) for n in names}
+    values["study"] = stored.study
+    changes: dict[str, Any] = {n: values[n] for n in MAY_CHANGE if values[n] != old[n]}
+    for n in RUN_SETTINGS:
+        if n in keys:
+            changes[n] = mask_url(values[n]) if isinstance(values[n], str) else values[n]
+    try:
+        return SearchSettings(**values, given=given.given), changes
+    except AutopeftError as exc:  # e.g. a new --max-epochs below the stored --epochs
+        raise AutopeftError(f"--resume: {exc}") from None

@@ -6,6 +6,7 @@ import os
 import tempfile
 import time
 import traceback
+import uuid
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,8 +122,9 @@ def run_trial(config: dict, settings: TrialSettings) -> None:
     info = config["autopeft"]
     start = time.perf_counter()
     curve: list[float] = []
+    # `attempt`: this run of the trial (Ray re-runs a trial whose worker was lost): the epoch cap counts each run
     base = {"peft_params": info["peft_params"], "overhead": info.get("overhead", 0.0), "node": _node(),
-            "gpus": _gpus()}
+            "gpus": _gpus(), "attempt": uuid.uuid4().hex[:12]}
     resume = _last_state()
     if resume is not None:  # a re-run after a lost worker: on from the trial's last checkpoint
         curve = [float(h["val_acc"]) for h in resume["history"]]
