@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import pickle
 from pathlib import Path
 
@@ -86,6 +87,35 @@ def write_fashion(folder: Path, n_train: int = 1100, n_test: int = 30, gz: bool 
         write_idx(folder / f"{split}-images-idx3-ubyte{ext}", np.broadcast_to(values[:, None, None], (n, 28, 28)))
         write_idx(folder / f"{split}-labels-idx1-ubyte{ext}", (np.arange(n) % 10).astype(np.uint8))
     return folder
+
+
+# --- Fashion-MNIST as shipped with the tests (tests/fixtures/fashion-mnist/README.md) -------------------------------
+
+# A data root in torchvision's layout holding Fashion-MNIST's real test pair (FashionMNIST/raw/t10k-*.gz), and a
+# record of the 60,000 train images: their 64-bit hashes (`image_hash64`), sorted, made by `write_train_hashes`.
+FASHION_ROOT = Path(__file__).parent / "fixtures" / "fashion-mnist"
+FASHION_RAW = FASHION_ROOT / "FashionMNIST" / "raw"
+FASHION_TRAIN_HASHES = FASHION_ROOT / "train-images-hash64.npy"
+
+
+def image_hash64(images: np.ndarray) -> np.ndarray:
+    """One uint64 per image: the 8-byte BLAKE2b digest of its uint8 pixels (row-major), read big-endian."""
+    rows = np.ascontiguousarray(images, dtype=np.uint8).reshape(len(images), -1)
+    digests = [hashlib.blake2b(row.tobytes(), digest_size=8).digest() for row in rows]
+    return np.array([int.from_bytes(d, "big") for d in digests], dtype=np.uint64)
+
+
+def write_train_hashes(train_images: Path, out: Path = FASHION_TRAIN_HASHES) -> np.ndarray:
+    """Record the hashes of Fashion-MNIST's train images (`train_images`: train-images-idx3-ubyte(.gz)) in `out`.
+
+    Made by: PYTHONPATH=tests python -c "from data_fixtures import write_train_hashes as w;
+    from pathlib import Path; w(Path('/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz'))"
+    """
+    from autopeft.data.arrays import read_idx
+
+    record = np.sort(image_hash64(read_idx(train_images)))
+    np.save(out, record)
+    return record
 
 
 def write_cifar(root: Path, classes: int, per_batch: int = 220, n_test: int = 40) -> Path:

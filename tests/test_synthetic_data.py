@@ -7,10 +7,11 @@ import hashlib
 import numpy as np
 import pytest
 import torch
+from data_fixtures import FASHION_RAW, FASHION_ROOT, FASHION_TRAIN_HASHES, image_hash64, write_idx
 
-from autopeft.data import data_config, load_dataset
-from autopeft.data.arrays import find_fashion, read_idx
-from autopeft.data.base import default_root
+from autopeft.bundled import bundled_info
+from autopeft.data import arrays, data_config, load_dataset
+from autopeft.data.arrays import find_fashion_test, read_idx
 from autopeft.data.synthetic import (
     CELL,
     COUNT_GRID,
@@ -24,11 +25,19 @@ from autopeft.data.synthetic import (
     make_location,
     make_rotation,
 )
+from autopeft.errors import AutopeftError
 
 CFG = data_config("autopeft_tiny_vit")
 STRUCTURED = {"fmnist_rot": 4, "fmnist_loc": 25, "fmnist_count": 8}
-needs_fashion = pytest.mark.skipif(find_fashion(default_root()) is None,
-                                   reason="Fashion-MNIST files absent (apt install dataset-fashion-mnist)")
+# The structured tasks read Fashion-MNIST's real test pair shipped with the tests (tests/fixtures/fashion-mnist):
+# FASHION_ROOT is their data root, so no test needs Fashion-MNIST installed.
+SHIPPED = dict(root=FASHION_ROOT, download=False, **CFG)
+
+
+@pytest.fixture(autouse=True)
+def _no_debian(monkeypatch, tmp_path):
+    """Hide Debian's dataset-fashion-mnist, so these tests read the shipped files or fail, never a system copy."""
+    monkeypatch.setattr(arrays, "DEBIAN_FASHION", tmp_path / "no-debian")
 
 
 def _hashes(images: np.ndarray) -> set[bytes]:
@@ -86,10 +95,9 @@ def test_count_label_is_the_number_of_items():
 # -- the registered tasks --------------------------------------------------------------------------------------------
 
 
-@needs_fashion
 @pytest.mark.parametrize("task", sorted(STRUCTURED))
 def test_structured_protocol_and_balance(task):
-    d = load_dataset(task, download=False, **CFG)
+    d = load_dataset(task, **SHIPPED)
     assert d.num_classes == STRUCTURED[task]
     assert d.sizes() == {"train": 800, "val": 200, "test": 2000, "train_full": 1000}
     for split in (d.train, d.val, d.test):
@@ -99,25 +107,28 @@ def test_structured_protocol_and_balance(task):
     assert tuple(x.shape) == CFG["input_size"]
 
 
-@needs_fashion
 def test_structured_tasks_are_seeded_and_test_fixed():
-    a, b, c = (load_dataset("fmnist_count", seed=s, download=False, **CFG) for s in (0, 0, 1))
+    a, b, c = (load_dataset("fmnist_count", seed=s, **SHIPPED) for s in (0, 0, 1))
     assert torch.equal(a.train.images, b.train.images) and torch.equal(a.val.labels, b.val.labels)
     assert not torch.equal(a.train.images, c.train.images)
     assert torch.equal(a.test.images, c.test.images)  # one test set for every split seed
 
 
-@needs_fashion
 def test_items_come_only_from_fashion_test_images_and_test_items_are_unseen():
-    files = find_fashion(default_root())
-    train_items = _hashes(read_idx(files["train_images"]))
-    (items_a, _), (items_b, _) = fashion_test_halves(default_root())
+    files = find_fashion_test(FASHION_ROOT)
+    assert files is not None and {p.parent for p in files.values()} == {FASHION_RAW}  # the shipped pair only
+    (items_a, _), (items_b, _) = fashion_test_halves(FASHION_ROOT)
     ha, hb = _hashes(items_a), _hashes(items_b)
-    assert len(items_a) + len(items_b) == len(read_idx(files["test_images"]))
+    assert len(items_a) + len(items_b) == len(read_idx(files["test_images"])) == 10_000
     assert not ha & hb  # the halves share no image
-    assert not (ha | hb) & train_items  # nothing the backbone was pretrained on
+    # nothing the backbone was pretrained on: no item's hash is in the record of the 60,000 train images
+    # (tests/fixtures/fashion-mnist/README.md says how it was made from the train file)
+    train_items = np.load(FASHION_TRAIN_HASHES)
+    assert train_items.dtype == np.uint64 and len(np.unique(train_items)) == bundled_info()["train_images"]
+    seen = np.flatnonzero(np.isin(image_hash64(np.concatenate([items_a, items_b])), train_items))
+    assert seen.size == 0, f"{seen.size} test items are train images (halves A then B, indices {seen[:10]})"
     # rotation: every pool image turned back is a half-A item, every test image a half-B item
-    pool_x, pool_y, test_x, test_y = _structured("rot", str(default_root()))
+    pool_x, pool_y, test_x, test_y = _structured("rot", str(FASHION_ROOT))
 
     def back(x: np.ndarray, k: int) -> bytes:
         item = np.rint(np.rot90(x, -int(k)) * 255).astype(np.uint8)
@@ -127,16 +138,28 @@ def test_items_come_only_from_fashion_test_images_and_test_items_are_unseen():
     assert all(back(x, k) in hb for x, k in zip(test_x[:200], test_y[:200], strict=True))
 
 
-@needs_fashion
 def test_few_shot_variant_keeps_200_of_the_same_train_images():
-    full = load_dataset("fmnist_count", seed=3, download=False, **CFG)
-    fs = load_dataset("fmnist_count_fs", seed=3, download=False, **CFG)
+    full = load_dataset("fmnist_count", seed=3, **SHIPPED)
+    fs = load_dataset("fmnist_count_fs", seed=3, **SHIPPED)
     assert fs.sizes() == {"train": 200, "val": 200, "test": 2000, "train_full": 400}
     assert np.bincount(np.asarray(fs.train.targets)).tolist() == [25] * 8
     train_rows = {x.numpy().tobytes() for x in full.train.images}
     assert all(x.numpy().tobytes() in train_rows for x in fs.train.images)
     assert torch.equal(fs.val.images, full.val.images) and torch.equal(fs.test.images, full.test.images)
     assert fs.fingerprint != full.fingerprint
+
+
+def test_structured_tasks_need_only_the_test_pair_and_name_what_is_missing(tmp_path):
+    raw = tmp_path / "FashionMNIST" / "raw"
+    write_idx(raw / "t10k-images-idx3-ubyte.gz", np.zeros((10, 28, 28), np.uint8))
+    with pytest.raises(AutopeftError) as err:
+        load_dataset("fmnist_rot", tmp_path, download=False, **CFG)
+    message = str(err.value)
+    assert "\n" not in message and "train-" not in message  # one line; the train pair is never asked for
+    assert f"{raw} lacks t10k-labels-idx1-ubyte(.gz)" in message and f"nothing in {tmp_path / 'no-debian'}" in message
+    write_idx(raw / "t10k-labels-idx1-ubyte.gz", np.arange(10, dtype=np.uint8))
+    (items_a, labels_a), (items_b, labels_b) = fashion_test_halves(tmp_path)  # the test pair alone is enough
+    assert len(items_a) == len(items_b) == 5 and sorted([*labels_a, *labels_b]) == list(range(10))
 
 
 def test_mnist5k_protocol():

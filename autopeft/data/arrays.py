@@ -127,17 +127,42 @@ def _read_idx(path: str, mtime_ns: int, size: int) -> np.ndarray:
     return array
 
 
-def find_fashion(root: Path) -> dict[str, Path] | None:
-    """The four Fashion-MNIST files under torchvision's `ROOT/FashionMNIST/raw` or Debian's folder, gzipped or not."""
-    for folder in (root / FASHION_FOLDER, DEBIAN_FASHION):
-        found = {}
-        for key, stem in FASHION_FILES.items():
-            path = next((folder / (stem + ext) for ext in ("", ".gz") if (folder / (stem + ext)).is_file()), None)
-            if path is not None:
-                found[key] = path
-        if len(found) == len(FASHION_FILES):
+FASHION_TEST = ("test_images", "test_labels")  # all that the structured tasks of autopeft.data.synthetic read
+
+
+def fashion_folders(root: Path) -> tuple[Path, Path]:
+    """Where the Fashion-MNIST files are looked for, in order: torchvision's `ROOT/FashionMNIST/raw`, Debian's."""
+    return root / FASHION_FOLDER, DEBIAN_FASHION
+
+
+def _fashion_file(folder: Path, key: str) -> Path | None:
+    stem = FASHION_FILES[key]
+    return next((folder / (stem + ext) for ext in ("", ".gz") if (folder / (stem + ext)).is_file()), None)
+
+
+def find_fashion(root: Path, keys: tuple[str, ...] = tuple(FASHION_FILES)) -> dict[str, Path] | None:
+    """The Fashion-MNIST files `keys` names (default all four), gzipped or not, from the first folder of
+    `fashion_folders(root)` that holds every one of them; None when none does."""
+    for folder in fashion_folders(root):
+        found = {key: path for key in keys if (path := _fashion_file(folder, key)) is not None}
+        if len(found) == len(keys):
             return found
     return None
+
+
+def find_fashion_test(root: Path) -> dict[str, Path] | None:
+    """The two Fashion-MNIST test files (images and labels), wherever `find_fashion` would look; the train pair
+    is not needed (only `fashion_mnist` itself and the backbone's pretraining read it)."""
+    return find_fashion(root, FASHION_TEST)
+
+
+def fashion_missing(root: Path, keys: tuple[str, ...] = tuple(FASHION_FILES)) -> str:
+    """One line naming, for each folder searched, which of the files `keys` names it lacks."""
+    lacks = []
+    for folder in fashion_folders(root):
+        missing = [FASHION_FILES[key] + "(.gz)" for key in keys if _fashion_file(folder, key) is None]
+        lacks.append(f"nothing in {folder}" if len(missing) == len(keys) else f"{folder} lacks {', '.join(missing)}")
+    return "; ".join(lacks)
 
 
 @register_dataset("fashion_mnist", small_images=True)
@@ -154,9 +179,9 @@ def load_fashion_mnist(req: Request) -> DataSplits:
         files = find_fashion(req.root)
     if files is None:
         raise AutopeftError(
-            f"Fashion-MNIST not found under {req.root / FASHION_FOLDER} or {DEBIAN_FASHION}: put "
-            f"{', '.join(s + '.gz' for s in FASHION_FILES.values())} there (or apt install dataset-fashion-mnist), "
-            "or run with network access to download"
+            f"Fashion-MNIST not found ({fashion_missing(req.root)}): put "
+            f"{', '.join(s + '.gz' for s in FASHION_FILES.values())} in {req.root / FASHION_FOLDER} "
+            "(or apt install dataset-fashion-mnist), or run with network access to download"
         )
     arrays = {key: read_idx(path) for key, path in files.items()}
     for split in ("train", "test"):

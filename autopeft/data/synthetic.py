@@ -30,7 +30,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from autopeft.data.arrays import FASHION_FILES, find_fashion, read_idx, vtab_like_splits
+from autopeft.data.arrays import (
+    FASHION_FILES,
+    FASHION_FOLDER,
+    FASHION_TEST,
+    fashion_missing,
+    find_fashion_test,
+    read_idx,
+    vtab_like_splits,
+)
 from autopeft.data.base import DataSplits, Request, register_dataset
 from autopeft.data.datasets import TensorImageDataset, stratified_split
 from autopeft.data.transforms import GLYPH_FRACTION
@@ -48,12 +56,12 @@ TASK_SEEDS = {"rot": 11, "loc": 12, "count": 13}
 
 def fashion_test_halves(root: Path) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
     """(images, labels) of the two disjoint halves A (train/val items) and B (test items) of Fashion-MNIST test."""
-    files = find_fashion(root)
+    files = find_fashion_test(root)  # the test pair only: the train images are never read here
     if files is None:
         raise AutopeftError(
-            f"the Fashion-MNIST test files ({FASHION_FILES['test_images']}.gz, {FASHION_FILES['test_labels']}.gz) "
-            f"are not under {root / 'FashionMNIST' / 'raw'} or /usr/share/datasets/fashion-mnist; "
-            "apt install dataset-fashion-mnist, or load `fashion_mnist` once with network access to download them"
+            f"Fashion-MNIST's test files not found ({fashion_missing(root, FASHION_TEST)}): put "
+            f"{FASHION_FILES['test_images']}.gz and {FASHION_FILES['test_labels']}.gz in {root / FASHION_FOLDER} "
+            "(or apt install dataset-fashion-mnist), or load `fashion_mnist` once with network access to download them"
         )
     images, labels = read_idx(files["test_images"]), read_idx(files["test_labels"]).astype(np.int64)
     if images.ndim != 3 or images.shape[1:] != (28, 28) or len(images) != len(labels):
