@@ -22,7 +22,7 @@ from autopeft.errors import AutopeftError
 from autopeft.plan import load_adapter
 from autopeft.recipe import load_data
 from autopeft.runs import Run
-from autopeft.train import autocast, build_model, evaluate, num_samples, resolve_device
+from autopeft.train import autocast, build_model, evaluate, num_samples, on_device, resolve_device
 
 
 def num_classes_of(run: Run) -> int:
@@ -88,7 +88,7 @@ def evaluate_run(run: Run, split: str = "test", merged: bool = False, data_root:
     data = load_data(run.recipe, data_root)
     dataset = data.split(split)
     dev = resolve_device(device)
-    model = load_model(run, merged, weights).to(dev)
+    model = on_device(load_model(run, merged, weights), dev)
     batch = int((run.metrics.get("config") or {}).get("eval_batch_size", 256))  # as training evaluated
     precision = run_precision(run, dev)
     loss, acc = evaluate(model, dataset, batch, dev, precision=precision)
@@ -137,7 +137,7 @@ def predict(run: Run, images: Sequence[str | Path], top_k: int = 5, merged: bool
     prepare = image_preprocessor(data.test)
     batch = torch.stack([prepare(p) for p in images])
     dev = resolve_device(device)
-    model = load_model(run, merged, weights).to(dev)
+    model = on_device(load_model(run, merged, weights), dev)
     with autocast(run_precision(run, dev), dev):
         probs = model(batch.to(dev)).float().softmax(-1).cpu()
     values, indices = probs.topk(min(top_k, probs.shape[-1]), dim=-1)

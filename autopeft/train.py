@@ -98,6 +98,13 @@ def autocast(precision: str, device: torch.device) -> contextlib.AbstractContext
     return torch.autocast(device_type=device.type, dtype=_DTYPES[precision])
 
 
+def on_device(model: nn.Module, device: torch.device) -> nn.Module:
+    """`model` on `device` in the memory layout every run uses there (channels-last on a GPU), so that a trained
+    model evaluated later computes exactly as it did in training."""
+    model = model.to(device)
+    return model.to(memory_format=torch.channels_last) if device.type == "cuda" else model
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -270,9 +277,7 @@ def set_up(backbone: str, plan: PeftPlan, data: DataSplits, config: TrainConfig,
     splits = {"train": _subset(data.split(train_split), config.train_fraction, config.seed)}
     config, notes = fitted_config(config, backbone, num_samples(splits["train"]))
     model, spec = build_model(backbone, plan, data.num_classes, weights, pretrained, config.drop_path, slices)
-    model = model.to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    model = on_device(model, device)
     k = plan.frozen_prefix(spec) if supports_cache(model) else 0
     k = min(k, spec.num_blocks)
     augmenting = config.augment or bool(getattr(getattr(data.split(train_split), "settings", None), "augment", False))
