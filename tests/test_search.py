@@ -5,6 +5,7 @@ One local Ray instance (2 CPUs) serves the whole module.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -452,3 +453,71 @@ def test_epoch_count_counts_every_run_of_a_trial_re_run_after_a_lost_worker() ->
 
     assert trained_epochs(Trial({"epochs": 4, "trained_epochs": 7})) == 7
     assert trained_epochs(Trial({"epochs": 4})) == 4  # a trial recorded before the count: its length
+
+
+def test_a_trial_whose_worker_hangs_is_re_run_as_after_a_lost_node(tmp_path, monkeypatch, ray_instance,
+                                                                    capsys) -> None:
+    """The first trial's worker is stopped (SIGSTOP: alive to Ray, silent to the search) as soon as it runs; past
+    its limit (`--stall-floor 2`, nothing reported yet) the driver kills the worker, Ray re-runs the trial, and the
+    study ends with both trials finished, the stalled one with its retry."""
+    import signal
+    import threading
+    import time
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("AUTOPEFT_CACHE", str(tmp_path / "cache"))
+    stopped: list[int] = []
+
+    def workers() -> list[int]:
+        """This test process's Ray trial workers (its Ray runs below it; other processes' are never touched)."""
+        parents: dict[int, int] = {}
+        for proc in Path("/proc").iterdir():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                if proc.name.isdigit():
+                    parents[int(proc.name)] = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        mine, frontier = set(), {os.getpid()}
+        while frontier:
+            frontier = {pid for pid, parent in parents.items() if parent in frontier}
+            mine |= frontier
+        out = []
+        for pid in mine:
+            with contextlib.suppress(OSError):
+                if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"ray::ImplicitFunc"):
+                    out.append(pid)
+        return out
+
+    before = set(workers())  # another test's idle trial workers are not this one's
+
+    def stop_the_first_trial() -> None:
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            for pid in set(workers()) - before:
+                os.kill(pid, signal.SIGSTOP)
+                stopped.append(pid)
+                # a driver that never restarts it would wait forever: after 120 s the worker goes on (and the
+                # assertions below fail) rather than the test hanging
+                while time.time() < deadline and Path(f"/proc/{pid}").exists():
+                    if time.time() > deadline - 180:
+                        os.kill(pid, signal.SIGCONT)
+                        return
+                    time.sleep(0.1)
+                return
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=stop_the_first_trial, daemon=True)
+    watcher.start()
+    try:
+        code = main([*SEARCH, "--trials", "2", "--concurrency", "1", "--study", "stall", "--no-baselines",
+                     "--stall-floor", "2"])
+    finally:
+        watcher.join(timeout=1)
+        for pid in stopped:  # the driver killed it; never leave a stopped process behind
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    err = capsys.readouterr().err
+    assert code == 0 and stopped, err[-2000:]
+    assert "no report for" in err and "restarting it, as after a lost node" in err, err[-2000:]
+    trials = optuna.load_study(study_name="stall", storage=f"sqlite:///{tmp_path}/studies/stall.db").get_trials()
+    assert len(trials) == 2 and all(t.state.name in ("COMPLETE", "PRUNED") for t in trials), \
+        [(t.number, t.state, t.user_attrs.get("fail_reason")) for t in trials]
+    assert [t.user_attrs.get("retries", 0) for t in trials].count(1) == 1, [t.user_attrs for t in trials]

@@ -72,6 +72,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--storage-patience", type=float, metavar="SECONDS",
                    help="how long the search waits out an unreachable storage, e.g. a database restarting "
                         "(default 600); then it stops, keeping its finished trials, for --resume")
+    p.add_argument("--stall-floor", type=float, metavar="SECONDS",
+                   help="a trial that reports no epoch for 5x the longest epoch so far, and at least this long "
+                        "(default 1800), has its worker restarted as after a lost node (a hung worker); 0: never")
     p.add_argument("--checkpoint-every", type=int, metavar="K",
                    help="a trial saves its state every K epochs (default 1; 0: never), so that a re-run after a "
                         "lost worker or node goes on from there")
@@ -125,7 +128,7 @@ def cmd_search(args: argparse.Namespace) -> int:
                                              "address", "storage",
                                              "study", "resume", "warm_start", "seed", "baselines",
                                              "baseline_lr_scales", "baseline_mix", "max_epochs", "select",
-                                             "select_top", "max_retries", "storage_patience",
+                                             "select_top", "max_retries", "storage_patience", "stall_floor",
                                              "checkpoint_every", "checkpoint_storage", "strategy", "finalists",
                                              "candidates", "supernet_epochs", "precision")}
     from autopeft.data.recipes import choose_recipe

@@ -415,6 +415,8 @@ def run(prep: Prepared, study: optuna.Study, remaining: int, callbacks: list | N
     """
     from ray import tune
 
+    from autopeft.search.stall import StallWatch
+
     s = prep.settings
     cap, spent = epochs if epochs is not None else epoch_cap(prep, study)  # `epochs`: what the caller read
     if remaining <= 0 or (cap is not None and not EpochCount(spent).room_for_another(cap, running=0)):
@@ -463,7 +465,8 @@ def run(prep: Prepared, study: optuna.Study, remaining: int, callbacks: list | N
                 # a trial raises nothing by itself (run_trial reports its failures), so what Ray retries is a lost
                 # worker or node: the trial runs again, where there are resources, and is one trial of the study
                 run_config=tune.RunConfig(name=name, storage_path=checkpoints or workdir, verbose=0,
-                                          callbacks=[*(callbacks or []), retry_recorder(searcher)],
+                                          callbacks=[*(callbacks or []), retry_recorder(searcher),
+                                                     StallWatch(s.stall_floor)],
                                           failure_config=tune.FailureConfig(max_failures=s.max_retries),
                                           checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                                           log_to_file=True,

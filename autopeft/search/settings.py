@@ -69,6 +69,9 @@ class SearchSettings:
     max_retries: int = 3
     # seconds the driver waits out an unreachable storage (a database restarting) before it stops for --resume
     storage_patience: float = 600.0
+    # a trial silent (no epoch reported) for longer than 5× the longest epoch so far, and at least this many seconds,
+    # has its worker restarted as after a lost node (`autopeft.search.stall`); 0: never
+    stall_floor: float = 1800.0
     # every k-th epoch a trial saves its state (plan parameters, head, optimiser, RNG) through Ray Tune, so a re-run
     # after a lost worker goes on from there; 0: never. Where: `checkpoint_storage` (Ray's storage_path: a path every
     # node reaches, or an object-store URI); None: a temp dir of the driver, and no checkpoints on a cluster
@@ -138,6 +141,7 @@ class SearchSettings:
             (self.max_retries >= 0, f"--max-retries must be >= 0, got {self.max_retries}"),
             (self.checkpoint_every >= 0, f"--checkpoint-every must be >= 0, got {self.checkpoint_every}"),
             (self.storage_patience >= 0, f"--storage-patience must be >= 0 seconds, got {self.storage_patience:g}"),
+            (self.stall_floor >= 0, f"--stall-floor must be >= 0 seconds, got {self.stall_floor:g}"),
             (self.cpus_per_trial > 0, f"--cpus-per-trial must be > 0, got {self.cpus_per_trial}"),
             (self.gpus_per_trial is None or self.gpus_per_trial >= 0,
              f"--gpus-per-trial must be >= 0, got {self.gpus_per_trial}"),

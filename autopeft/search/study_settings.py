@@ -30,7 +30,7 @@ STUDY_FORMAT = 2
 FORMAT_KEY = "format"
 # SearchSettings fields a study never stores: where it runs and how it was started (a storage URL may hold a password)
 NOT_STORED = ("storage", "resume", "address", "warm_storage", "max_retries",
-              "storage_patience", "checkpoint_every", "checkpoint_storage", "given")
+              "storage_patience", "checkpoint_every", "checkpoint_storage", "stall_floor", "given")
 FACTS = ("budget_limit", "budget_percent", "backbone_params", "num_blocks", "num_classes")
 # Stored settings `--resume` may change: they hold from the next trial on, and the study keeps each change (CHANGES).
 # Every other stored setting defines the study: resuming with another value is refused (`resumed`).
@@ -38,7 +38,8 @@ MAY_CHANGE = ("trials", "max_epochs", "concurrency", "gpus_per_trial", "cpus_per
               "num_workers", "select", "select_top")
 # Settings of how this run of the study runs (never stored as the study's settings), kept in CHANGES when a resume
 # gives them
-RUN_SETTINGS = ("address", "max_retries", "storage_patience", "checkpoint_every", "checkpoint_storage")
+RUN_SETTINGS = ("address", "max_retries", "storage_patience", "checkpoint_every", "checkpoint_storage",
+                "stall_floor")
 
 
 @dataclass(frozen=True)
