@@ -187,12 +187,32 @@ def _check_name(name: str) -> None:
         raise AutopeftError(f"unknown backbone '{name}'{hint}; any timm vit_*, deit_* or swin_* name works")
 
 
+def size_kwargs(img_size: int | None) -> dict[str, Any]:
+    """`timm.create_model` keywords for an input of `img_size` px (none for the backbone's pretraining size)."""
+    return {} if img_size is None else {"img_size": int(img_size)}
+
+
+def check_img_size(img_size: int | None) -> None:
+    if img_size is not None and (isinstance(img_size, bool) or not isinstance(img_size, int) or img_size < 1):
+        raise AutopeftError(f"--img-size must be a positive integer (pixels), got {img_size!r}")
+
+
 @functools.lru_cache(maxsize=64)
-def backbone_spec(name: str) -> BackboneSpec:
-    """Build (and cache) the spec of a timm backbone from its architecture alone, on the meta device."""
+def backbone_spec(name: str, img_size: int | None = None) -> BackboneSpec:
+    """Build (and cache) the spec of a timm backbone from its architecture alone, on the meta device.
+
+    `img_size`: the input size the model runs at (None: its pretraining size). The token grid, the position
+    embedding and so the parameter count follow it, as they do for the model `create_backbone` builds at that size.
+    """
     _check_name(name)
+    check_img_size(img_size)
     with torch.device("meta"):
-        model = timm.create_model(name, pretrained=False)
+        model = timm.create_model(name, pretrained=False, **size_kwargs(img_size))
+        if img_size is not None:  # the architecture's own constraints (patch and window multiples), without weights
+            try:
+                model(torch.empty(1, 3, img_size, img_size))
+            except Exception as exc:  # noqa: BLE001  timm asserts or raises its own types per architecture
+                raise AutopeftError(f"{name} cannot run at --img-size {img_size}: {_brief(exc)}") from None
     return spec_of_model(model, name)
 
 
@@ -218,7 +238,11 @@ def spec_of_model(module: nn.Module, name: str) -> BackboneSpec:
         prefix = 0
     head = model.get_classifier()
     in_features = head.in_features if isinstance(head, nn.Linear) else int(model.num_features)
+    # the size the model was built for (an img_size given at creation), else the size it was pretrained at
+    built = getattr(getattr(model, "patch_embed", None), "img_size", None)
     input_size = tuple(model.pretrained_cfg.get("input_size", (3, 224, 224)))
+    if built is not None:
+        input_size = (input_size[0], int(built[0]), int(built[1]))
     return BackboneSpec(
         name=name,
         family=family,
@@ -286,6 +310,7 @@ def create_backbone(
     num_classes: int = 1000,
     pretrained: bool = False,
     weights: str | Path | None = None,
+    img_size: int | None = None,
     **kwargs: Any,
 ) -> nn.Module:
     """Create a supported timm backbone, optionally with hub weights or a local weights file.
@@ -295,9 +320,13 @@ def create_backbone(
         num_classes: classes of the freshly initialised head.
         pretrained: load the pretrained weights timm knows for `name` (hub download unless cached).
         weights: a local weights file (safetensors, timm .npz, .pth/.bin read with weights_only); implies pretrained.
+        img_size: input size in pixels (None: the pretraining size); timm resamples the position embeddings.
         kwargs: passed to `timm.create_model`.
     """
     _check_name(name)
+    if img_size is not None:
+        backbone_spec(name, img_size)  # a size the architecture cannot take fails here, in one line
+        kwargs.update(size_kwargs(img_size))
     if weights is not None or pretrained:
         check_pretrained(name, weights)
     if weights is not None:

@@ -116,6 +116,8 @@ def recipe_of(study: Study, record: TrialRecord, epochs: int | None = None, pick
     schedule = int(hp.get("epochs") or search_epochs)
     training = {k: v for k, v in hp.items() if k in TRAINING_KEYS}
     training["precision"] = s.precision  # the final run computes at the study's precision, as its trials did
+    if s.img_size is not None:  # and at its input size
+        training["img_size"] = s.img_size
     recipe = Recipe(backbone=s.backbone, dataset=s.dataset, plan=record.peft_plan, epochs=schedule,
                     weights=s.weights, data_root=s.data_root, num_classes=study.settings.num_classes,
                     protocol="final", split_seed=s.seed, seed=s.seed, training=training)
@@ -190,7 +192,8 @@ def export_recipe(name: str, storage: str | None = None, pick: str = "best", bud
     study = read_study(name, storage)
     limit = study.settings.budget_limit
     if budget is not None:
-        limit = parse_budget(budget, backbone_spec(study.settings.search.backbone)).limit
+        limit = parse_budget(budget, backbone_spec(study.settings.search.backbone,
+                                                            study.settings.search.img_size)).limit
     if confirm_k:
         if pick != "best":
             raise AutopeftError("--confirm re-ranks the best Pareto plans by their mean over seeds; use it with "
