@@ -88,6 +88,16 @@ class BackboneSpec:
     backbone_params: int
     head_in_features: int
     input_size: tuple[int, int, int]
+    # What decides whether a shift (SSF) folds into the weights: per block, the paths (inside the block) of the
+    # modules with a weight but no bias; whether the patch embedding has a bias; whether a learned absolute position
+    # embedding is added to the patch tokens after it (a shift of the patch embedding folds into it); whether the
+    # final norm has a bias.
+    no_bias: tuple[tuple[str, ...], ...] = ()
+    embed_bias: bool = True
+    pos_embed: bool = False
+    final_norm_bias: bool = True
+    # a norm between the embedding and block 0 (CLIP's `norm_pre`): trained by LN-tune with block 0
+    pre_norm_params: int = 0
 
     def head_params(self, num_classes: int) -> int:
         """Parameters of a linear classifier for `num_classes` classes on this backbone."""
@@ -96,7 +106,8 @@ class BackboneSpec:
     def unfrozen_params(self, parts: set[tuple[str, int]]) -> int:
         """Size of the union of existing parameter groups made trainable.
 
-        Parts are `("all", i)`, `("bias", i)`, `("norm", i)` for block i, `("embed", 0)` and `("final_norm", 0)`.
+        Parts are `("all", i)`, `("bias", i)`, `("norm", i)` for block i, `("embed", 0)` (the embedding, without the
+        pre-norm), `("pre_norm", 0)` and `("final_norm", 0)`.
         Methods that unfreeze existing weights (BitFit, LN-tune, partial, full) overlap (norm biases are both
         biases and norm parameters); counting the union keeps a plan's count exact when they are combined.
         """
@@ -109,6 +120,7 @@ class BackboneSpec:
             total += has_bias * self.bias_params[i] + has_norm * self.norm_params[i]
             total -= (has_bias and has_norm) * self.norm_bias_params[i]
         total += ("embed", 0) in parts and self.embed_params
+        total += ("pre_norm", 0) in parts and self.pre_norm_params
         total += ("final_norm", 0) in parts and self.final_norm_params
         return int(total)
 
@@ -165,6 +177,12 @@ def final_norm_modules(model: nn.Module) -> list[nn.Module]:
     """Norms between the last block and the classifier (trained by `partial`)."""
     mods = [getattr(model, "norm", None), getattr(model, "fc_norm", None)]
     return [m for m in mods if isinstance(m, nn.Module) and any(True for _ in m.parameters())]
+
+
+def pre_norm_modules(model: nn.Module) -> list[nn.Module]:
+    """Norms between the embedding and block 0 (CLIP's `norm_pre`), trained by LN-tune with block 0."""
+    norm = getattr(model, "norm_pre", None)
+    return [norm] if isinstance(norm, nn.Module) and any(True for _ in norm.parameters()) else []
 
 
 def _dynamic(model: nn.Module) -> Any:
@@ -228,8 +246,9 @@ def spec_of_model(module: nn.Module, name: str) -> BackboneSpec:
         qkv_bias.append(b.attn.qkv.bias is not None)
     block_ids = {id(p) for b in blocks for p in b.parameters()}
     final_norm_ids = {id(p) for m in final_norm_modules(model) for p in m.parameters()}
+    pre_norm_ids = {id(p) for m in pre_norm_modules(model) for p in m.parameters()}
     body = [(n, p) for n, p in model.named_parameters() if not is_head_param(n)]
-    embed = sum(p.numel() for _, p in body if id(p) not in block_ids and id(p) not in final_norm_ids)
+    embed = sum(p.numel() for _, p in body if id(p) not in block_ids | final_norm_ids | pre_norm_ids)
     if family == "vit":
         grid = tuple(model.patch_embed.grid_size)
         prefix = int(model.num_prefix_tokens)
@@ -265,7 +284,18 @@ def spec_of_model(module: nn.Module, name: str) -> BackboneSpec:
         backbone_params=sum(p.numel() for _, p in body),
         head_in_features=int(in_features),
         input_size=(int(input_size[0]), int(input_size[1]), int(input_size[2])),
+        no_bias=tuple(_no_bias(b) for b in blocks),
+        embed_bias=getattr(getattr(model.patch_embed, "proj", None), "bias", None) is not None,
+        pos_embed=isinstance(getattr(model, "pos_embed", None), nn.Parameter),
+        final_norm_bias=all(getattr(m, "bias", None) is not None for m in final_norm_modules(model)),
+        pre_norm_params=sum(p.numel() for m in pre_norm_modules(model) for p in m.parameters()),
     )
+
+
+def _no_bias(block: nn.Module) -> tuple[str, ...]:
+    """Paths inside `block` of the modules with a weight and no bias (norms without one, bias-free linears)."""
+    return tuple(sorted(n for n, m in block.named_modules()
+                        if isinstance(getattr(m, "weight", None), nn.Parameter) and getattr(m, "bias", None) is None))
 
 
 def hub_offline() -> bool:

@@ -5,19 +5,37 @@ checks of tests/test_methods.py."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
+from test_methods import check_invariants
 
-from autopeft.backbones import backbone_spec, create_backbone
+from autopeft.backbones import BackboneSpec, backbone_spec, create_backbone, spec_of_model
 from autopeft.data import data_config
 from autopeft.errors import AutopeftError
+from autopeft.methods import list_methods, make_spec
+from autopeft.plan import PeftPlan, merge_model
 from autopeft.recipe import Recipe
 from autopeft.train_config import SPACE_TRAINING_KEYS, TrainConfig, check_training
 
 DINOV2_REG = "vit_small_patch14_reg4_dinov2"
+# the CLI runs this checkout's autopeft from any working directory
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join(
+    [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These models are tiny: a second thread only waits for the first (and for other processes on the machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 # -- part 1: the input size ------------------------------------------------------------------------------------------
@@ -79,7 +97,7 @@ def test_train_builds_the_model_at_the_input_size() -> None:
 def test_params_counts_the_model_at_the_given_size() -> None:
     def params(*extra: str) -> dict:
         proc = subprocess.run([sys.executable, "-m", "autopeft", "params", "--backbone", DINOV2_REG, "--method",
-                               "lora", "--json", *extra], capture_output=True, text=True, timeout=120)
+                               "lora", "--json", *extra], capture_output=True, text=True, timeout=120, env=ENV)
         assert proc.returncode == 0, proc.stderr
         return json.loads(proc.stdout)
 
@@ -100,3 +118,103 @@ def test_study_settings_carry_the_input_size() -> None:
     assert asked.img_size == 64 and trial_settings(asked).img_size == 64
     with pytest.raises(AutopeftError, match="--img-size must be a positive integer"):
         SearchSettings(img_size=0)
+
+
+# -- the families, small: depth 2, width 64, 56-64 px, random weights ------------------------------------------------
+
+SMALL = dict(depth=2, embed_dim=64, num_heads=2)
+FAMILIES = {  # family -> (timm name, input size, creation keywords)
+    "dinov2": ("vit_small_patch14_dinov2", 56, dict(SMALL, init_values=1e-2)),
+    "dinov2_reg": (DINOV2_REG, 56, dict(SMALL, init_values=1e-2)),
+    "deit3": ("deit3_small_patch16_224", 64, dict(SMALL, init_values=1e-2)),
+    "clip": ("vit_base_patch16_clip_224", 64, SMALL),
+    "siglip": ("vit_base_patch16_siglip_224", 64, SMALL),
+}
+# one case per method (options that reach the most code), as tests/test_methods.py's CASES name them
+METHOD_CASES = {
+    "full": {}, "linear": {}, "bitfit": {}, "ln_tune": {}, "partial": {"k": 1},
+    "lora": {"rank": 2, "targets": "q,k,v,proj,fc1,fc2"}, "ssf": {}, "fact_tt": {"rank": 2},
+    "adapter": {"dim": 4, "position": "both"}, "adaptformer": {"dim": 4, "input": "residual"}, "convpass": {"dim": 4},
+    "vpt_shallow": {"length": 2}, "vpt_deep": {"length": 2}, "prefix": {"length": 2},
+}
+NUM_CLASSES = 5
+
+
+def small(family: str) -> tuple[Callable[[], torch.nn.Module], BackboneSpec]:
+    """A factory of the family's small variant (the same random "pretrained" weights each call) and its spec."""
+    name, size, kwargs = FAMILIES[family]
+
+    def make() -> torch.nn.Module:
+        torch.manual_seed(123)
+        return create_backbone(name, num_classes=NUM_CLASSES, img_size=size, **kwargs).eval()
+
+    return make, spec_of_model(make(), name)
+
+
+def inputs(spec: BackboneSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(7)
+    return torch.randn(4, *spec.input_size, generator=g), torch.randint(0, NUM_CLASSES, (4,), generator=g)
+
+
+@pytest.mark.parametrize("method", sorted(METHOD_CASES))
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_every_method_on_every_family(family: str, method: str, tmp_path) -> None:
+    make, spec = small(family)
+    plan = PeftPlan.single(make_spec(method, METHOD_CASES[method]), range(spec.num_blocks))
+    check_invariants(make, spec, plan, *inputs(spec), tmp_path)
+
+
+def test_method_cases_cover_every_method() -> None:
+    assert set(METHOD_CASES) == {cls.name for cls in list_methods()}
+
+
+# -- part 3: mergeability from the backbone --------------------------------------------------------------------------
+
+
+def test_ssf_on_clip_folds_the_patch_shift_into_the_position_embedding() -> None:
+    make, spec = small("clip")
+    assert not spec.embed_bias and spec.pos_embed  # CLIP's patch embedding has no bias
+    plan = PeftPlan.single(make_spec("ssf"), [0])
+    assert plan.merge_blockers(spec) == []
+    model = plan.apply(make(), spec)
+    x, _ = inputs(spec)
+    with torch.no_grad():
+        model.patch_embed.proj.ssf_shift.normal_(std=0.5)  # a shift large enough to show
+        before = model(x)
+        pos = model.pos_embed.clone()
+        merge_model(model)
+        assert not torch.equal(model.pos_embed, pos)
+        torch.testing.assert_close(model(x), before, atol=1e-5, rtol=1e-5)
+
+
+def test_ssf_where_qkv_has_no_bias_is_not_mergeable_and_merge_refuses_before_training(tmp_path) -> None:
+    from safetensors.torch import save_file
+
+    spec = backbone_spec("autopeft_test_vit_reg")
+    plan = PeftPlan.single(make_spec("ssf"), range(spec.num_blocks))
+    assert plan.mergeable  # the method can merge, this backbone cannot take it
+    assert any("attn.qkv" in r for r in plan.merge_blockers(spec))
+    assert PeftPlan.single(make_spec("lora"), [0]).merge_blockers(spec) == []
+    weights = tmp_path / "w.safetensors"
+    save_file(create_backbone("autopeft_test_vit_reg").state_dict(), str(weights))
+    proc = subprocess.run([sys.executable, "-m", "autopeft", "train", "--dataset", "digits", "--backbone",
+                           "autopeft_test_vit_reg", "--weights", str(weights), "--method", "ssf", "--merge", "--out",
+                           str(tmp_path / "run")], capture_output=True, text=True, timeout=120, cwd=tmp_path, env=ENV)
+    assert proc.returncode == 2 and "no bias to absorb its shift" in proc.stderr, proc.stderr
+    assert not (tmp_path / "run").exists()  # refused before any training
+
+
+# -- part 5: CLIP's norm_pre -----------------------------------------------------------------------------------------
+
+
+def test_ln_tune_trains_clips_norm_pre_with_block_0() -> None:
+    make, spec = small("clip")
+    assert spec.pre_norm_params == 2 * spec.dims[0]
+    with_0 = PeftPlan.single(make_spec("ln_tune"), [0])
+    model = with_0.apply(make(), spec)
+    assert all(p.requires_grad for p in model.norm_pre.parameters())
+    assert with_0.count(spec) == spec.norm_params[0] + spec.pre_norm_params
+    without = PeftPlan.single(make_spec("ln_tune"), [1]).apply(make(), spec)
+    assert not any(p.requires_grad for p in without.norm_pre.parameters())
+    # LN-tune with block 0 changes what block 0 sees: no cached prefix
+    assert with_0.frozen_prefix(spec) == 0 and PeftPlan.single(make_spec("ln_tune"), [1]).frozen_prefix(spec) == 1

@@ -94,6 +94,7 @@ def cmd_params(args: argparse.Namespace) -> int:
     spec = backbone_spec(args.backbone, args.img_size)
     plan = plan_from_args(args, spec.num_blocks)
     peft = plan.count(spec)
+    blockers = plan.merge_blockers(spec)
     out = {
         "backbone": spec.name,
         "plan": plan.short(),
@@ -102,12 +103,14 @@ def cmd_params(args: argparse.Namespace) -> int:
         "backbone_params": spec.backbone_params,
         "input_size": list(spec.input_size),
         "percent": 100.0 * peft / spec.backbone_params,
-        "mergeable": plan.mergeable,
+        "mergeable": not blockers,
+        "merge_blockers": blockers,
     }
     if args.json:
         print(json.dumps(out, indent=2))
     else:
         print(f"{out['plan']} on {spec.name} at {spec.input_size[1]} px: {peft:,} trainable parameters "
               f"({out['percent']:.4f} % of "
-              f"{spec.backbone_params:,}); head {out['head_params']:,}; mergeable: {'yes' if plan.mergeable else 'no'}")
+              f"{spec.backbone_params:,}); head {out['head_params']:,}; mergeable: "
+              f"{'no (' + '; '.join(blockers) + ')' if blockers else 'yes'}")
     return 0

@@ -144,7 +144,7 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
 def cmd_train(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from autopeft.backbones import check_pretrained
+    from autopeft.backbones import backbone_spec, check_pretrained
     from autopeft.data.datasets import check_images
     from autopeft.recipe import load_data
     from autopeft.runs import check_out_dir, staged_dir, write_summary
@@ -157,10 +157,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise AutopeftError(f"--num-workers must be >= 0, got {args.num_workers}")
     if args.seeds < 1:
         raise AutopeftError(f"--seeds must be >= 1, got {args.seeds}")
-    if args.merge and not recipe.plan.mergeable:
-        raise AutopeftError(f"--merge: the plan cannot be merged: {', '.join(recipe.plan.non_mergeable())} stay(s) "
-                            "at inference; train without --merge (the adapter loads with `autopeft evaluate`) or "
-                            "export a plan that merges (`autopeft export --mergeable`)")
+    blockers = recipe.plan.merge_blockers(backbone_spec(recipe.backbone, recipe.img_size)) if args.merge else []
+    if blockers:  # decided before any training: the backbone's biases decide as much as the methods
+        raise AutopeftError(f"--merge: the plan cannot be merged: {'; '.join(blockers)}; train without --merge (the "
+                            "adapter loads with `autopeft evaluate`) or export a plan that merges "
+                            "(`autopeft export --mergeable`)")
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out = check_out_dir(args.out or Path("runs") / f"{Path(recipe.dataset).name.replace('/', '-')}-{stamp}")
     data = load_data(recipe)
