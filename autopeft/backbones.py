@@ -98,6 +98,10 @@ class BackboneSpec:
     final_norm_bias: bool = True
     # a norm between the embedding and block 0 (CLIP's `norm_pre`): trained by LN-tune with block 0
     pre_norm_params: int = 0
+    # an attention-pool head between the final norm and the classifier (SigLIP's `map`): trained by partial and, its
+    # norms, by LN-tune, as they train the last block; frozen (not embedding) otherwise
+    pool_params: int = 0
+    pool_norm_params: int = 0
 
     def head_params(self, num_classes: int) -> int:
         """Parameters of a linear classifier for `num_classes` classes on this backbone."""
@@ -107,7 +111,8 @@ class BackboneSpec:
         """Size of the union of existing parameter groups made trainable.
 
         Parts are `("all", i)`, `("bias", i)`, `("norm", i)` for block i, `("embed", 0)` (the embedding, without the
-        pre-norm), `("pre_norm", 0)` and `("final_norm", 0)`.
+        pre-norm), `("pre_norm", 0)`, `("final_norm", 0)`, `("pool", 0)` (an attention-pool head) and
+        `("pool_norm", 0)` (its norms).
         Methods that unfreeze existing weights (BitFit, LN-tune, partial, full) overlap (norm biases are both
         biases and norm parameters); counting the union keeps a plan's count exact when they are combined.
         """
@@ -121,6 +126,10 @@ class BackboneSpec:
             total -= (has_bias and has_norm) * self.norm_bias_params[i]
         total += ("embed", 0) in parts and self.embed_params
         total += ("pre_norm", 0) in parts and self.pre_norm_params
+        if ("pool", 0) in parts:
+            total += self.pool_params
+        elif ("pool_norm", 0) in parts:
+            total += self.pool_norm_params
         total += ("final_norm", 0) in parts and self.final_norm_params
         return int(total)
 
@@ -185,6 +194,12 @@ def pre_norm_modules(model: nn.Module) -> list[nn.Module]:
     return [norm] if isinstance(norm, nn.Module) and any(True for _ in norm.parameters()) else []
 
 
+def pool_modules(model: nn.Module) -> list[nn.Module]:
+    """An attention-pool head between the final norm and the classifier (SigLIP's `attn_pool`, global_pool `map`)."""
+    pool = getattr(model, "attn_pool", None)
+    return [pool] if isinstance(pool, nn.Module) and any(True for _ in pool.parameters()) else []
+
+
 def _dynamic(model: nn.Module) -> Any:
     """`model` typed for reading timm's submodules by attribute (nn.Module's stubs type each as Tensor | Module)."""
     return model
@@ -247,8 +262,9 @@ def spec_of_model(module: nn.Module, name: str) -> BackboneSpec:
     block_ids = {id(p) for b in blocks for p in b.parameters()}
     final_norm_ids = {id(p) for m in final_norm_modules(model) for p in m.parameters()}
     pre_norm_ids = {id(p) for m in pre_norm_modules(model) for p in m.parameters()}
+    pool_ids = {id(p) for m in pool_modules(model) for p in m.parameters()}
     body = [(n, p) for n, p in model.named_parameters() if not is_head_param(n)]
-    embed = sum(p.numel() for _, p in body if id(p) not in block_ids | final_norm_ids | pre_norm_ids)
+    embed = sum(p.numel() for _, p in body if id(p) not in block_ids | final_norm_ids | pre_norm_ids | pool_ids)
     if family == "vit":
         grid = tuple(model.patch_embed.grid_size)
         prefix = int(model.num_prefix_tokens)
@@ -289,6 +305,8 @@ def spec_of_model(module: nn.Module, name: str) -> BackboneSpec:
         pos_embed=isinstance(getattr(model, "pos_embed", None), nn.Parameter),
         final_norm_bias=all(getattr(m, "bias", None) is not None for m in final_norm_modules(model)),
         pre_norm_params=sum(p.numel() for m in pre_norm_modules(model) for p in m.parameters()),
+        pool_params=sum(p.numel() for m in pool_modules(model) for p in m.parameters()),
+        pool_norm_params=sum(_numel(n) for m in pool_modules(model) for n in m.modules() if is_norm(n)),
     )
 
 

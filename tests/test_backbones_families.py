@@ -218,3 +218,24 @@ def test_ln_tune_trains_clips_norm_pre_with_block_0() -> None:
     assert not any(p.requires_grad for p in without.norm_pre.parameters())
     # LN-tune with block 0 changes what block 0 sees: no cached prefix
     assert with_0.frozen_prefix(spec) == 0 and PeftPlan.single(make_spec("ln_tune"), [1]).frozen_prefix(spec) == 1
+
+
+# -- part 4: attention-pool heads ------------------------------------------------------------------------------------
+
+
+def test_siglips_attention_pool_is_its_own_group_that_partial_and_ln_tune_reach() -> None:
+    make, spec = small("siglip")
+    model = make()
+    pool = sum(p.numel() for p in model.attn_pool.parameters())
+    assert spec.pool_params == pool > 0 and spec.pool_norm_params == 2 * spec.dims[-1]
+    with torch.device("meta"):
+        whole = create_backbone(FAMILIES["siglip"][0], img_size=64, **FAMILIES["siglip"][2])
+    assert spec.embed_params == sum(p.numel() for p in whole.patch_embed.parameters()) + whole.pos_embed.numel()
+    partial = PeftPlan.single(make_spec("partial", {"k": 1}), ())
+    trained = partial.apply(make(), spec)
+    assert all(p.requires_grad for p in trained.attn_pool.parameters())
+    assert partial.count(spec) == spec.block_params[-1] + spec.final_norm_params + pool
+    ln = PeftPlan.single(make_spec("ln_tune"), [spec.num_blocks - 1]).apply(make(), spec)
+    assert {n for n, p in ln.attn_pool.named_parameters() if p.requires_grad} == {"norm.weight", "norm.bias"}
+    early = PeftPlan.single(make_spec("ln_tune"), [0]).apply(make(), spec)
+    assert not any(p.requires_grad for p in early.attn_pool.parameters())

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from autopeft.backbones import BackboneSpec, final_norm_modules, get_blocks, is_norm, pre_norm_modules
+from autopeft.backbones import BackboneSpec, final_norm_modules, get_blocks, is_norm, pool_modules, pre_norm_modules
 from autopeft.methods.base import MethodSpec, register
 
 
@@ -16,7 +16,7 @@ from autopeft.methods.base import MethodSpec, register
 @dataclass(frozen=True)
 class LNTune(MethodSpec):
     """LayerNorm weight and bias of norm1 and norm2 (all norms inside the block); the norm before block 0 (CLIP's
-    `norm_pre`) with block 0, the final norm with the last block.
+    `norm_pre`) with block 0, the final norm and the norms of an attention-pool head (SigLIP's) with the last block.
 
     Every LayerNorm of the backbone trains when all blocks are chosen, as PETL_Vision's LN tuning counts it
     (38,400 on ViT-B/16).
@@ -30,7 +30,7 @@ class LNTune(MethodSpec):
     order = 0
 
     def unfrozen(self, spec: BackboneSpec, blocks: Sequence[int]) -> set[tuple[str, int]]:
-        final = {("final_norm", 0)} if spec.num_blocks - 1 in blocks else set()
+        final = {("final_norm", 0), ("pool_norm", 0)} if spec.num_blocks - 1 in blocks else set()
         pre = {("pre_norm", 0)} if 0 in blocks and spec.pre_norm_params else set()
         return {("norm", i) for i in blocks} | final | pre
 
@@ -46,6 +46,8 @@ class LNTune(MethodSpec):
         if spec.num_blocks - 1 in blocks:
             for norm in final_norm_modules(model):
                 norm.requires_grad_(True)
+            for m in (m for pool in pool_modules(model) for m in pool.modules() if is_norm(m)):
+                m.requires_grad_(True)
         if 0 in blocks:
             for norm in pre_norm_modules(model):
                 norm.requires_grad_(True)
