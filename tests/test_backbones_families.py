@@ -4,6 +4,7 @@ checks of tests/test_methods.py."""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -239,3 +240,55 @@ def test_siglips_attention_pool_is_its_own_group_that_partial_and_ln_tune_reach(
     assert {n for n, p in ln.attn_pool.named_parameters() if p.requires_grad} == {"norm.weight", "norm.bias"}
     early = PeftPlan.single(make_spec("ln_tune"), [0]).apply(make(), spec)
     assert not any(p.requires_grad for p in early.attn_pool.parameters())
+
+
+# -- part 2: LayerScale ----------------------------------------------------------------------------------------------
+
+ADDITIONS = {"adapter": {"dim": 4, "position": "both"}, "adaptformer": {"dim": 4}, "convpass": {"dim": 4}}
+
+
+def _up_grads(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The gradient of every up-projection (the zero-initialised output layer each of these methods has)."""
+    model.zero_grad()
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    return torch.cat([p.grad.flatten() for n, p in model.named_parameters() if ".up.weight" in n])
+
+
+@pytest.mark.parametrize("method", sorted(ADDITIONS))
+@pytest.mark.parametrize("family", ["dinov2", "deit3"])
+def test_additions_join_the_residual_outside_layerscale(family: str, method: str) -> None:
+    make, spec = small(family)  # LayerScale at γ = 1e-2
+    assert all(float(b.ls1.gamma.detach().abs().max()) == pytest.approx(1e-2) for b in make().blocks)
+    x, y = inputs(spec)
+    with torch.no_grad():
+        plain = make()(x)
+    grads = {}
+    for where in ("outside", "inside"):
+        plan = PeftPlan.single(make_spec(method, {**ADDITIONS[method], "layerscale": where}), range(spec.num_blocks))
+        model = plan.apply(make(), spec)
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), plain, atol=1e-6, rtol=0)  # identity at init, both placements
+        grads[where] = _up_grads(model, x, y)
+    # inside, γ = 1e-2 scales the up-projection's gradient by 1e-2 channel by channel; outside it does not
+    ratio = grads["inside"].norm() / grads["outside"].norm()
+    assert ratio == pytest.approx(1e-2, rel=0.05)
+
+
+def test_outside_layerscale_matches_a_backbone_whose_gamma_is_one() -> None:
+    """With γ = 1 LayerScale is the identity: outside and inside compute the same function and gradient."""
+    name, size, kwargs = FAMILIES["dinov2"]
+    torch.manual_seed(123)
+    base = create_backbone(name, num_classes=NUM_CLASSES, img_size=size, **dict(kwargs, init_values=1.0)).eval()
+    spec = spec_of_model(base, name)
+    x, y = inputs(spec)
+    out = {}
+    for where in ("outside", "inside"):
+        torch.manual_seed(5)
+        model = PeftPlan.single(make_spec("adaptformer", {"dim": 4, "layerscale": where}), [0, 1]).apply(
+            copy.deepcopy(base), spec)
+        for n, p in model.named_parameters():
+            if ".up." in n:
+                torch.nn.init.normal_(p, std=0.1)  # past initialisation: the adapter contributes
+        with torch.no_grad():
+            out[where] = model(x)
+    torch.testing.assert_close(out["outside"], out["inside"], atol=1e-5, rtol=1e-5)
