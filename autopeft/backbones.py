@@ -155,9 +155,12 @@ def family_of(model: nn.Module) -> str:
         return "vit"
     if isinstance(model, SwinTransformer):
         return "swin"
+    from autopeft.families import REFUSED
+
+    why = f" ({REFUSED[type(model).__name__]})" if type(model).__name__ in REFUSED else ""
     raise AutopeftError(
-        f"backbone {type(model).__name__} is not supported; use a timm VisionTransformer (vit_*, deit_*) or "
-        "SwinTransformer (swin_*) model"
+        f"timm's {type(model).__name__} class is not supported{why}; autopeft adapts timm's VisionTransformer and "
+        "SwinTransformer classes (see `autopeft backbones`)"
     )
 
 

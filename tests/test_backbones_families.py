@@ -292,3 +292,34 @@ def test_outside_layerscale_matches_a_backbone_whose_gamma_is_one() -> None:
         with torch.no_grad():
             out[where] = model(x)
     torch.testing.assert_close(out["outside"], out["inside"], atol=1e-5, rtol=1e-5)
+
+
+# -- part 7: `autopeft backbones` and README's family × method table --------------------------------------------------
+
+
+def test_backbones_command_and_readme_table_agree(capsys) -> None:
+    from autopeft.cli import main
+    from autopeft.families import FAMILIES as LISTED
+
+    assert main(["backbones", "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    rows = {r["family"]: r for r in listed["families"]}
+    assert set(rows) == {f.name for f in LISTED} and "Eva" in listed["refused"]
+    assert rows["DINOv2"]["input_size"] == 518 and "convpass" not in rows["Swin"]["methods"]
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text().splitlines()
+    header = next(line for line in readme if line.startswith("| family | timm class |"))
+    methods = [c.strip() for c in header.strip("|").split("|")][4:]
+    assert methods == sorted(cls.name for cls in list_methods())
+    for line in readme[readme.index(header) + 2 : readme.index(header) + 2 + len(rows)]:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        row = rows[cells[0]]
+        assert cells[1] == row["class"] and int(cells[2]) == row["input_size"]
+        assert cells[3] == f"{row['params'] / 1e6:.1f} M"
+        for method, mark in zip(methods, cells[4:], strict=True):
+            expected = "·" if method not in row["methods"] else "○" if method in row["not_mergeable"] else "✓"
+            assert mark == expected, (cells[0], method)
+
+
+def test_eva_is_refused_naming_its_class() -> None:
+    with pytest.raises(AutopeftError, match="timm's Eva class is not supported.*VisionTransformer and SwinTransformer"):
+        backbone_spec("vit_small_patch16_dinov3")
