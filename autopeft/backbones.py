@@ -88,6 +88,20 @@ class BackboneSpec:
     backbone_params: int
     head_in_features: int
     input_size: tuple[int, int, int]
+    # What decides whether a shift (SSF) folds into the weights: per block, the paths (inside the block) of the
+    # modules with a weight but no bias; whether the patch embedding has a bias; whether a learned absolute position
+    # embedding is added to the patch tokens after it (a shift of the patch embedding folds into it); whether the
+    # final norm has a bias.
+    no_bias: tuple[tuple[str, ...], ...] = ()
+    embed_bias: bool = True
+    pos_embed: bool = False
+    final_norm_bias: bool = True
+    # a norm between the embedding and block 0 (CLIP's `norm_pre`): trained by LN-tune with block 0
+    pre_norm_params: int = 0
+    # an attention-pool head between the final norm and the classifier (SigLIP's `map`): trained by partial and, its
+    # norms, by LN-tune, as they train the last block; frozen (not embedding) otherwise
+    pool_params: int = 0
+    pool_norm_params: int = 0
 
     def head_params(self, num_classes: int) -> int:
         """Parameters of a linear classifier for `num_classes` classes on this backbone."""
@@ -96,7 +110,9 @@ class BackboneSpec:
     def unfrozen_params(self, parts: set[tuple[str, int]]) -> int:
         """Size of the union of existing parameter groups made trainable.
 
-        Parts are `("all", i)`, `("bias", i)`, `("norm", i)` for block i, `("embed", 0)` and `("final_norm", 0)`.
+        Parts are `("all", i)`, `("bias", i)`, `("norm", i)` for block i, `("embed", 0)` (the embedding, without the
+        pre-norm), `("pre_norm", 0)`, `("final_norm", 0)`, `("pool", 0)` (an attention-pool head) and
+        `("pool_norm", 0)` (its norms).
         Methods that unfreeze existing weights (BitFit, LN-tune, partial, full) overlap (norm biases are both
         biases and norm parameters); counting the union keeps a plan's count exact when they are combined.
         """
@@ -109,6 +125,11 @@ class BackboneSpec:
             total += has_bias * self.bias_params[i] + has_norm * self.norm_params[i]
             total -= (has_bias and has_norm) * self.norm_bias_params[i]
         total += ("embed", 0) in parts and self.embed_params
+        total += ("pre_norm", 0) in parts and self.pre_norm_params
+        if ("pool", 0) in parts:
+            total += self.pool_params
+        elif ("pool_norm", 0) in parts:
+            total += self.pool_norm_params
         total += ("final_norm", 0) in parts and self.final_norm_params
         return int(total)
 
@@ -134,9 +155,12 @@ def family_of(model: nn.Module) -> str:
         return "vit"
     if isinstance(model, SwinTransformer):
         return "swin"
+    from autopeft.families import REFUSED
+
+    why = f" ({REFUSED[type(model).__name__]})" if type(model).__name__ in REFUSED else ""
     raise AutopeftError(
-        f"backbone {type(model).__name__} is not supported; use a timm VisionTransformer (vit_*, deit_*) or "
-        "SwinTransformer (swin_*) model"
+        f"timm's {type(model).__name__} class is not supported{why}; autopeft adapts timm's VisionTransformer and "
+        "SwinTransformer classes (see `autopeft backbones`)"
     )
 
 
@@ -167,6 +191,18 @@ def final_norm_modules(model: nn.Module) -> list[nn.Module]:
     return [m for m in mods if isinstance(m, nn.Module) and any(True for _ in m.parameters())]
 
 
+def pre_norm_modules(model: nn.Module) -> list[nn.Module]:
+    """Norms between the embedding and block 0 (CLIP's `norm_pre`), trained by LN-tune with block 0."""
+    norm = getattr(model, "norm_pre", None)
+    return [norm] if isinstance(norm, nn.Module) and any(True for _ in norm.parameters()) else []
+
+
+def pool_modules(model: nn.Module) -> list[nn.Module]:
+    """An attention-pool head between the final norm and the classifier (SigLIP's `attn_pool`, global_pool `map`)."""
+    pool = getattr(model, "attn_pool", None)
+    return [pool] if isinstance(pool, nn.Module) and any(True for _ in pool.parameters()) else []
+
+
 def _dynamic(model: nn.Module) -> Any:
     """`model` typed for reading timm's submodules by attribute (nn.Module's stubs type each as Tensor | Module)."""
     return model
@@ -187,12 +223,32 @@ def _check_name(name: str) -> None:
         raise AutopeftError(f"unknown backbone '{name}'{hint}; any timm vit_*, deit_* or swin_* name works")
 
 
+def size_kwargs(img_size: int | None) -> dict[str, Any]:
+    """`timm.create_model` keywords for an input of `img_size` px (none for the backbone's pretraining size)."""
+    return {} if img_size is None else {"img_size": int(img_size)}
+
+
+def check_img_size(img_size: int | None) -> None:
+    if img_size is not None and (isinstance(img_size, bool) or not isinstance(img_size, int) or img_size < 1):
+        raise AutopeftError(f"--img-size must be a positive integer (pixels), got {img_size!r}")
+
+
 @functools.lru_cache(maxsize=64)
-def backbone_spec(name: str) -> BackboneSpec:
-    """Build (and cache) the spec of a timm backbone from its architecture alone, on the meta device."""
+def backbone_spec(name: str, img_size: int | None = None) -> BackboneSpec:
+    """Build (and cache) the spec of a timm backbone from its architecture alone, on the meta device.
+
+    `img_size`: the input size the model runs at (None: its pretraining size). The token grid, the position
+    embedding and so the parameter count follow it, as they do for the model `create_backbone` builds at that size.
+    """
     _check_name(name)
+    check_img_size(img_size)
     with torch.device("meta"):
-        model = timm.create_model(name, pretrained=False)
+        model = timm.create_model(name, pretrained=False, **size_kwargs(img_size))
+        if img_size is not None:  # the architecture's own constraints (patch and window multiples), without weights
+            try:
+                model(torch.empty(1, 3, img_size, img_size))
+            except Exception as exc:  # noqa: BLE001  timm asserts or raises its own types per architecture
+                raise AutopeftError(f"{name} cannot run at --img-size {img_size}: {_brief(exc)}") from None
     return spec_of_model(model, name)
 
 
@@ -208,8 +264,10 @@ def spec_of_model(module: nn.Module, name: str) -> BackboneSpec:
         qkv_bias.append(b.attn.qkv.bias is not None)
     block_ids = {id(p) for b in blocks for p in b.parameters()}
     final_norm_ids = {id(p) for m in final_norm_modules(model) for p in m.parameters()}
+    pre_norm_ids = {id(p) for m in pre_norm_modules(model) for p in m.parameters()}
+    pool_ids = {id(p) for m in pool_modules(model) for p in m.parameters()}
     body = [(n, p) for n, p in model.named_parameters() if not is_head_param(n)]
-    embed = sum(p.numel() for _, p in body if id(p) not in block_ids and id(p) not in final_norm_ids)
+    embed = sum(p.numel() for _, p in body if id(p) not in block_ids | final_norm_ids | pre_norm_ids | pool_ids)
     if family == "vit":
         grid = tuple(model.patch_embed.grid_size)
         prefix = int(model.num_prefix_tokens)
@@ -218,7 +276,11 @@ def spec_of_model(module: nn.Module, name: str) -> BackboneSpec:
         prefix = 0
     head = model.get_classifier()
     in_features = head.in_features if isinstance(head, nn.Linear) else int(model.num_features)
+    # the size the model was built for (an img_size given at creation), else the size it was pretrained at
+    built = getattr(getattr(model, "patch_embed", None), "img_size", None)
     input_size = tuple(model.pretrained_cfg.get("input_size", (3, 224, 224)))
+    if built is not None:
+        input_size = (input_size[0], int(built[0]), int(built[1]))
     return BackboneSpec(
         name=name,
         family=family,
@@ -241,7 +303,20 @@ def spec_of_model(module: nn.Module, name: str) -> BackboneSpec:
         backbone_params=sum(p.numel() for _, p in body),
         head_in_features=int(in_features),
         input_size=(int(input_size[0]), int(input_size[1]), int(input_size[2])),
+        no_bias=tuple(_no_bias(b) for b in blocks),
+        embed_bias=getattr(getattr(model.patch_embed, "proj", None), "bias", None) is not None,
+        pos_embed=isinstance(getattr(model, "pos_embed", None), nn.Parameter),
+        final_norm_bias=all(getattr(m, "bias", None) is not None for m in final_norm_modules(model)),
+        pre_norm_params=sum(p.numel() for m in pre_norm_modules(model) for p in m.parameters()),
+        pool_params=sum(p.numel() for m in pool_modules(model) for p in m.parameters()),
+        pool_norm_params=sum(_numel(n) for m in pool_modules(model) for n in m.modules() if is_norm(n)),
     )
+
+
+def _no_bias(block: nn.Module) -> tuple[str, ...]:
+    """Paths inside `block` of the modules with a weight and no bias (norms without one, bias-free linears)."""
+    return tuple(sorted(n for n, m in block.named_modules()
+                        if isinstance(getattr(m, "weight", None), nn.Parameter) and getattr(m, "bias", None) is None))
 
 
 def hub_offline() -> bool:
@@ -286,6 +361,7 @@ def create_backbone(
     num_classes: int = 1000,
     pretrained: bool = False,
     weights: str | Path | None = None,
+    img_size: int | None = None,
     **kwargs: Any,
 ) -> nn.Module:
     """Create a supported timm backbone, optionally with hub weights or a local weights file.
@@ -295,9 +371,13 @@ def create_backbone(
         num_classes: classes of the freshly initialised head.
         pretrained: load the pretrained weights timm knows for `name` (hub download unless cached).
         weights: a local weights file (safetensors, timm .npz, .pth/.bin read with weights_only); implies pretrained.
+        img_size: input size in pixels (None: the pretraining size); timm resamples the position embeddings.
         kwargs: passed to `timm.create_model`.
     """
     _check_name(name)
+    if img_size is not None:
+        backbone_spec(name, img_size)  # a size the architecture cannot take fails here, in one line
+        kwargs.update(size_kwargs(img_size))
     if weights is not None or pretrained:
         check_pretrained(name, weights)
     if weights is not None:

@@ -29,10 +29,10 @@ def num_classes_of(run: Run) -> int:
     return int(run.recipe.num_classes or run.metrics["num_classes"])
 
 
-def plain_model(backbone: str, num_classes: int, state: dict[str, torch.Tensor], source: str = "state dict") \
-        -> nn.Module:
-    """A plain timm model (no autopeft wrappers) holding `state`."""
-    model = create_backbone(backbone, num_classes=num_classes)
+def plain_model(backbone: str, num_classes: int, state: dict[str, torch.Tensor], source: str = "state dict",
+                img_size: int | None = None) -> nn.Module:
+    """A plain timm model (no autopeft wrappers) at input size `img_size` holding `state`."""
+    model = create_backbone(backbone, num_classes=num_classes, img_size=img_size)
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
@@ -59,8 +59,9 @@ def load_model(run: Run, merged: bool = False, weights: str | None = None) -> nn
         except Exception as exc:  # noqa: BLE001  a damaged or foreign file; safetensors raises its own error types
             raise AutopeftError(f"{run.merged} is not a readable safetensors file "
                                 f"({' '.join(str(exc).split())[:160]}); train the run again with --merge") from None
-        return plain_model(run.recipe.backbone, k, state, str(run.merged))
-    model, _ = build_model(run.recipe.backbone, run.recipe.plan, k, weights or run.recipe.weights)
+        return plain_model(run.recipe.backbone, k, state, str(run.merged), run.recipe.img_size)
+    model, _ = build_model(run.recipe.backbone, run.recipe.plan, k, weights or run.recipe.weights,
+                           img_size=run.recipe.img_size)
     load_adapter(model, run.adapter)
     return model.eval()
 

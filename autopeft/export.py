@@ -59,13 +59,22 @@ def read_study(name: str, storage: str | None = None) -> Study:
                  hparams={t.number: dict(t.user_attrs.get(st.ATTR_HPARAMS) or {}) for t in trials})
 
 
-def _merges(record: TrialRecord) -> bool:
-    return record.peft_plan.mergeable
+def _blockers(study: Study, record: TrialRecord) -> list[str]:
+    """Why the trial's plan does not merge into the study's backbone (at its input size); empty where it does."""
+    s = study.settings.search
+    try:
+        return record.peft_plan.merge_blockers(backbone_spec(s.backbone, s.img_size))
+    except AutopeftError as exc:  # a plan that no longer fits the backbone does not merge into it either
+        return [str(exc)]
+
+
+def _merges(study: Study, record: TrialRecord) -> bool:
+    return not _blockers(study, record)
 
 
 def candidates(study: Study, limit: int, mergeable: bool = False) -> list[TrialRecord]:
     """Eligible trials (full fidelity, with a val accuracy) within `limit` parameters (and merging, if asked)."""
-    return [r for r in eligible(study.records) if r.peft_params <= limit and (not mergeable or _merges(r))]
+    return [r for r in eligible(study.records) if r.peft_params <= limit and (not mergeable or _merges(study, r))]
 
 
 def _check_trial(study: Study, number: int, limit: int, mergeable: bool) -> TrialRecord:
@@ -81,9 +90,9 @@ def _check_trial(study: Study, number: int, limit: int, mergeable: bool) -> Tria
                             f"full-fidelity trials can be exported (autopeft results --study {study.name} --pareto)")
     if r.peft_params > limit:
         raise AutopeftError(f"{where} has {r.peft_params:,} parameters, over the budget of {limit:,}")
-    if mergeable and not _merges(r):
-        names = ", ".join(r.peft_plan.non_mergeable())
-        raise AutopeftError(f"{where} does not merge ({names} stay at inference); drop --mergeable or pick another")
+    if mergeable and not _merges(study, r):
+        raise AutopeftError(f"{where} does not merge ({'; '.join(_blockers(study, r))}); drop --mergeable or pick "
+                            "another")
     return r
 
 
@@ -116,6 +125,8 @@ def recipe_of(study: Study, record: TrialRecord, epochs: int | None = None, pick
     schedule = int(hp.get("epochs") or search_epochs)
     training = {k: v for k, v in hp.items() if k in TRAINING_KEYS}
     training["precision"] = s.precision  # the final run computes at the study's precision, as its trials did
+    if s.img_size is not None:  # and at its input size
+        training["img_size"] = s.img_size
     recipe = Recipe(backbone=s.backbone, dataset=s.dataset, plan=record.peft_plan, epochs=schedule,
                     weights=s.weights, data_root=s.data_root, num_classes=study.settings.num_classes,
                     protocol="final", split_seed=s.seed, seed=s.seed, training=training)
@@ -190,7 +201,8 @@ def export_recipe(name: str, storage: str | None = None, pick: str = "best", bud
     study = read_study(name, storage)
     limit = study.settings.budget_limit
     if budget is not None:
-        limit = parse_budget(budget, backbone_spec(study.settings.search.backbone)).limit
+        limit = parse_budget(budget, backbone_spec(study.settings.search.backbone,
+                                                            study.settings.search.img_size)).limit
     if confirm_k:
         if pick != "best":
             raise AutopeftError("--confirm re-ranks the best Pareto plans by their mean over seeds; use it with "

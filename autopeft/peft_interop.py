@@ -134,11 +134,12 @@ def export_peft(run: Run, out: str | Path) -> Path:
     peft = _peft()
     out_path = check_out_dir(out)
     k = num_classes_of(run)
-    ours, _ = build_model(run.recipe.backbone, run.recipe.plan, k, pretrained=False)  # adapter + head only
+    # adapter + head only
+    ours, _ = build_model(run.recipe.backbone, run.recipe.plan, k, pretrained=False, img_size=run.recipe.img_size)
     load_adapter(ours, run.adapter)
     loras = module_loras(ours)
     # peft saves only the adapter and the head, so the base weights of this skeleton do not matter
-    base = create_backbone(run.recipe.backbone, num_classes=k)
+    base = create_backbone(run.recipe.backbone, num_classes=k, img_size=run.recipe.img_size)
     base.get_submodule("head").load_state_dict(ours.get_submodule("head").state_dict())
     model = peft.get_peft_model(base, lora_config(loras))
     with torch.no_grad():
@@ -159,8 +160,9 @@ def check_peft_export(run: Run, directory: str | Path, weights: str | None = Non
     recipe = run.recipe
     ours = load_model(run, weights=weights)
     base = create_backbone(recipe.backbone, num_classes=num_classes_of(run), pretrained=True,
-                           weights=weights or recipe.weights)
+                           weights=weights or recipe.weights, img_size=recipe.img_size)
     theirs = peft.PeftModel.from_pretrained(base, str(directory)).eval()
-    x = torch.randn(images, *backbone_spec(recipe.backbone).input_size, generator=torch.Generator().manual_seed(0))
+    size = backbone_spec(recipe.backbone, recipe.img_size).input_size
+    x = torch.randn(images, *size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         return float((ours(x) - theirs(x)).abs().max())

@@ -99,6 +99,16 @@ class PeftPlan:
     def non_mergeable(self) -> list[str]:
         return sorted({s.name for s in self.methods() if not s.mergeable})
 
+    def merge_blockers(self, spec: BackboneSpec) -> list[str]:
+        """Why the plan does not merge into `spec`'s weights (one reason per method group), empty where it does: what
+        `--merge` and `export --mergeable` decide on before any training."""
+        self.validate(spec)
+        reasons = [s.merge_blocker(spec, blocks) for s, blocks in self.groups()]
+        return sorted({r for r in reasons if r})
+
+    def mergeable_on(self, spec: BackboneSpec) -> bool:
+        return not self.merge_blockers(spec)
+
     def validate(self, spec: BackboneSpec) -> None:
         bad = sorted(i for i in self.blocks if not 0 <= i < spec.num_blocks)
         if bad:

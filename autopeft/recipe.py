@@ -119,11 +119,16 @@ class Recipe:
     def replace(self, **changes: Any) -> Recipe:
         return dataclasses.replace(self, **changes)
 
+    @property
+    def img_size(self) -> int | None:
+        """The input size the backbone runs at (`training.img_size`; None: its pretraining size)."""
+        return self.training.get("img_size")
+
     def check(self) -> int:
         """Validate the plan against the backbone; return its trainable parameters (head excluded)."""
         from autopeft.backbones import backbone_spec
 
-        return self.plan.count(backbone_spec(self.backbone))
+        return self.plan.count(backbone_spec(self.backbone, self.img_size))
 
     # -- serialisation ----------------------------------------------------------------------------------------------
 
@@ -192,7 +197,7 @@ def load_data(recipe: Recipe, data_root: str | None = None) -> DataSplits:
     from autopeft.data import data_config, load_dataset
 
     data = load_dataset(recipe.dataset, data_root or recipe.data_root, augment=recipe.augment,
-                        seed=recipe.split_seed, **data_config(recipe.backbone))
+                        seed=recipe.split_seed, **data_config(recipe.backbone, recipe.img_size))
     if recipe.num_classes is not None and data.num_classes != recipe.num_classes:
         raise AutopeftError(f"dataset {data.name} has {data.num_classes} classes but the recipe was made for "
                             f"{recipe.num_classes}; check --data-root and the recipe's dataset")

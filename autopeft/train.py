@@ -112,12 +112,13 @@ def seed_everything(seed: int) -> None:
 
 
 def build_model(backbone: str, plan: PeftPlan, num_classes: int, weights: str | None = None,
-                pretrained: bool = True, drop_path: float = 0.0, slices: dict | None = None
-                ) -> tuple[nn.Module, BackboneSpec]:
-    """The backbone with its (pretrained) weights, a fresh head and the plan applied (recording its Sliceable
-    modules in `slices`, see `PeftPlan.apply`), and its spec."""
+                pretrained: bool = True, drop_path: float = 0.0, slices: dict | None = None,
+                img_size: int | None = None) -> tuple[nn.Module, BackboneSpec]:
+    """The backbone with its (pretrained) weights at input size `img_size` (None: its pretraining size), a fresh head
+    and the plan applied (recording its Sliceable modules in `slices`, see `PeftPlan.apply`), and its spec."""
     kwargs = {"drop_path_rate": drop_path} if drop_path else {}
-    model = create_backbone(backbone, num_classes=num_classes, pretrained=pretrained, weights=weights, **kwargs)
+    model = create_backbone(backbone, num_classes=num_classes, pretrained=pretrained, weights=weights,
+                            img_size=img_size, **kwargs)
     spec = spec_of_model(model, backbone)  # of the model as built (image size overrides change the token grid)
     return plan.apply(model, spec, slices), spec
 
@@ -276,7 +277,8 @@ def set_up(backbone: str, plan: PeftPlan, data: DataSplits, config: TrainConfig,
     seed_everything(config.seed)
     splits = {"train": _subset(data.split(train_split), config.train_fraction, config.seed)}
     config, notes = fitted_config(config, backbone, num_samples(splits["train"]))
-    model, spec = build_model(backbone, plan, data.num_classes, weights, pretrained, config.drop_path, slices)
+    model, spec = build_model(backbone, plan, data.num_classes, weights, pretrained, config.drop_path, slices,
+                              config.img_size)
     model = on_device(model, device)
     k = plan.frozen_prefix(spec) if supports_cache(model) else 0
     k = min(k, spec.num_blocks)

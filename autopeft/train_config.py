@@ -64,6 +64,9 @@ class TrainConfig:
     # what computes the run's logits, everywhere: the cached frozen prefix, training, evaluation, `evaluate` and
     # `predict` (a recorded accuracy is reproduced at the precision it was recorded at)
     precision: str = "auto"
+    # the input size the backbone runs at, in pixels (None: its pretraining size); the data is resized to it and
+    # timm resamples the position embeddings (`autopeft.backbones.create_backbone`)
+    img_size: int | None = None
 
     def __post_init__(self) -> None:
         checks = [
@@ -79,6 +82,9 @@ class TrainConfig:
                                            f"{', '.join(OPTIMIZERS)}"),
             (self.scheduler in SCHEDULERS, f"scheduler {self.scheduler!r} is not valid; use one of: "
                                            f"{', '.join(SCHEDULERS)}"),
+            (self.img_size is None or (not isinstance(self.img_size, bool) and isinstance(self.img_size, int)
+                                       and self.img_size >= 1), f"img_size must be a positive integer, got "
+                                                                f"{self.img_size!r}"),
             (self.precision in PRECISIONS, f"precision {self.precision!r} is not valid; use one of: "
                                            f"{', '.join(PRECISIONS)}"),
         ]
@@ -98,13 +104,14 @@ class TrainConfig:
 # what a recipe's `training:` may set (and a space's, which may also set `epochs`, see SPACE_TRAINING_KEYS)
 TRAINING_KEYS = tuple(sorted(f.name for f in fields(TrainConfig) if f.name not in RUN_FIELDS))
 # a space's `training:` also names the length of its schedule, `epochs`, which its warm-up is a share of: trials
-# rescale the warm-up to the search fidelity and `autopeft export` writes recipes of that length
-SPACE_TRAINING_KEYS = tuple(sorted((*TRAINING_KEYS, "epochs")))
+# rescale the warm-up to the search fidelity and `autopeft export` writes recipes of that length. Not `img_size`:
+# the input size is the study's (its budget counts the model at it), not a trial's choice.
+SPACE_TRAINING_KEYS = tuple(sorted({*TRAINING_KEYS, "epochs"} - {"img_size"}))
 
 
 def value_kind(key: str) -> type:
     """The type of a training setting's values (`lr` is a float also where its default, auto, is None)."""
-    return float if key == "lr" else type(TrainConfig.defaults()[key])
+    return {"lr": float, "img_size": int}.get(key) or type(TrainConfig.defaults()[key])
 
 
 def training_value(key: str, value: Any) -> Any:
@@ -114,6 +121,8 @@ def training_value(key: str, value: Any) -> Any:
     number or `auto` (or null): the rate derived from the plan and the schedule (autopeft.learning_rate).
     """
     if key == "lr" and (value is None or value == "auto"):
+        return None
+    if key == "img_size" and value is None:  # the backbone's pretraining size
         return None
     kind = value_kind(key)
     try:

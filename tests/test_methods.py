@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
 
-from autopeft.backbones import backbone_spec, create_backbone, is_head_param
+from autopeft.backbones import BackboneSpec, backbone_spec, create_backbone, is_head_param
 from autopeft.errors import AutopeftError, UnsupportedBackbone
+from autopeft.features import prefix_forward, suffix_forward, supports_cache
 from autopeft.methods import Wrapper, list_methods, make_spec, size_of
 from autopeft.plan import PeftPlan, load_adapter, merge_model, save_adapter
 
@@ -120,9 +123,17 @@ def _train(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int)
 
 @pytest.mark.parametrize("name,plan", list(_cases()))
 def test_method_invariants(name: str, plan: PeftPlan, tmp_path) -> None:
-    spec = backbone_spec(name)
-    x, y = _inputs(name)
-    plain = _base(name)
+    check_invariants(lambda: _base(name), backbone_spec(name), plan, *_inputs(name), tmp_path)
+
+
+def check_invariants(make_base: Callable[[], torch.nn.Module], spec: BackboneSpec, plan: PeftPlan, x: torch.Tensor,
+                     y: torch.Tensor, tmp_path: Path) -> None:
+    """Every invariant of `plan` on the backbone `make_base()` builds (the same weights each call, in eval mode).
+
+    Closed-form count; identity at initialisation; only plan parameters and the head train, each with a gradient;
+    cached frozen prefix + suffix == the model; the adapter reloads; a plan that merges on `spec` merges into a plain
+    timm model with the same logits, one that does not (`PeftPlan.merge_blockers`) refuses to."""
+    plain = make_base()
     with torch.no_grad():
         plain_logits = plain(x)
     model = plan.apply(copy.deepcopy(plain), spec)
@@ -151,9 +162,16 @@ def test_method_invariants(name: str, plan: PeftPlan, tmp_path) -> None:
     with torch.no_grad():
         adapted_logits = model(x)
 
+    # the frozen prefix's features, cached, then the rest of the model: the same logits
+    k = min(plan.frozen_prefix(spec), spec.num_blocks) if supports_cache(model) else 0
+    if k > 0:
+        with torch.no_grad():
+            torch.testing.assert_close(suffix_forward(model, prefix_forward(model, x, k), k), adapted_logits,
+                                       atol=1e-5, rtol=1e-5)
+
     # save plan parameters + head; reload into a fresh backbone with the same plan
     save_adapter(model, tmp_path / "adapter.safetensors")
-    fresh = plan.apply(_base(name), spec)
+    fresh = plan.apply(make_base(), spec)
     load_adapter(fresh, tmp_path / "adapter.safetensors")
     with torch.no_grad():
         torch.testing.assert_close(fresh(x), adapted_logits, atol=1e-6, rtol=0)
@@ -163,13 +181,13 @@ def test_method_invariants(name: str, plan: PeftPlan, tmp_path) -> None:
         with pytest.raises(AutopeftError, match="cannot be merged"):
             merge_model(model)
         return
-    if name == VIT_REG and "ssf" in {s.name for s in plan.methods()}:
-        with pytest.raises(AutopeftError, match="without weight and bias"):  # qkv has no bias to absorb the shift
+    if plan.merge_blockers(spec):  # e.g. SSF where qkv has no bias to absorb the shift
+        with pytest.raises(AutopeftError, match="without weight and bias"):
             merge_model(model)
         return
     merge_model(model)
     assert not any(isinstance(m, Wrapper) for m in model.modules())
-    target = _base(name)
+    target = make_base()
     assert set(model.state_dict()) == set(target.state_dict())
     target.load_state_dict(model.state_dict())
     with torch.no_grad():

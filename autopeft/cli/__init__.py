@@ -15,8 +15,8 @@ from typing import NoReturn
 
 from autopeft.errors import AutopeftError
 
-COMMAND_MODULES = ["autopeft.cli.methods", "autopeft.cli.train", "autopeft.cli.space", "autopeft.cli.search",
-                   "autopeft.cli.report", "autopeft.cli.export"]
+COMMAND_MODULES = ["autopeft.cli.methods", "autopeft.cli.backbones", "autopeft.cli.train", "autopeft.cli.space",
+                   "autopeft.cli.search", "autopeft.cli.report", "autopeft.cli.export"]
 
 
 class _Parser(argparse.ArgumentParser):

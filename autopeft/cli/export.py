@@ -61,6 +61,7 @@ def _run_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from autopeft.backbones import backbone_spec
     from autopeft.export import export_recipe
 
     out = Path(args.out)
@@ -79,9 +80,10 @@ def cmd_export(args: argparse.Namespace) -> int:
           f"{p['peft_params']:,} params ({p['percent']:.3f} %) → {out}")
     for note in p.get("notes", []):
         print(f"  note: {note}")
-    if not recipe.plan.mergeable:
-        print(f"  note: {', '.join(recipe.plan.non_mergeable())} stay(s) at inference, so `train --merge` will refuse "
-              "this plan; `export --mergeable` picks among plans that merge")
+    blockers = recipe.plan.merge_blockers(backbone_spec(recipe.backbone, recipe.img_size))
+    if blockers:
+        print(f"  note: {'; '.join(blockers)}, so `train --merge` will refuse this plan; `export --mergeable` picks "
+              "among plans that merge on this backbone")
     print(f"train it: autopeft train --config {out}")
     return 0
 

@@ -21,6 +21,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--backbone", required=True, help="timm model name, e.g. vit_base_patch16_224")
     add_plan_arguments(p, required=True)
     p.add_argument("--num-classes", type=int, default=1000, help="classes of the head (default 1000)")
+    p.add_argument("--img-size", type=int, metavar="PX",
+                   help="input size in pixels the backbone runs at (default: its pretraining size); counts "
+                        "the model at it")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_params)
 
@@ -88,21 +91,26 @@ def cmd_params(args: argparse.Namespace) -> int:
 
     if args.num_classes < 0:
         raise AutopeftError(f"--num-classes must be >= 0, got {args.num_classes}")
-    spec = backbone_spec(args.backbone)
+    spec = backbone_spec(args.backbone, args.img_size)
     plan = plan_from_args(args, spec.num_blocks)
     peft = plan.count(spec)
+    blockers = plan.merge_blockers(spec)
     out = {
         "backbone": spec.name,
         "plan": plan.short(),
         "peft_params": peft,
         "head_params": spec.head_params(args.num_classes),
         "backbone_params": spec.backbone_params,
+        "input_size": list(spec.input_size),
         "percent": 100.0 * peft / spec.backbone_params,
-        "mergeable": plan.mergeable,
+        "mergeable": not blockers,
+        "merge_blockers": blockers,
     }
     if args.json:
         print(json.dumps(out, indent=2))
     else:
-        print(f"{out['plan']} on {spec.name}: {peft:,} trainable parameters ({out['percent']:.4f} % of "
-              f"{spec.backbone_params:,}); head {out['head_params']:,}; mergeable: {'yes' if plan.mergeable else 'no'}")
+        print(f"{out['plan']} on {spec.name} at {spec.input_size[1]} px: {peft:,} trainable parameters "
+              f"({out['percent']:.4f} % of "
+              f"{spec.backbone_params:,}); head {out['head_params']:,}; mergeable: "
+              f"{'no (' + '; '.join(blockers) + ')' if blockers else 'yes'}")
     return 0

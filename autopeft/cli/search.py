@@ -95,6 +95,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="what every trial computes at: auto (default: bf16 on a GPU that has it natively, fp16 with "
                         "loss scaling on one that does not, fp32 on the CPU), bf16, fp16 or fp32; exported recipes "
                         "keep it")
+    p.add_argument("--img-size", type=int, metavar="PX",
+                   help="input size in pixels the backbone runs at (default: its pretraining size, e.g. 518 for "
+                        "DINOv2; 224 is the VTAB protocol); the budget counts the model at it, exported recipes keep "
+                        "it")
     p.add_argument("--supernet-epochs", type=int, metavar="N", help="oneshot: epochs of the supernet (default "
                    "--epochs)")
     p.set_defaults(func=cmd_search)
@@ -130,7 +134,7 @@ def cmd_search(args: argparse.Namespace) -> int:
                                              "baseline_lr_scales", "baseline_mix", "max_epochs", "select",
                                              "select_top", "max_retries", "storage_patience", "stall_floor",
                                              "checkpoint_every", "checkpoint_storage", "strategy", "finalists",
-                                             "candidates", "supernet_epochs", "precision")}
+                                             "candidates", "supernet_epochs", "precision", "img_size")}
     from autopeft.data.recipes import choose_recipe
 
     choice = choose_recipe(args.recipe, args.dataset)  # the dataset's own recipe, or defaults that suit it

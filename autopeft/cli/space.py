@@ -22,6 +22,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("space", metavar="NAME|FILE", help="a shipped space (see `autopeft space list`) or a YAML file")
     q.add_argument("--backbone", default=DEFAULT_BACKBONE, help=f"timm model name (default {DEFAULT_BACKBONE})")
     q.add_argument("--budget", help="parameter budget, head excluded: 0.5%%, 0.2M, 150k or 150000")
+    q.add_argument("--img-size", type=int, metavar="PX",
+                   help="input size in pixels the backbone runs at (default: its pretraining size); counts "
+                        "the model at it")
     q.add_argument("--json", action="store_true", help="machine-readable output")
     q.set_defaults(func=cmd_show)
 
@@ -41,7 +44,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     from autopeft.space import describe, load_space
 
     space = load_space(args.space)
-    spec = backbone_spec(args.backbone)
+    spec = backbone_spec(args.backbone, args.img_size)
     budget = parse_budget(args.budget, spec) if args.budget is not None else None
     info = describe(space, spec, budget)
     print(json.dumps(info, indent=2) if args.json else render(info))

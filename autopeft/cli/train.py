@@ -67,6 +67,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                                        "constant stays at the peak lr)")
     p.add_argument("--label-smoothing", type=float,
                    help=f"label smoothing (default {_shown(d['label_smoothing'])})")
+    p.add_argument("--img-size", type=int, default=None, metavar="PX",
+                   help="input size in pixels the backbone runs at (default: its pretraining size, e.g. 518 for "
+                        "DINOv2; 224 is the VTAB protocol); timm resamples the position embeddings")
     p.add_argument("--seed", type=int,
                    help=f"training seed (default {d['seed']}; without --config also the split seed)")
     p.add_argument("--seeds", type=int, default=1, metavar="K",
@@ -103,6 +106,8 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
     given = {k: getattr(args, k) for k in TRAINING_FLAGS if getattr(args, k) is not None}
     if args.augment:
         given["augment"] = True
+    if args.img_size is not None:
+        given["img_size"] = args.img_size
     if args.config:
         conflicts = [flag for flag, value in (("--dataset", args.dataset), ("--backbone", args.backbone),
                                               ("--method", args.method), ("--plan", args.plan),
@@ -139,7 +144,7 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
 def cmd_train(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from autopeft.backbones import check_pretrained
+    from autopeft.backbones import backbone_spec, check_pretrained
     from autopeft.data.datasets import check_images
     from autopeft.recipe import load_data
     from autopeft.runs import check_out_dir, staged_dir, write_summary
@@ -152,10 +157,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise AutopeftError(f"--num-workers must be >= 0, got {args.num_workers}")
     if args.seeds < 1:
         raise AutopeftError(f"--seeds must be >= 1, got {args.seeds}")
-    if args.merge and not recipe.plan.mergeable:
-        raise AutopeftError(f"--merge: the plan cannot be merged: {', '.join(recipe.plan.non_mergeable())} stay(s) "
-                            "at inference; train without --merge (the adapter loads with `autopeft evaluate`) or "
-                            "export a plan that merges (`autopeft export --mergeable`)")
+    blockers = recipe.plan.merge_blockers(backbone_spec(recipe.backbone, recipe.img_size)) if args.merge else []
+    if blockers:  # decided before any training: the backbone's biases decide as much as the methods
+        raise AutopeftError(f"--merge: the plan cannot be merged: {'; '.join(blockers)}; train without --merge (the "
+                            "adapter loads with `autopeft evaluate`) or export a plan that merges "
+                            "(`autopeft export --mergeable`)")
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out = check_out_dir(args.out or Path("runs") / f"{Path(recipe.dataset).name.replace('/', '-')}-{stamp}")
     data = load_data(recipe)
@@ -202,7 +208,7 @@ def _run_text(recipe: Recipe, data: DataSplits) -> str:
     config = recipe.train_config()
     train_size = num_samples(data.split(recipe.splits[0]))
     fitted, notes = fitted_config(config, recipe.backbone, train_size)
-    lr = peak_lr(fitted, recipe.plan, backbone_spec(recipe.backbone), train_size)
+    lr = peak_lr(fitted, recipe.plan, backbone_spec(recipe.backbone, recipe.img_size), train_size)
     return (f"batch {fitted.batch_size}, lr {lr:.2e}" + (" (auto)" if config.lr is None else "")
             + "".join(f" · {note}" for note in notes))
 
@@ -237,7 +243,7 @@ def _one_run(recipe: Recipe, data: DataSplits, run_dir: Path, args: argparse.Nam
         raise AutopeftError("the run produced no test accuracy")
     config = recipe.train_config(device=args.device, feature_cache=not args.no_cache,
                                  num_workers=args.num_workers)
-    spec = backbone_spec(recipe.backbone)
+    spec = backbone_spec(recipe.backbone, recipe.img_size)
     info = {"dataset": data.name, "backbone": recipe.backbone, "weights": recipe.weights,
             "num_classes": data.num_classes, "protocol": recipe.protocol, "config": config.to_dict(),
             "split_seed": recipe.split_seed, "percent": 100.0 * result.peft_params / spec.backbone_params,
@@ -251,7 +257,8 @@ def _one_run(recipe: Recipe, data: DataSplits, run_dir: Path, args: argparse.Nam
         state = merged_state_dict(result.model)
         write_merged(run_dir, state)
         device = resolve_device(args.device)
-        merged = plain_model(recipe.backbone, data.num_classes, state).to(device)
+        merged = plain_model(recipe.backbone, data.num_classes, state,
+                             img_size=recipe.img_size).to(device)
         loss, acc = evaluate(merged, data.test, config.eval_batch_size, device, precision=result.precision)
         update_metrics(run_dir, merged={"file": "merged.safetensors", "test_acc": acc, "test_loss": loss})
     return json.loads((run_dir / METRICS).read_text())

@@ -88,11 +88,13 @@ def _per_channel(values: float | tuple[float, ...] | list[float], channels: int,
     return vals
 
 
-def data_config(model_or_name: nn.Module | str) -> dict:
+def data_config(model_or_name: nn.Module | str, img_size: int | None = None) -> dict:
     """The input size, mean/std and interpolation a timm backbone was pretrained with.
 
     Args:
         model_or_name: a timm model (its `pretrained_cfg`, e.g. after loading local weights) or a timm model name.
+        img_size: the input size the backbone runs at, when not its pretraining size (`--img-size`): images are
+            resized to it, with the pretraining mean, std and interpolation.
 
     Returns:
         `{"input_size", "mean", "std", "interpolation"}`, ready to pass as keywords to `load_dataset`.
@@ -109,8 +111,11 @@ def data_config(model_or_name: nn.Module | str) -> dict:
                 cfg = resolve_data_config(model=timm.create_model(name, pretrained=False))
         else:
             cfg = resolve_data_config(pretrained_cfg=pretrained.to_dict())
+    input_size = tuple(int(v) for v in cfg["input_size"])
+    if img_size is not None:
+        input_size = (input_size[0], int(img_size), int(img_size))
     return {
-        "input_size": tuple(int(v) for v in cfg["input_size"]),
+        "input_size": input_size,
         "mean": tuple(float(v) for v in cfg["mean"]),
         "std": tuple(float(v) for v in cfg["std"]),
         "interpolation": str(cfg["interpolation"]),

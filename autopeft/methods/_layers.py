@@ -58,3 +58,64 @@ def target_shape(dim: int, hidden: int, target: str) -> tuple[int, int]:
     if target == "fc2":
         return hidden, dim
     return dim, dim
+
+
+# -- LayerScale: where an addition method's output joins the residual stream ------------------------------------------
+
+LAYERSCALE = ("outside", "inside")
+_LS_OF = {"attn": "ls1", "mlp": "ls2"}
+
+
+class Residual:
+    """Mixin of a wrapper around a block's `attn` or `mlp` that adds a delta to its output (adapter, AdaptFormer,
+    Convpass). Routed (`route_outside`), the delta is set aside for the block's LayerScale wrapper, which adds it
+    after scaling the sub-layer's output: it joins the residual stream unscaled by γ, as the papers place it
+    relative to the block's output (their backbones have no LayerScale)."""
+
+    routed: bool = False
+    pending: list[torch.Tensor]
+
+    def emit(self, out: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        if self.routed:
+            self.pending[:] = [delta]
+            return out
+        return out + delta
+
+
+class OutsideLayerScale(nn.Module):
+    """ls(x) + the deltas its sub-layer's Residual wrappers set aside in this forward (no parameters of its own)."""
+
+    def __init__(self, base: nn.Module):
+        super().__init__()
+        self.base = base
+        self.sources: list[Residual] = []  # a plain list: the wrappers are registered where they sit
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        for source in self.sources:
+            if source.pending:
+                out = out + source.pending.pop()
+        return out
+
+
+def has_layerscale(model: nn.Module, block: str, site: str) -> bool:
+    """Whether the block scales `site`'s output per channel (DINOv2, DeiT-III, CaiT-style `ls1`/`ls2`)."""
+    ls = getattr(model.get_submodule(block), _LS_OF[site], None)
+    return isinstance(ls, nn.Module) and not isinstance(ls, nn.Identity)
+
+
+def route_outside(model: nn.Module, block: str, site: str, wrapper: nn.Module) -> None:
+    """Make `wrapper` (a Residual around `block.site`) add its delta after the block's LayerScale; nothing where the
+    block has none."""
+    if not isinstance(wrapper, Residual):
+        raise TypeError(f"{type(wrapper).__name__} does not set its output aside (not a Residual)")
+    if not has_layerscale(model, block, site):
+        return
+    path = f"{block}.{_LS_OF[site]}"
+    ls = model.get_submodule(path)
+    if not isinstance(ls, OutsideLayerScale):
+        ls = OutsideLayerScale(ls)
+        parent = model.get_submodule(block)
+        setattr(parent, _LS_OF[site], ls)
+    ls.sources.append(wrapper)
+    wrapper.routed, wrapper.pending = True, []

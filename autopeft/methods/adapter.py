@@ -10,13 +10,13 @@ import torch
 from torch import nn
 
 from autopeft.backbones import BackboneSpec, block_path
-from autopeft.methods._layers import Bottleneck, bottleneck_params
+from autopeft.methods._layers import LAYERSCALE, Bottleneck, Residual, bottleneck_params, route_outside
 from autopeft.methods.base import MethodSpec, Sliceable, Wrapper, fits, register, require, wrap
 
 POSITIONS = {"mlp": ("mlp",), "attn": ("attn",), "both": ("attn", "mlp")}
 
 
-class SequentialAdapter(Wrapper, Sliceable):
+class SequentialAdapter(Wrapper, Sliceable, Residual):
     """out = base(x); out + up(act(down(out))). `site`: the sub-layer it follows (`attn` or `mlp`)."""
 
     method = "adapter"
@@ -38,13 +38,18 @@ class SequentialAdapter(Wrapper, Sliceable):
 
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         out = self.base(*args, **kwargs)
-        return out + self.adapter(out) if self.on else out
+        return self.emit(out, self.adapter(out)) if self.on else out
 
 
 @register
 @dataclass(frozen=True)
 class Adapter(MethodSpec):
-    """Bottleneck adapter of width `dim` after the MLP (Pfeiffer), the attention, or both (Houlsby)."""
+    """Bottleneck adapter of width `dim` after the MLP (Pfeiffer), the attention, or both (Houlsby).
+
+    `layerscale: outside` (default) adds its output to the residual stream after the block's LayerScale (DINOv2,
+    DeiT-III), so γ scales neither its output nor its gradient; `inside` adds it to the sub-layer's output, which γ
+    then scales. The same on a backbone without LayerScale.
+    """
 
     name = "adapter"
     lr_range = (6e-4, 6e-3)
@@ -56,8 +61,10 @@ class Adapter(MethodSpec):
 
     dim: int = 8
     position: str = "mlp"
+    layerscale: str = "outside"
 
     def __post_init__(self) -> None:
+        require(self.layerscale in LAYERSCALE, self.name, f"layerscale must be {' or '.join(LAYERSCALE)}")
         require(self.dim >= 1, self.name, f"dim must be a positive integer, got {self.dim}")
         require(self.position in POSITIONS, self.name, f"position must be one of {', '.join(POSITIONS)}")
 
@@ -80,4 +87,6 @@ class Adapter(MethodSpec):
         for i in blocks:
             for site in POSITIONS[self.position]:
                 path = f"{block_path(model, i)}.{site}"
-                wrap(model, path, lambda m, d=spec.dims[i], s=site: SequentialAdapter(m, d, self.dim, s))
+                new = wrap(model, path, lambda m, d=spec.dims[i], s=site: SequentialAdapter(m, d, self.dim, s))
+                if self.layerscale == "outside":
+                    route_outside(model, block_path(model, i), site, new)

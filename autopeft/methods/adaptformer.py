@@ -15,7 +15,7 @@ from torch import nn
 
 from autopeft.backbones import BackboneSpec, block_path
 from autopeft.errors import AutopeftError
-from autopeft.methods._layers import Bottleneck, bottleneck_params
+from autopeft.methods._layers import LAYERSCALE, Bottleneck, Residual, bottleneck_params, route_outside
 from autopeft.methods.base import MethodSpec, Sliceable, Wrapper, fits, register, require, wrap
 
 INPUTS = ("norm", "residual")
@@ -35,7 +35,7 @@ class InputTap(Wrapper):
         return self.base(x, *args, **kwargs)
 
 
-class ParallelAdapter(Wrapper, Sliceable):
+class ParallelAdapter(Wrapper, Sliceable, Residual):
     """out = base(h) + scale · bottleneck(input) (ReLU, as in AdaptFormer); input is h or the tapped residual."""
 
     method = "adaptformer"
@@ -64,7 +64,7 @@ class ParallelAdapter(Wrapper, Sliceable):
         if not self.on:
             return self.base(x, *args, **kwargs)
         h = self._tap[0].last[0] if self.tapped else x
-        return self.base(x, *args, **kwargs) + self.scale * self.adapter(h)
+        return self.emit(self.base(x, *args, **kwargs), self.scale * self.adapter(h))
 
 
 @register
@@ -74,6 +74,10 @@ class AdaptFormer(MethodSpec):
 
     `input: norm` (default) feeds the adapter LN(x) as the paper's equation writes it and as earlier autopeft plans
     (which carry no `input` key) were trained; `input: residual` feeds it x, as the official code does.
+
+    `layerscale: outside` (default) adds its output to the residual stream after the block's LayerScale (DINOv2,
+    DeiT-III), so γ scales neither its output nor its gradient; `inside` adds it to the sub-layer's output, which γ
+    then scales. The same on a backbone without LayerScale.
     """
 
     name = "adaptformer"
@@ -87,8 +91,10 @@ class AdaptFormer(MethodSpec):
     dim: int = 8
     scale: float = 0.1
     input: str = "norm"
+    layerscale: str = "outside"
 
     def __post_init__(self) -> None:
+        require(self.layerscale in LAYERSCALE, self.name, f"layerscale must be {' or '.join(LAYERSCALE)}")
         require(self.dim >= 1, self.name, f"dim must be a positive integer, got {self.dim}")
         require(self.scale > 0, self.name, f"scale must be > 0, got {self.scale}")
         require(self.input in INPUTS, self.name, f"input must be {' or '.join(INPUTS)}, got {self.input!r}")
@@ -111,4 +117,6 @@ class AdaptFormer(MethodSpec):
         for i in blocks:
             tap = wrap(model, f"{block_path(model, i)}.norm2", InputTap) if self.input == "residual" else None
             path = f"{block_path(model, i)}.mlp"
-            wrap(model, path, lambda m, d=spec.dims[i], t=tap: ParallelAdapter(m, d, self.dim, self.scale, t))
+            new = wrap(model, path, lambda m, d=spec.dims[i], t=tap: ParallelAdapter(m, d, self.dim, self.scale, t))
+            if self.layerscale == "outside":
+                route_outside(model, block_path(model, i), "mlp", new)

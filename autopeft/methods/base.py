@@ -67,6 +67,13 @@ class MethodSpec:
         """
         return 0
 
+    def merge_blocker(self, spec: BackboneSpec, blocks: Sequence[int]) -> str | None:
+        """Why this method at `blocks` does not merge into this backbone's weights, or None where it does.
+
+        Mergeability depends on the backbone (a shift needs a bias to fold into): methods that merge on some
+        backbones only override this; the class attribute `mergeable` says whether it can merge at all."""
+        return None if self.mergeable else f"{self.name} adds modules at inference"
+
     def first_block(self, spec: BackboneSpec, blocks: Sequence[int]) -> int:
         """The first block whose input or weights this method changes (-1: the embedding is trained too).
 

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from autopeft.backbones import BackboneSpec, block_path
+from autopeft.methods._layers import LAYERSCALE, Residual, route_outside
 from autopeft.methods.base import MethodSpec, Sliceable, Wrapper, fits, register, require, wrap
 
 
@@ -19,7 +20,7 @@ def quick_gelu(x: torch.Tensor) -> torch.Tensor:
     return x * torch.sigmoid(1.702 * x)
 
 
-class ConvBypass(Wrapper, Sliceable):
+class ConvBypass(Wrapper, Sliceable, Residual):
     """out = base(h) + scale · up(act(conv3x3(act(down(h))))), act the quick GELU.
 
     The last grid_h·grid_w tokens are the patch grid; every token before them (class, register and prompt tokens)
@@ -80,13 +81,18 @@ class ConvBypass(Wrapper, Sliceable):
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if not self.on:
             return self.base(x, *args, **kwargs)
-        return self.base(x, *args, **kwargs) + self.scale * self.bypass(x)
+        return self.emit(self.base(x, *args, **kwargs), self.scale * self.bypass(x))
 
 
 @register
 @dataclass(frozen=True)
 class Convpass(MethodSpec):
-    """Convolutional bypasses of width `dim` beside attention and MLP, scaled by `scale` (10 in the paper)."""
+    """Convolutional bypasses of width `dim` beside attention and MLP, scaled by `scale` (10 in the paper).
+
+    `layerscale: outside` (default) adds its output to the residual stream after the block's LayerScale (DINOv2,
+    DeiT-III), so γ scales neither its output nor its gradient; `inside` adds it to the sub-layer's output, which γ
+    then scales. The same on a backbone without LayerScale.
+    """
 
     name = "convpass"
     lr_range = (1e-3, 1e-2)
@@ -99,8 +105,10 @@ class Convpass(MethodSpec):
 
     dim: int = 8
     scale: float = 10.0
+    layerscale: str = "outside"
 
     def __post_init__(self) -> None:
+        require(self.layerscale in LAYERSCALE, self.name, f"layerscale must be {' or '.join(LAYERSCALE)}")
         require(self.dim >= 1, self.name, f"dim must be a positive integer, got {self.dim}")
         require(self.scale > 0, self.name, f"scale must be > 0, got {self.scale}")
 
@@ -115,5 +123,7 @@ class Convpass(MethodSpec):
     def apply(self, model: nn.Module, spec: BackboneSpec, blocks: Sequence[int]) -> None:
         for i in blocks:
             for site in ("attn", "mlp"):
-                wrap(model, f"{block_path(model, i)}.{site}",
-                     lambda m, d=spec.dims[i]: ConvBypass(m, d, self.dim, self.scale, spec.grid))
+                new = wrap(model, f"{block_path(model, i)}.{site}",
+                           lambda m, d=spec.dims[i]: ConvBypass(m, d, self.dim, self.scale, spec.grid))
+                if self.layerscale == "outside":
+                    route_outside(model, block_path(model, i), site, new)

@@ -24,7 +24,8 @@ class Full(MethodSpec):
     order = 0
 
     def unfrozen(self, spec: BackboneSpec, blocks: Sequence[int]) -> set[tuple[str, int]]:
-        return {("all", i) for i in range(spec.num_blocks)} | {("embed", 0), ("final_norm", 0)}
+        return {("all", i) for i in range(spec.num_blocks)} | {("embed", 0), ("pre_norm", 0), ("final_norm", 0),
+                                                           ("pool", 0)}
 
     def first_block(self, spec: BackboneSpec, blocks: Sequence[int]) -> int:
         return -1

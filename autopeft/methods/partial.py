@@ -1,4 +1,5 @@
-"""Partial-k: the last k blocks (and the final norm) are fully trainable."""
+"""Partial-k: the last k blocks, the final norm and an attention-pool head after them (SigLIP's) are fully
+trainable."""
 
 from __future__ import annotations
 
@@ -7,14 +8,14 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from autopeft.backbones import BackboneSpec, final_norm_modules, get_blocks
+from autopeft.backbones import BackboneSpec, final_norm_modules, get_blocks, pool_modules
 from autopeft.methods.base import MethodSpec, register, require, require_fits
 
 
 @register
 @dataclass(frozen=True)
 class Partial(MethodSpec):
-    """Fine-tune the last `k` blocks and the norm after them."""
+    """Fine-tune the last `k` blocks and what follows them before the classifier (the norm, an attention pool)."""
 
     name = "partial"
     lr_range = (1e-4, 1e-3)
@@ -35,7 +36,7 @@ class Partial(MethodSpec):
                      f"k={self.k} exceeds the {spec.num_blocks} blocks of {spec.name}")
 
     def unfrozen(self, spec: BackboneSpec, blocks: Sequence[int]) -> set[tuple[str, int]]:
-        return {("all", i) for i in range(spec.num_blocks - self.k, spec.num_blocks)} | {("final_norm", 0)}
+        return {("all", i) for i in range(spec.num_blocks - self.k, spec.num_blocks)} | {("final_norm", 0), ("pool", 0)}
 
     def first_block(self, spec: BackboneSpec, blocks: Sequence[int]) -> int:
         return spec.num_blocks - self.k
@@ -43,5 +44,5 @@ class Partial(MethodSpec):
     def apply(self, model: nn.Module, spec: BackboneSpec, blocks: Sequence[int]) -> None:
         for block in get_blocks(model)[spec.num_blocks - self.k :]:
             block.requires_grad_(True)
-        for norm in final_norm_modules(model):
-            norm.requires_grad_(True)
+        for module in final_norm_modules(model) + pool_modules(model):
+            module.requires_grad_(True)

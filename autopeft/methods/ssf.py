@@ -23,8 +23,12 @@ class ScaleShift(Wrapper, Sliceable):
 
     method = "ssf"
 
-    def __init__(self, base: nn.Module, channels: int, init: str):
+    def __init__(self, base: nn.Module, channels: int, init: str, fold_into: nn.Parameter | None = None,
+                 grid: int = 0):
+        """`fold_into`: for a patch embedding without a bias, the position embedding its shift folds into on merge
+        (its last `grid` rows are the patch tokens')."""
         super().__init__(base)
+        self._fold = [fold_into] if fold_into is not None else []  # a list: the model owns the parameter
         ref = next(unwrap(base).parameters())
         self.ssf_scale = nn.Parameter(torch.ones(channels, device=ref.device, dtype=ref.dtype))
         self.ssf_shift = nn.Parameter(torch.zeros(channels, device=ref.device, dtype=ref.dtype))
@@ -33,7 +37,7 @@ class ScaleShift(Wrapper, Sliceable):
         if init == "normal":
             nn.init.normal_(self.ssf_scale, mean=1.0, std=0.02)
             nn.init.normal_(self.ssf_shift, std=0.02)
-        self.on = True
+        self.on, self.grid = True, grid
 
     def set_active(self, spec: MethodSpec | None) -> None:
         self.on = spec is not None  # SSF has no size: a slice is on or off
@@ -51,11 +55,15 @@ class ScaleShift(Wrapper, Sliceable):
     def merged(self) -> nn.Module:
         base = merged_base(self)
         weight, bias = getattr(base, "weight", None), getattr(base, "bias", None)
-        if weight is None or bias is None:
+        if weight is None or (bias is None and not self._fold):
             raise AutopeftError(f"ssf cannot merge into {type(base).__name__} without weight and bias")
         # output channels are the first dimension of a Linear's or a conv's weight, the only one of a norm's
         weight.mul_(self.ssf_scale.view((-1,) + (1,) * (weight.dim() - 1)))
-        bias.mul_(self.ssf_scale).add_(self.ssf_shift)
+        if bias is not None:
+            bias.mul_(self.ssf_scale).add_(self.ssf_shift)
+        else:  # the patch tokens get the position embedding added right after: the shift joins it exactly
+            pos = self._fold[0]
+            pos[:, pos.shape[1] - self.grid :].add_(self.ssf_shift.to(pos.dtype))
         return base
 
 
@@ -102,6 +110,20 @@ class SSF(MethodSpec):
     def first_block(self, spec: BackboneSpec, blocks: Sequence[int]) -> int:
         return -1 if 0 in blocks else super().first_block(spec, blocks)
 
+    def merge_blocker(self, spec: BackboneSpec, blocks: Sequence[int]) -> str | None:
+        """A shift folds into a bias; a site without one (a bias-free qkv, an RMSNorm) keeps SSF at inference. The
+        patch embedding's shift folds into the position embedding where it has no bias of its own."""
+        where = [f"block {i}'s {s}" for i in blocks if i < len(spec.no_bias) for s in SSF_SITES if s in spec.no_bias[i]]
+        embed, final = self._ends(spec, blocks)
+        if embed and not spec.embed_bias and not spec.pos_embed:
+            where.append("the patch embedding (and no position embedding to fold into)")
+        if final and not spec.final_norm_bias:
+            where.append("the final norm")
+        if not where:
+            return None
+        more = f" and {len(where) - 2} more" if len(where) > 2 else ""
+        return f"ssf does not merge on {spec.name}: {', '.join(where[:2])}{more} ha(s) no bias to absorb its shift"
+
     def apply(self, model: nn.Module, spec: BackboneSpec, blocks: Sequence[int]) -> None:
         for i in blocks:
             for site in SSF_SITES:
@@ -109,7 +131,8 @@ class SSF(MethodSpec):
                 wrap(model, f"{block_path(model, i)}.{site}", lambda m, c=channels: ScaleShift(m, c, self.init))
         embed, final = self._ends(spec, blocks)
         if embed:
-            wrap(model, "patch_embed.proj", lambda m: ScaleShift(m, spec.dims[0], self.init))
+            pos = getattr(model, "pos_embed", None) if not spec.embed_bias else None
+            wrap(model, "patch_embed.proj", lambda m: ScaleShift(m, spec.dims[0], self.init, pos, spec.num_patches))
         if final:
             # ViTs have one final norm: `norm` before pooling, or `fc_norm` after it (average pooling)
             path = next(n for n, m in model.named_modules() if m is final_norm_modules(model)[-1])

@@ -65,15 +65,15 @@ def prepare(s: SearchSettings) -> Prepared:
     changes: dict = {}
     if s.resume:
         s, changes = resumed(s, st.read_settings(st.load_study(s.study, url)))
-    spec = backbone_spec(s.backbone)
+    spec = backbone_spec(s.backbone, s.img_size)
     budget = parse_budget(s.budget, spec)
     space = load_space(s.space)
     check_feasible(space, spec, budget)
     check_local_gpus(s)
     if s.warm_start:
         st.load_study(s.warm_start, s.warm_storage or url)
-    check_weights(s.backbone, s.weights)
-    data = load_dataset(s.dataset, s.data_root, seed=s.seed, **data_config(s.backbone))
+    check_weights(s.backbone, s.weights, s.img_size)
+    data = load_dataset(s.dataset, s.data_root, seed=s.seed, **data_config(s.backbone, s.img_size))
     check_images(data)
     if s.cv_folds is not None:
         from autopeft.data.folds import check_folds
@@ -109,7 +109,7 @@ def check_local_gpus(s: SearchSettings) -> None:
     check_resources(s, {"GPU": float(torch.cuda.device_count()), "CPU": float(s.local_cpus())})
 
 
-def check_weights(backbone: str, weights: str | None) -> None:
+def check_weights(backbone: str, weights: str | None, img_size: int | None = None) -> None:
     """Load the backbone with its pretrained weights (`weights`, a file, or timm's from the hub) once on the driver,
     so unloadable weights fail the search in one line, not every trial one by one. From the hub this also fills the
     local cache the trials on this machine then read."""
@@ -118,10 +118,11 @@ def check_weights(backbone: str, weights: str | None) -> None:
     check_pretrained(backbone, weights)
     fix = f"pass a weights file of {backbone} (safetensors, timm .npz, or .pth/.bin holding tensors only)"
     if weights is None:
-        create_backbone(backbone, pretrained=True)  # a hub miss is its own AutopeftError, naming --weights
+        # a hub miss is its own AutopeftError, naming --weights
+        create_backbone(backbone, pretrained=True, img_size=img_size)
         return
     try:
-        create_backbone(backbone, weights=weights)
+        create_backbone(backbone, weights=weights, img_size=img_size)
     except AutopeftError as exc:
         raise AutopeftError(f"{exc}; {fix}") from None
     except Exception as exc:  # noqa: BLE001  safetensors, numpy and zip readers raise their own types

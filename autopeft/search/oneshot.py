@@ -62,6 +62,7 @@ class SupernetJob:
     precision: str = "auto"  # as the study's trials (autopeft.train.resolve_precision)
     device: str = "auto"  # as the study's trials (TrialSettings.device)
     num_workers: int = 0  # as the study's trials (TrialSettings.num_workers)
+    img_size: int | None = None  # as the study's trials (TrialSettings.img_size)
 
 
 def supernet_hparams(space: Any, searched_only: bool = False) -> dict[str, Any]:
@@ -115,13 +116,13 @@ def train_supernet(job: SupernetJob, report: Any = None, resume: dict[str, Any] 
     from autopeft.supernet import Supernet, cover_plan
     from autopeft.train import run_epochs, set_up
 
-    space, spec = load_space(job.space), backbone_spec(job.backbone)
+    space, spec = load_space(job.space), backbone_spec(job.backbone, job.img_size)
     bound = check_feasible(space, spec, job.budget_limit)
     cover = cover_plan(bound)
     config = trial_config(supernet_hparams(space), job.epochs, job.seed, job.precision, device=job.device,
-                          num_workers=job.num_workers)
+                          num_workers=job.num_workers, img_size=job.img_size)
     data = load_dataset(job.dataset, job.data_root, augment=config.augment, seed=job.seed,
-                        **data_config(job.backbone))
+                        **data_config(job.backbone, job.img_size))
     slices: dict = {}
     run = set_up(job.backbone, cover, data, config, weights=job.weights, slices=slices)
     net = Supernet(cover, slices)
@@ -312,7 +313,7 @@ def run_phase(prep: Any, study: optuna.Study, console: Any) -> None:
                           epochs=supernet_epochs(s), candidates=s.candidates, finalists=s.finalists, seed=s.seed,
                           weights=s.weights, data_root=s.data_root, state_path=path, trial_epochs=s.epochs,
                           precision=s.precision, device="auto" if s.gpus_per_trial else "cpu",
-                          num_workers=s.data_workers)
+                          num_workers=s.data_workers, img_size=s.img_size)
         n = job.candidates or "as many sub-plans as one trial's compute pays for"
         console.print(f"one-shot: a supernet of space {prep.space.name} trains {job.epochs} epochs (one sub-plan "
                       f"a step), then {n} are scored on val with its weights and the best "

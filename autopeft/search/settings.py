@@ -87,6 +87,9 @@ class SearchSettings:
     # what every trial computes at (autopeft.train.resolve_precision: auto is bf16 on a GPU that has it natively,
     # fp16 on one that does not, fp32 on the CPU); exported recipes keep it
     precision: str = "auto"
+    # the input size in pixels the backbone runs at in every trial and in exported recipes (None: its pretraining
+    # size); the budget's percentage and the study's backbone facts count the model at this size
+    img_size: int | None = None
     # the settings the caller gave (flags, a recipe): what `--resume` compares with the study's stored settings and
     # keeps (`study_settings.resumed`); None: every setting counts as given (a SearchSettings built in code)
     given: tuple[str, ...] | None = None
@@ -128,6 +131,9 @@ class SearchSettings:
             self.trials = self.finalists  # the study's trials are the finalists
         if self.precision not in PRECISIONS:
             raise AutopeftError(f"unknown precision '{self.precision}'; choose one of: {', '.join(PRECISIONS)}")
+        if self.img_size is not None and (isinstance(self.img_size, bool) or not isinstance(self.img_size, int)
+                                          or self.img_size < 1):
+            raise AutopeftError(f"--img-size must be a positive integer (pixels), got {self.img_size!r}")
         if self.sampler not in SAMPLERS:
             raise AutopeftError(f"unknown sampler '{self.sampler}'; choose one of: {', '.join(SAMPLERS)}")
         checks = [

@@ -141,7 +141,7 @@ def _derived(search: SearchSettings, facts: dict[str, Any]) -> dict[str, Any]:
     from autopeft.backbones import backbone_spec
     from autopeft.budget import parse_budget
 
-    spec = backbone_spec(search.backbone)
+    spec = backbone_spec(search.backbone, search.img_size)
     out = {"backbone_params": facts["backbone_params"] or spec.backbone_params,
            "num_blocks": facts["num_blocks"] or spec.num_blocks}
     if facts["budget_limit"] is None:

@@ -34,6 +34,7 @@ class TrialSettings:
     # asked for no GPU, which must not take one nobody reserved for them
     device: str = "auto"
     num_workers: int = 0  # DataLoader processes preparing the trial's images (autopeft.train: 0, in its thread)
+    img_size: int | None = None  # the study's input size (None: the backbone's pretraining size)
 
 
 STATE_FILE = "train_state.pt"
@@ -132,9 +133,9 @@ def run_trial(config: dict, settings: TrialSettings) -> None:
     try:
         plan = PeftPlan.from_dict(info["plan"])
         cfg = trial_config(info.get("hparams", {}), settings.epochs, settings.seed, settings.precision,
-                           device=settings.device, num_workers=settings.num_workers)
+                           device=settings.device, num_workers=settings.num_workers, img_size=settings.img_size)
         data = load_dataset(settings.dataset, settings.data_root, augment=cfg.augment, seed=settings.seed,
-                            **data_config(settings.backbone))
+                            **data_config(settings.backbone, settings.img_size))
         if info.get("cv"):
             from autopeft.data.folds import cv_splits
 
