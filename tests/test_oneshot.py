@@ -109,11 +109,22 @@ def test_resume_of_a_finished_one_shot_study_trains_nothing_more(study_dir, caps
     assert [(t.number, t.state) for t in _study(study_dir).get_trials()] == before
 
 
-def test_max_epochs_counts_the_supernet(study_dir) -> None:
-    from autopeft.search import oneshot
+def test_a_capped_one_shot_study_spends_at_most_its_cap(study_dir, tmp_path, capsys) -> None:
+    """`--max-epochs 6`: the supernet's epoch and its scoring passes (10 candidates × 1/3 × 200/800 ≈ 0.8 epochs)
+    take 2 epochs of the cap, the finalists the rest. What was spent is read from the study's own records — the
+    supernet phase's epochs and distinct scored plans, each finalist's reported curve — not from the cap's count."""
+    from autopeft.search.oneshot import FORWARD_SHARE
 
-    study = _study(study_dir)
-    assert oneshot.spent_epochs(study) == math.ceil(study.user_attrs["oneshot"]["cost_epochs"])
+    os.chdir(tmp_path)
+    assert main([*SEARCH, "--study", "capped", "--max-epochs", "6"]) == 0
+    assert "at most 6 epochs in all" in capsys.readouterr().err
+    study = optuna.load_study(study_name="capped", storage=f"sqlite:///{tmp_path}/studies/capped.db")
+    phase = study.user_attrs["oneshot"]
+    supernet = phase["supernet_epochs"] + phase["distinct"] * FORWARD_SHARE * 200 / 800  # digits: 800 / 200
+    assert phase["cost_epochs"] == pytest.approx(supernet)
+    trained = [len(t.user_attrs.get("curve", [])) for t in study.get_trials()]
+    assert sum(trained) >= 2  # a finalist trained
+    assert math.ceil(supernet) + sum(trained) <= 6, (supernet, trained)
 
 
 def test_max_epochs_must_leave_room_for_the_scoring_passes(study_dir, tmp_path, capsys) -> None:
