@@ -11,14 +11,13 @@ entry (a lock file), and the directory is bounded in size (least recently used e
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import mmap
 import os
 import struct
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from autopeft.backbones import family_of
 from autopeft.defaults import env_megabytes
+from autopeft.filelock import locked
 
 FORMAT = 2  # 2: keyed by the run's precision, features stored in the dtype the prefix computed them in
 
@@ -137,17 +137,6 @@ def _mapped(path: Path) -> tuple[torch.Tensor, torch.Tensor] | None:
         return None
 
 
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """An exclusive lock on `path` (a file lock: it holds across processes and threads of this node)."""
-    with open(path, "a+b") as f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
-
-
 class FeatureCache:
     """Block-k input features of one split, computed once and kept on disk."""
 
@@ -177,7 +166,7 @@ class FeatureCache:
         if found is not None:
             return found
         self.directory.mkdir(parents=True, exist_ok=True)
-        with _locked(self.directory / f"{key}.lock"):
+        with locked(self.directory / f"{key}.lock"):
             found = _mapped(path)  # written by another process while this one waited
             if found is not None:
                 return found

@@ -16,12 +16,11 @@ bound is not stored (its images are decoded as they are read), 0 turns the store
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -29,6 +28,7 @@ import numpy as np
 
 from autopeft.defaults import env_megabytes
 from autopeft.errors import AutopeftError
+from autopeft.filelock import locked
 
 FORMAT = 1  # bump when what an entry holds for the same key changes
 
@@ -54,16 +54,6 @@ def entry_key(files: Sequence[str], shape: tuple[int, int, int], interpolation: 
             return None
         h.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return h.hexdigest()[:32]
-
-
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    with open(path, "a+b") as f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 def _map(path: Path, count: int, shape: tuple[int, int, int]) -> np.ndarray | None:
@@ -129,7 +119,7 @@ def stored(
         return found
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        with _locked(directory / f"{key}.lock"):
+        with locked(directory / f"{key}.lock"):
             found = _map(path, len(files), shape)  # decoded by another process while this one waited
             if found is not None:
                 return found
