@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -140,7 +141,7 @@ def test_a_lost_node_costs_no_trial(tmp_path) -> None:
     with two_nodes(tmp_path) as (port, worker_port, env):
         log = tmp_path / "search.log"
         cmd = _search(tmp_path, port, "lost", "--trials", "4", "--epochs", "12", "--no-early-stopping",
-                      "--checkpoint-storage", str(tmp_path / "ckpt"))
+                      "--checkpoint-storage", str(tmp_path / "ckpt"), "--max-epochs", "60")
         with driver(cmd, log, cwd=tmp_path, env=env) as proc:
             raylet = _raylet(worker_port)
             # killed once the trial there has checkpointed two epochs (a fixed sleep was too short on a loaded machine)
@@ -162,6 +163,13 @@ def test_a_lost_node_costs_no_trial(tmp_path) -> None:
     assert len(retried) == 1 and retried[0].user_attrs["retries"] == 1 and retried[0].user_attrs["lost_nodes"], \
         [t.user_attrs for t in trials]
     assert len(retried[0].user_attrs["curve"]) == 12 and retried[0].user_attrs["resumed_from"] >= 1
+    # the epoch cap counts what each run trained: the epochs reported on the lost node, then the re-run's from its
+    # checkpoint on (epochs between the checkpoint and the loss are trained twice and counted twice)
+    lost_after = int(re.search(r"was lost after (\d+) epoch", output).group(1))
+    trained = [t.user_attrs["trained_epochs"] for t in trials]
+    assert retried[0].user_attrs["trained_epochs"] == lost_after + 12 - retried[0].user_attrs["resumed_from"], \
+        (lost_after, retried[0].user_attrs)
+    assert sorted(trained)[:3] == [12, 12, 12] and sum(trained) <= 60, trained
     # the trials ran on both nodes (the lost one on the worker node first), and none on an unknown one
     nodes = {t.user_attrs["node"] for t in trials} | set(retried[0].user_attrs["lost_nodes"])
     assert len(nodes) == 2 and "" not in nodes, nodes
