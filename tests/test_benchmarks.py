@@ -382,3 +382,23 @@ def test_grid_cross_validation_scores_each_arms_top_trials_in_fold_runs(tmp_path
     assert best_under_budget(scored, 1000).number in (1, 2)
     again, _ = std.cross_validated(c, arm, base, 1000, None, cache)  # cached: the same fold accuracies
     assert cache.hits == 4 and [r.cv_accs for r in again] == [r.cv_accs for r in scored]
+
+
+def test_methods_throughput_targets_name_every_miss() -> None:
+    import argparse
+
+    from benchmarks.methods_throughput import CONFIGS, table
+
+    times = {"full": 1.0, "fact_tt r=8": 0.70, "lora r=1 q,k,v,proj,fc1,fc2": 0.66, "vpt_deep n=10": 0.80,
+             "ssf": 0.76}
+    rows = [{"label": label, "params": 1, "step_ms": 1000 * times.get(label, 0.6),
+             "time_vs_full": times.get(label, 0.6), "peak_mb": 1.0, "mem_vs_full": 1.0} for label, _, _ in CONFIGS]
+    args = argparse.Namespace(device="cpu", threads=2, rounds=3, steps=4)
+    text = table(rows, args)
+    assert "missed by ssf (0.76×), vpt_deep n=10 (0.80×); slowest vpt_deep n=10" in text
+    assert "0.70× vs 0.66× full (target ≤ LoRA + 0.05: met)" in text
+    times["fact_tt r=8"] = 0.72
+    rows = [dict(r, time_vs_full=times.get(r["label"], 0.6)) for r in rows]
+    assert "(target ≤ LoRA + 0.05: missed)" in table(rows, args)
+    rows = [dict(r, time_vs_full=min(r["time_vs_full"], 0.75) if r["label"] != "full" else 1.0) for r in rows]
+    assert "≤ 0.75× full fine-tuning: met by all" in table(rows, args)
