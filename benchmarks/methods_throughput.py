@@ -123,7 +123,8 @@ def child(args: argparse.Namespace) -> None:
     else:
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     trainable = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and "head" not in n)
-    print(json.dumps({"label": label, "step_s": statistics.median(times), "peak_mb": peak_mb, "params": trainable}))
+    print(json.dumps({"label": label, "step_s": statistics.median(times), "steps_s": times, "peak_mb": peak_mb,
+                      "params": trainable}))
 
 
 def run(args: argparse.Namespace) -> list[dict]:
@@ -134,17 +135,22 @@ def run(args: argparse.Namespace) -> list[dict]:
             out = subprocess.run(cmd, capture_output=True, text=True, check=True, env={**os.environ,
                                                                                       "HF_HUB_OFFLINE": "1"})
             row = json.loads(out.stdout.strip().splitlines()[-1])
-            entry = results.setdefault(label, {"label": label, "times": [], "peak_mb": 0.0, "params": row["params"]})
+            entry = results.setdefault(label, {"label": label, "times": [], "steps": [], "peak_mb": 0.0,
+                                               "params": row["params"]})
             entry["times"].append(row["step_s"])
+            entry["steps"].extend(row["steps_s"])
             entry["peak_mb"] = max(entry["peak_mb"], row["peak_mb"])
             print(f"round {r + 1}/{args.rounds} {label:28s} {row['step_s'] * 1000:8.1f} ms  {row['peak_mb']:8.0f} MB",
                   file=sys.stderr)
     rows = []
     full = statistics.median(results["full"]["times"])
+    full_best = min(results["full"]["steps"])
     full_mem = results["full"]["peak_mb"]
     for label, entry in results.items():
-        t = statistics.median(entry["times"])
+        t, best = statistics.median(entry["times"]), min(entry["steps"])
         rows.append({"label": label, "params": entry["params"], "step_ms": 1000 * t, "time_vs_full": t / full,
+                     "best_ms": 1000 * best, "best_vs_full": best / full_best, "round_ms": [1000 * x for x in
+                                                                                            entry["times"]],
                      "peak_mb": entry["peak_mb"], "mem_vs_full": entry["peak_mb"] / full_mem})
     return rows
 
@@ -155,33 +161,43 @@ def _forward(args: argparse.Namespace) -> list[str]:
     return out + (["--bf16"] if args.bf16 else [])
 
 
+def _targets(rows: list[dict], key: str) -> list[str]:
+    """The targets judged on one statistic: `time_vs_full` (medians) or `best_vs_full` (fastest steps)."""
+    by = {r["label"]: r for r in rows}
+    frozen = [r for r in rows if r["label"] not in ("full", "partial k=2") and not r["label"].startswith("peft")]
+    over = [r for r in frozen if r[key] > 0.75]
+    fact, lora6 = by["fact_tt r=8"], by["lora r=1 q,k,v,proj,fc1,fc2"]
+    return [
+        "frozen-backbone methods ≤ 0.75× full fine-tuning: "
+        + ("met by all" if not over else "missed by " + ", ".join(f"{r['label']} ({r[key]:.2f}×)" for r in over))
+        + f"; slowest {max(frozen, key=lambda r: r[key])['label']}",
+        f"FacT-TT ({fact['params']:,} parameters) vs LoRA on the same six matrices ({lora6['params']:,}): "
+        f"{fact[key]:.2f}× vs {lora6[key]:.2f}× full (target ≤ LoRA + 0.05: "
+        f"{'met' if fact[key] <= lora6[key] + 0.05 else 'missed'})",
+    ]
+
+
 def table(rows: list[dict], args: argparse.Namespace) -> str:
     by = {r["label"]: r for r in rows}
     lines = [
         f"Command: `python -m benchmarks.methods_throughput {' '.join(sys.argv[1:])}`  ",
         f"Date: {date.today()}, machine: {platform.machine()}, {os.cpu_count()} CPUs, device {args.device}, "
-        f"{args.threads} threads, median of {args.rounds} interleaved rounds × {args.steps} steps.",
+        f"{args.threads} threads, {args.rounds} interleaved rounds × {args.steps} steps: step ms is the median of "
+        "the rounds' medians, best ms the fastest single step.",
         "",
-        "| method | trainable params (no head) | step ms | time / full | peak MB | memory / full |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| method | trainable params (no head) | step ms | time / full | best ms | best / full | peak MB | "
+        "memory / full |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(f"| {r['label']} | {r['params']:,} | {r['step_ms']:.1f} | {r['time_vs_full']:.2f} | "
-                     f"{r['peak_mb']:.0f} | {r['mem_vs_full']:.2f} |")
-    frozen = [r for r in rows if r["label"] not in ("full", "partial k=2") and not r["label"].startswith("peft")]
-    over = [r for r in frozen if r["time_vs_full"] > 0.75]
+                     f"{r['best_ms']:.1f} | {r['best_vs_full']:.2f} | {r['peak_mb']:.0f} | {r['mem_vs_full']:.2f} |")
     ours, theirs = by["lora r=8 proj,fc1,fc2"], by["peft lora r=8 proj,fc1,fc2"]
-    fact, lora6 = by["fact_tt r=8"], by["lora r=1 q,k,v,proj,fc1,fc2"]
+    lines += [""]
+    for key, name in (("time_vs_full", "medians"), ("best_vs_full", "fastest steps")):
+        lines += [f"- By {name}: {line}." for line in _targets(rows, key)]
     lines += [
-        "",
-        "- Frozen-backbone methods at ≤ 0.75× full fine-tuning: "
-        + ("met by all" if not over else "missed by " + ", ".join(f"{r['label']} ({r['time_vs_full']:.2f}×)"
-                                                                   for r in over))
-        + f"; slowest {max(frozen, key=lambda r: r['time_vs_full'])['label']}.",
-        f"- FacT-TT ({fact['params']:,} parameters) vs LoRA on the same six matrices ({lora6['params']:,}): "
-        f"{fact['time_vs_full']:.2f}× vs {lora6['time_vs_full']:.2f}× full (target ≤ LoRA + 0.05: "
-        f"{'met' if fact['time_vs_full'] <= lora6['time_vs_full'] + 0.05 else 'missed'}).",
-        f"- Our LoRA vs HF peft's LoRA on the same modules (proj, fc1, fc2): "
+        f"- Our LoRA vs HF peft's LoRA on the same modules (proj, fc1, fc2), medians: "
         f"{ours['step_ms'] / theirs['step_ms']:.2f}× (target ≤ 1.0×: "
         f"{'met' if ours['step_ms'] <= theirs['step_ms'] else 'missed'}); on qkv: "
         f"{by['lora r=8 q,k,v']['step_ms'] / by['peft lora r=8 qkv']['step_ms']:.2f}× "
