@@ -1,7 +1,7 @@
 """Training-step time and peak memory of every PEFT method, as ratios to full fine-tuning measured in the same run.
 
     python -m benchmarks.methods_throughput [--backbone vit_small_patch16_224] [--size 64] [--batch 32] [--steps 10]
-                                             [--device cpu|cuda] [--bf16] [--write]
+                                             [--device cpu|cuda] [--bf16] [--clock wall|cpu] [--write]
 
 `--size` is the input side in pixels: the backbone is built at that size (64: 4 × 4 patches, a quick CPU proxy;
 224: the backbone's own 14 × 14 grid, e.g. `--size 224 --batch 8 --rounds 3 --steps 4` on CPU). `--write` names the
@@ -11,6 +11,12 @@ Each configuration runs in its own subprocess so that peak memory (max RSS on CP
 to that configuration alone; the configurations run interleaved in rounds, and the reported time is the median over
 rounds, so a background load slows every configuration alike and the ratios stay comparable. HF peft's LoRA is
 measured on the same model and the same target modules.
+
+`--clock cpu` (CPU only) times each step by the process's CPU time instead of the wall clock, its OpenMP threads
+told to sleep rather than spin while they wait (OMP_WAIT_POLICY=PASSIVE): on a machine whose cores other work shares,
+wall-clock steps of the same configuration swing several-fold with that work's load, while the CPU time a step
+needs stays within a few percent. It is the work a step costs, not its latency: a part that keeps one of the threads
+idle counts once.
 """
 
 from __future__ import annotations
@@ -111,13 +117,14 @@ def child(args: argparse.Namespace) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     times = []
     for _ in range(args.steps):
-        t0 = time.perf_counter()
+        t0 = clock()
         step()
         if device == "cuda":
             torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
+        times.append(clock() - t0)
     if device == "cuda":
         peak_mb = torch.cuda.max_memory_allocated() / 2**20
     else:
@@ -133,7 +140,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         for i, (label, _, _) in enumerate(CONFIGS):
             cmd = [sys.executable, "-m", "benchmarks.methods_throughput", "--child", str(i)] + _forward(args)
             out = subprocess.run(cmd, capture_output=True, text=True, check=True, env={**os.environ,
-                                                                                      "HF_HUB_OFFLINE": "1"})
+                                                                                      **_child_env(args)})
             row = json.loads(out.stdout.strip().splitlines()[-1])
             entry = results.setdefault(label, {"label": label, "times": [], "steps": [], "peak_mb": 0.0,
                                                "params": row["params"]})
@@ -155,9 +162,16 @@ def run(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
+def _child_env(args: argparse.Namespace) -> dict[str, str]:
+    env = {"HF_HUB_OFFLINE": "1"}
+    if args.clock == "cpu":
+        env["OMP_WAIT_POLICY"] = "PASSIVE"  # waiting threads sleep: CPU time counts work, not spinning
+    return env
+
+
 def _forward(args: argparse.Namespace) -> list[str]:
     out = ["--backbone", args.backbone, "--size", str(args.size), "--batch", str(args.batch), "--steps",
-           str(args.steps), "--device", args.device, "--threads", str(args.threads)]
+           str(args.steps), "--device", args.device, "--threads", str(args.threads), "--clock", args.clock]
     return out + (["--bf16"] if args.bf16 else [])
 
 
@@ -182,8 +196,9 @@ def table(rows: list[dict], args: argparse.Namespace) -> str:
     lines = [
         f"Command: `python -m benchmarks.methods_throughput {' '.join(sys.argv[1:])}`  ",
         f"Date: {date.today()}, machine: {platform.machine()}, {os.cpu_count()} CPUs, device {args.device}, "
-        f"{args.threads} threads, {args.rounds} interleaved rounds × {args.steps} steps: step ms is the median of "
-        "the rounds' medians, best ms the fastest single step.",
+        f"{args.threads} threads, {args.rounds} interleaved rounds × {args.steps} steps, "
+        f"{'process CPU time' if args.clock == 'cpu' else 'wall clock'}: step ms is the median of the rounds' "
+        "medians, best ms the fastest single step.",
         "",
         "| method | trainable params (no head) | step ms | time / full | best ms | best / full | peak MB | "
         "memory / full |",
@@ -216,9 +231,13 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--bf16", action="store_true")
+    p.add_argument("--clock", default="wall", choices=["wall", "cpu"],
+                   help="time steps by the wall clock or by the process's CPU time (cpu: CPU only; see above)")
     p.add_argument("--write", action="store_true", help="write the table to benchmarks/results and BENCHMARKS.md")
     p.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.clock == "cpu" and args.device != "cpu":
+        p.error("--clock cpu times CPU work; a CUDA step's time is on the GPU")
     if args.child is not None:
         child(args)
         return

@@ -398,8 +398,9 @@ def test_methods_throughput_targets_name_every_miss() -> None:
                  "time_vs_full": times.get(label, 0.6), "best_ms": 1.0, "best_vs_full": best.get(label, 0.6),
                  "peak_mb": 1.0, "mem_vs_full": 1.0} for label, _, _ in CONFIGS]
 
-    args = argparse.Namespace(device="cpu", threads=2, rounds=3, steps=4)
+    args = argparse.Namespace(device="cpu", threads=2, rounds=3, steps=4, clock="cpu")
     text = table(rows(), args)
+    assert "3 interleaved rounds × 4 steps, process CPU time" in text
     assert "By medians: frozen-backbone methods ≤ 0.75× full fine-tuning: missed by ssf (0.76×), vpt_deep n=10 " \
            "(0.80×); slowest vpt_deep n=10." in text
     assert "By fastest steps: frozen-backbone methods ≤ 0.75× full fine-tuning: met by all; slowest fact_tt r=8." \
