@@ -183,10 +183,10 @@ def _targets(rows: list[dict], key: str) -> list[str]:
     fact, lora6 = by["fact_tt r=8"], by["lora r=1 q,k,v,proj,fc1,fc2"]
     return [
         "frozen-backbone methods ≤ 0.75× full fine-tuning: "
-        + ("met by all" if not over else "missed by " + ", ".join(f"{r['label']} ({r[key]:.2f}×)" for r in over))
+        + ("met by all" if not over else "missed by " + ", ".join(f"{r['label']} ({r[key]:.3f}×)" for r in over))
         + f"; slowest {max(frozen, key=lambda r: r[key])['label']}",
         f"FacT-TT ({fact['params']:,} parameters) vs LoRA on the same six matrices ({lora6['params']:,}): "
-        f"{fact[key]:.2f}× vs {lora6[key]:.2f}× full (target ≤ LoRA + 0.05: "
+        f"{fact[key]:.3f}× vs {lora6[key]:.3f}× full (target ≤ LoRA + 0.05: "
         f"{'met' if fact[key] <= lora6[key] + 0.05 else 'missed'})",
     ]
 

@@ -401,11 +401,11 @@ def test_methods_throughput_targets_name_every_miss() -> None:
     args = argparse.Namespace(device="cpu", threads=2, rounds=3, steps=4, clock="cpu")
     text = table(rows(), args)
     assert "3 interleaved rounds × 4 steps, process CPU time" in text
-    assert "By medians: frozen-backbone methods ≤ 0.75× full fine-tuning: missed by ssf (0.76×), vpt_deep n=10 " \
-           "(0.80×); slowest vpt_deep n=10." in text
+    assert "By medians: frozen-backbone methods ≤ 0.75× full fine-tuning: missed by ssf (0.760×), vpt_deep n=10 " \
+           "(0.800×); slowest vpt_deep n=10." in text
     assert "By fastest steps: frozen-backbone methods ≤ 0.75× full fine-tuning: met by all; slowest fact_tt r=8." \
            in text
-    assert "By medians: FacT-TT (1 parameters) vs LoRA on the same six matrices (1): 0.70× vs 0.66× full " \
+    assert "By medians: FacT-TT (1 parameters) vs LoRA on the same six matrices (1): 0.700× vs 0.660× full " \
            "(target ≤ LoRA + 0.05: met)." in text
-    assert "By fastest steps: FacT-TT (1 parameters) vs LoRA on the same six matrices (1): 0.72× vs 0.60× full " \
+    assert "By fastest steps: FacT-TT (1 parameters) vs LoRA on the same six matrices (1): 0.720× vs 0.600× full " \
            "(target ≤ LoRA + 0.05: missed)." in text
