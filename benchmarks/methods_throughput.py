@@ -15,8 +15,8 @@ measured on the same model and the same target modules.
 `--clock cpu` (CPU only) times each step by the process's CPU time instead of the wall clock, its OpenMP threads
 told to sleep rather than spin while they wait (OMP_WAIT_POLICY=PASSIVE): on a machine whose cores other work shares,
 wall-clock steps of the same configuration swing several-fold with that work's load, while the CPU time a step
-needs stays within a few percent. It is the work a step costs, not its latency: a part that keeps one of the threads
-idle counts once.
+needs stays within a few percent when that work is light and drifts by some 10-20 % when it competes for caches and
+memory bandwidth. It is the work a step costs, not its latency: a part that keeps one of the threads idle counts once.
 """
 
 from __future__ import annotations
