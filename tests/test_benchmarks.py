@@ -382,3 +382,30 @@ def test_grid_cross_validation_scores_each_arms_top_trials_in_fold_runs(tmp_path
     assert best_under_budget(scored, 1000).number in (1, 2)
     again, _ = std.cross_validated(c, arm, base, 1000, None, cache)  # cached: the same fold accuracies
     assert cache.hits == 4 and [r.cv_accs for r in again] == [r.cv_accs for r in scored]
+
+
+def test_methods_throughput_targets_name_every_miss() -> None:
+    import argparse
+
+    from benchmarks.methods_throughput import CONFIGS, table
+
+    times = {"full": 1.0, "fact_tt r=8": 0.70, "lora r=1 q,k,v,proj,fc1,fc2": 0.66, "vpt_deep n=10": 0.80,
+             "ssf": 0.76}
+    best = {"full": 1.0, "fact_tt r=8": 0.72}
+
+    def rows() -> list[dict]:
+        return [{"label": label, "params": 1, "step_ms": 1000 * times.get(label, 0.6),
+                 "time_vs_full": times.get(label, 0.6), "best_ms": 1.0, "best_vs_full": best.get(label, 0.6),
+                 "peak_mb": 1.0, "mem_vs_full": 1.0} for label, _, _ in CONFIGS]
+
+    args = argparse.Namespace(device="cpu", threads=2, rounds=3, steps=4, clock="cpu")
+    text = table(rows(), args)
+    assert "3 interleaved rounds × 4 steps, process CPU time" in text
+    assert "By medians: frozen-backbone methods ≤ 0.75× full fine-tuning: missed by ssf (0.760×), vpt_deep n=10 " \
+           "(0.800×); slowest vpt_deep n=10." in text
+    assert "By fastest steps: frozen-backbone methods ≤ 0.75× full fine-tuning: met by all; slowest fact_tt r=8." \
+           in text
+    assert "By medians: FacT-TT (1 parameters) vs LoRA on the same six matrices (1): 0.700× vs 0.660× full " \
+           "(target ≤ LoRA + 0.05: met)." in text
+    assert "By fastest steps: FacT-TT (1 parameters) vs LoRA on the same six matrices (1): 0.720× vs 0.600× full " \
+           "(target ≤ LoRA + 0.05: missed)." in text

@@ -11,6 +11,7 @@ import copy
 import dataclasses
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -303,3 +304,48 @@ def test_ssf_ends_follow_the_first_and_last_block() -> None:
     assert make_spec("ssf").first_block(spec, [0, 1]) == -1 and make_spec("ssf").first_block(spec, [1, 2]) == 1
     model = PeftPlan.single(make_spec("ssf"), [1]).apply(_base(VIT), spec)
     assert not isinstance(model.patch_embed.proj, Wrapper) and not isinstance(model.norm, Wrapper)
+
+
+@pytest.mark.parametrize("targets", ["q", "v,q", "q,k,v", "k,proj,fc2", "fc1"])
+def test_lora_forward_is_the_base_plus_the_delta_weight(targets: str) -> None:
+    # every target's product in one: the forward against the per-slice delta_weight on trained-looking weights
+    spec = backbone_spec(VIT)
+    model = PeftPlan.single(make_spec("lora", {"rank": 3, "alpha": 5, "targets": targets}), [0]).apply(_base(VIT), spec)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn(p.shape, generator=g))
+    wrappers: list[Any] = [m for m in model.modules() if isinstance(m, Wrapper)]
+    assert wrappers
+    for w in wrappers:
+        linear: Any = w.base
+        x = torch.randn(2, 5, linear.in_features, generator=g)
+        with torch.no_grad():
+            expected = torch.nn.functional.linear(x, linear.weight + w.delta_weight(), linear.bias)
+            torch.testing.assert_close(w(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_convpass_forward_is_the_base_plus_the_scaled_bypass() -> None:
+    # the up-projection, bias, scale and residual fused into one product: against the unfused formula on
+    # trained-looking weights (up not zero), with the class token through the convolution's centre tap
+    from autopeft.methods.convpass import ConvBypass, quick_gelu
+
+    spec = backbone_spec(VIT)
+    model = PeftPlan.single(make_spec("convpass", {"dim": 3, "scale": 2.5}), [1]).apply(_base(VIT), spec)
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.requires_grad and not is_head_param(n):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    wrappers: list[Any] = [m for m in model.modules() if isinstance(m, ConvBypass)]
+    assert len(wrappers) == 2
+    gh, gw = spec.grid
+    for w in wrappers:
+        x = torch.randn(2, gh * gw + 1, spec.dims[1], generator=g)
+        z = quick_gelu(w.down(x))
+        grid = w.conv(z[:, 1:].transpose(1, 2).reshape(2, -1, gh, gw)).flatten(2).transpose(1, 2)
+        tokens = torch.nn.functional.linear(z[:, :1], w.conv.weight[:, :, 1, 1], w.conv.bias)
+        expected = w.base(x) + 2.5 * w.up(quick_gelu(torch.cat([tokens, grid], dim=1)))
+        with torch.no_grad():
+            torch.testing.assert_close(w(x), expected, atol=1e-5, rtol=1e-5)

@@ -64,10 +64,10 @@ class ConvBypass(Wrapper, Sliceable, Residual):
     def sliced_state(self) -> dict[str, torch.Tensor]:
         return self._weights() if self.on else {}
 
-    def bypass(self, h: torch.Tensor) -> torch.Tensor:
+    def _hidden(self, h: torch.Tensor, w: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The bypass up to its up-projection: act(conv3x3(act(down(h)))), (batch, tokens, width)."""
         b, n, _ = h.shape
         gh, gw = self.grid
-        w = self._weights()
         z = quick_gelu(F.linear(h, w["down.weight"], w["down.bias"]))
         extra = n - gh * gw
         grid = z[:, extra:].transpose(1, 2).reshape(b, -1, gh, gw)
@@ -76,12 +76,23 @@ class ConvBypass(Wrapper, Sliceable, Residual):
             centre = w["conv.weight"][:, :, 1, 1]
             tokens = F.linear(z[:, :extra], centre, w["conv.bias"])
             grid = torch.cat([tokens, grid], dim=1)
-        return F.linear(quick_gelu(grid), w["up.weight"], w["up.bias"])
+        return quick_gelu(grid)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        y = self.base(x, *args, **kwargs)
         if not self.on:
-            return self.base(x, *args, **kwargs)
-        return self.emit(self.base(x, *args, **kwargs), self.scale * self.bypass(x))
+            return y
+        w = self._weights()
+        hidden = self._hidden(x, w)
+        if self.routed:  # outside LayerScale: the scaled bypass goes to the residual after it (Residual.emit)
+            return self.emit(y, self.scale * F.linear(hidden, w["up.weight"], w["up.bias"]))
+        hidden = hidden.reshape(-1, self.width)
+        # the up-projection, its bias, the scale and the residual add as one product: the hidden units and a column of
+        # ones against the up weight with the bias as one more row, contiguous (the backward's products on the d-wide
+        # gradient then take the forms MKL does fast; at 224 px this halves the method's cost per block on CPU)
+        hidden = torch.cat([hidden, hidden.new_ones(hidden.shape[0], 1)], dim=1)
+        up = torch.cat([w["up.weight"].t(), w["up.bias"][None]])
+        return torch.addmm(y.reshape(-1, y.shape[-1]), hidden, up, alpha=self.scale).reshape(y.shape)
 
 
 @register

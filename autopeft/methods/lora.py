@@ -76,16 +76,23 @@ class LoraLinear(Wrapper, Sliceable):
         y = self.base(x)
         if not self.active:
             return y
-        pieces, cursor, r = [], 0, self.r
+        r = self.r
+        # every active target's A at once: (tokens, targets · r)
+        a = torch.cat([self.lora_A[t][:r] for t in self.active])
+        xa = x.reshape(-1, x.shape[-1]) @ a.t()
+        # B of every target as one contiguous (targets · r) × out matrix, zero outside the target's output slice
+        # (contiguous, also for one target: the backward's products on the out-wide gradient then take the forms MKL
+        # does fast, several times faster on CPU than those a transposed view of B leads to)
+        rows = []
         for t in self.active:
             start, size = self.slices[t]
-            if start > cursor:
-                pieces.append(x.new_zeros(*x.shape[:-1], start - cursor))
-            pieces.append((x @ self.lora_A[t][:r].t()) @ self.lora_B[t][:, :r].t() * self.scale)
-            cursor = start + size
-        if cursor < self.out_features:
-            pieces.append(x.new_zeros(*x.shape[:-1], self.out_features - cursor))
-        return y + torch.cat(pieces, dim=-1)
+            bt = self.lora_B[t][:, :r].t()
+            if size < self.out_features:
+                bt = torch.cat([bt.new_zeros(r, start), bt, bt.new_zeros(r, self.out_features - start - size)], dim=1)
+            rows.append(bt)
+        b = torch.cat(rows)
+        # added to the base output in the same product
+        return torch.addmm(y.reshape(-1, self.out_features), xa, b, alpha=self.scale).reshape(y.shape)
 
     @torch.no_grad()
     def merged(self) -> nn.Module:
