@@ -7,6 +7,7 @@ a local logger), so search and final training cannot drift apart.
 from __future__ import annotations
 
 import contextlib
+import functools
 import random
 import time
 from collections.abc import Callable, Iterator, Sized
@@ -177,20 +178,18 @@ class _Source:
         self.device = torch.device(device)
         self._plan = _Planned()
         self._loader: DataLoader | None = None
-        self._stored: tuple[Any, list[int] | None] | None | bool = False  # False: not looked up yet
 
     def __len__(self) -> int:
         return len(self.cached[1]) if self.cached else num_samples(self.dataset)
 
+    @functools.cached_property
     def _pixel_store(self) -> tuple[Any, list[int] | None] | None:
         """(the stored dataset, the Subset's indices into it or None), or None where the split is not stored."""
-        if self._stored is False:
-            base: Any = self.dataset
-            index = None
-            if isinstance(base, Subset):
-                base, index = base.dataset, list(base.indices)
-            self._stored = (base, index) if hasattr(base, "pixel_batch") and base.stored() is not None else None
-        return self._stored  # type: ignore[return-value]
+        base: Any = self.dataset
+        index = None
+        if isinstance(base, Subset):
+            base, index = base.dataset, list(base.indices)
+        return (base, index) if hasattr(base, "pixel_batch") and base.stored() is not None else None
 
     def _stored_batches(self, base: Any, index: list[int] | None, index_batches: list[list[int]]
                         ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -214,7 +213,7 @@ class _Source:
             for idx in index_batches:
                 yield x[idx], y[idx]
             return
-        stored = self._pixel_store()
+        stored = self._pixel_store
         if stored is not None:
             yield from self._stored_batches(*stored, index_batches)
             return

@@ -365,13 +365,11 @@ def enqueue_warm_start(study: optuna.Study, prep: Prepared) -> int:
 
 
 def epoch_cap(prep: Prepared, study: optuna.Study) -> tuple[int | None, int]:
-    """The study's `--max-epochs` (the one given, else on --resume the one the study was created with) and the
-    epochs its finished trials (and a one-shot supernet) spent (0 without a cap)."""
+    """The study's `--max-epochs` (on --resume the stored one unless another is given: `study_settings.resumed`)
+    and the epochs its finished trials (and a one-shot supernet) spent (0 without a cap)."""
     from autopeft.search import oneshot
 
     cap = prep.settings.max_epochs
-    if cap is None and prep.settings.resume:
-        cap = st.read_settings(study).search.max_epochs
     if cap is None:
         return cap, 0
     return cap, spent_epochs(study.get_trials(deepcopy=False)) + oneshot.spent_epochs(study)

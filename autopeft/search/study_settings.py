@@ -168,9 +168,10 @@ def resumed(given: SearchSettings, stored: StudySettings) -> tuple[SearchSetting
     """The settings a resumed study runs with, and what changed.
 
     The study's stored settings, with the settings that may change (MAY_CHANGE) and how this run runs
-    (NOT_STORED) taken from `given` where it gives them (`given.given`; None: every setting is given). A setting that
-    defines the study, given with another value than the stored one, is refused: one line naming each with both
-    values, before anything is written.
+    (NOT_STORED) taken from `given` where it gives them (`given.given`; None: every setting is given; a setting
+    that may change given as None keeps its stored value, so the stored `max_epochs` is the resumed study's cap).
+    A setting that defines the study, given with another value than the stored one, is refused: one line naming
+    each with both values, before anything is written.
 
     Returns:
         (settings, changes): `changes` maps each MAY_CHANGE setting that differs from the stored value, and each
@@ -189,7 +190,9 @@ def resumed(given: SearchSettings, stored: StudySettings) -> tuple[SearchSetting
             f"--resume: study '{stored.study}' was created with "
             + "; ".join(f"{_flag(n)} {_shown(old[n])} (given: {_shown(new[n])})" for n in differ)
             + "; resume with the stored values (or leave them out), or start another --study")
-    values = {n: (new[n] if n in NOT_STORED or (n in MAY_CHANGE and n in keys) else old[n]) for n in names}
+    # a setting that may change, given as None ("none given": no cap, chosen from the GPUs, ...), keeps its stored value
+    changed = {n for n in MAY_CHANGE if n in keys and new[n] is not None}
+    values = {n: (new[n] if n in NOT_STORED or n in changed else old[n]) for n in names}
     values["study"] = stored.study
     changes: dict[str, Any] = {n: values[n] for n in MAY_CHANGE if values[n] != old[n]}
     for n in RUN_SETTINGS:
