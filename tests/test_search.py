@@ -112,17 +112,20 @@ def test_without_early_stopping_every_trial_trains_all_epochs(tmp_path, monkeypa
 
 
 def test_max_epochs_caps_the_study_and_resume_keeps_the_cap(tmp_path, monkeypatch, ray_instance, capsys) -> None:
-    """`--max-epochs 7` with 3-epoch trials (two at a time, ASHA on): the study's trials spend at most 7 epochs and
-    it ends before its 10 trials; `--resume` without the flag keeps the stored cap (nothing more runs), with a
-    larger one it goes on to that."""
+    """`--max-epochs 7` with 3-epoch trials (two at a time, ASHA on): the study's trials spend the 7 epochs, every
+    one of them reported (no trial is cut inside an epoch: each trial's curve has an entry for each epoch it
+    trained), and it ends before its 10 trials; `--resume` without the flag keeps the stored cap (nothing more
+    runs), with a larger one it goes on to that."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("AUTOPEFT_CACHE", str(tmp_path / "cache"))
     url = f"sqlite:///{tmp_path}/studies/cap.db"
     base = [*SEARCH, "--trials", "10", "--study", "cap", "--no-baselines"]
     assert main([*base, "--max-epochs", "7"]) == 0
     _, records = st.load_records("cap", url)
-    spent = sum(r.epochs for r in records)
-    assert 4 <= spent <= 7 and len(records) < 10, [(r.number, r.epochs, r.status) for r in records]
+    spent = sum(len(r.curve) for r in records)  # from the trials' own reports, not from the cap's counter
+    assert spent == 7 and len(records) < 10, [(r.number, r.epochs, r.curve, r.status) for r in records]
+    study = optuna.load_study(study_name="cap", storage=url)
+    assert [t.user_attrs.get("trained_epochs", 0) for t in study.trials] == [len(r.curve) for r in records]
     # a trial asked just before the cap was reached may never train: it is closed, not left RUNNING
     assert all(r.status in ("COMPLETE", "PRUNED") or (r.status == "FAIL" and r.epochs == 0 and "epoch cap" in
                                                        r.tags.get("fail_reason", "")) for r in records), \
@@ -130,11 +133,7 @@ def test_max_epochs_caps_the_study_and_resume_keeps_the_cap(tmp_path, monkeypatc
     assert "at most 7 epochs in all" in capsys.readouterr().err
     assert main([*base, "--resume"]) == 0
     _, again = st.load_records("cap", url)
-    # the stored cap holds; a first run that ended with an epoch to spare (its running trials were stopped early
-    # after the searcher had held an epoch for each) may use it, one that spent all 7 adds nothing
-    assert sum(r.epochs for r in again) <= 7
-    if spent == 7:
-        assert len(again) == len(records)
+    assert len(again) == len(records)  # the stored cap holds: all 7 are spent, nothing more runs
     assert main([*base, "--resume", "--max-epochs", "12"]) == 0
     _, more = st.load_records("cap", url)
     assert len(more) > len(records) and sum(r.epochs for r in more) <= 12
@@ -453,6 +452,42 @@ def test_epoch_count_counts_every_run_of_a_trial_re_run_after_a_lost_worker() ->
 
     assert trained_epochs(Trial({"epochs": 4, "trained_epochs": 7})) == 7
     assert trained_epochs(Trial({"epochs": 4})) == 4  # a trial recorded before the count: its length
+
+
+def test_the_capped_scheduler_lets_a_trial_start_an_epoch_only_where_the_cap_has_room_for_it() -> None:
+    """Under `--max-epochs`, every live trial holds the epoch it is training: a trial that reports goes on only
+    while the epochs spent, one for each other live trial and its own next one fit; elsewhere ASHA decides.
+    No trial is ever cut inside an epoch, so every epoch trained is a reported, counted one."""
+    from types import SimpleNamespace
+
+    from ray.tune.schedulers import FIFOScheduler, TrialScheduler
+
+    from autopeft.search.epoch_cap import capped
+
+    class Inner(FIFOScheduler):
+        def __init__(self) -> None:
+            super().__init__()
+            self.seen: list[str] = []
+
+        def on_trial_result(self, controller, trial, result):  # type: ignore[no-untyped-def]
+            self.seen.append(trial.trial_id)
+            return TrialScheduler.CONTINUE
+
+    a, b, c = (SimpleNamespace(trial_id=t) for t in "abc")
+    live = [a, b]
+    controller = SimpleNamespace(get_live_trials=lambda: list(live))
+    inner = Inner()
+    sched = capped(inner, cap=7, base=3)
+    assert sched.on_trial_result(controller, a, {"epoch": 1}) == TrialScheduler.CONTINUE  # 4 + b's + a's next = 6
+    assert sched.on_trial_result(controller, b, {"epoch": 1}) == TrialScheduler.CONTINUE  # 5 + 1 + 1 = 7
+    assert sched.on_trial_result(controller, a, {"epoch": 2}) == TrialScheduler.STOP  # 6 + 1 + 1 > 7
+    live.remove(a)
+    assert sched.on_trial_result(controller, b, {"epoch": 2}) == TrialScheduler.STOP  # 7 spent: none left
+    assert inner.seen == ["a", "b"] and sched.count.spent == 7  # the cap's stops are its own; all 7 were reported
+    # with room, the inner scheduler's decision holds (ASHA stopping a weak trial)
+    inner.on_trial_result = lambda controller, trial, result: TrialScheduler.STOP  # type: ignore[method-assign]
+    live[:] = [c]
+    assert capped(inner, cap=20, base=0).on_trial_result(controller, c, {"epoch": 1}) == TrialScheduler.STOP
 
 
 def test_a_trial_whose_worker_hangs_is_re_run_as_after_a_lost_node(tmp_path, monkeypatch, ray_instance,

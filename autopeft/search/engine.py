@@ -36,7 +36,7 @@ from autopeft.plan import PeftPlan
 from autopeft.search import storage as st
 from autopeft.search.baselines import baseline_hparams
 from autopeft.search.cluster import check_resources, ray_log_path, ray_session  # noqa: F401  (check_resources: also here)
-from autopeft.search.epoch_cap import EpochCount, epoch_stopper, spent_epochs
+from autopeft.search.epoch_cap import EpochCount, capped, spent_epochs
 from autopeft.search.liveness import ATTR_DRIVER, Heartbeat, interrupted, this_driver
 from autopeft.search.recovery import (
     ATTR_INTERRUPTED,
@@ -444,7 +444,7 @@ def run(prep: Prepared, study: optuna.Study, remaining: int, callbacks: list | N
             epoch_cap=cap,
             spent=spent,
         )
-        scheduler = make_scheduler(s)
+        scheduler = make_scheduler(s) if cap is None else capped(make_scheduler(s), cap, spent)
         heartbeat = Heartbeat(storage, searcher.running_trial_ids,
                               tick=lambda: requeue_interrupted(study, unstamped_after_s=60.0))
         workdir = tempfile.mkdtemp(prefix=f"autopeft-{s.study}-")
@@ -467,8 +467,7 @@ def run(prep: Prepared, study: optuna.Study, remaining: int, callbacks: list | N
                                                      StallWatch(s.stall_floor)],
                                           failure_config=tune.FailureConfig(max_failures=s.max_retries),
                                           checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-                                          log_to_file=True,
-                                          stop=epoch_stopper(cap, spent) if cap is not None else None),
+                                          log_to_file=True),
             )
             tuner.fit()
             searcher.settle_unstarted()

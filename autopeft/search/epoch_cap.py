@@ -1,17 +1,23 @@
 """`--max-epochs N`: the training epochs a study may spend, stopped and failed trials' epochs included.
 
-Two parts keep a study at or under the cap, each counting on its own from what it sees (Ray may copy either):
+Every trial that runs holds one epoch of the cap: the one it is training. Two parts keep the study at or under the
+cap, each counting on its own from what it sees (Ray may copy either):
 
 - the searcher proposes a new trial only while the epochs spent, plus one epoch for every trial still running and
   one for the new trial, fit under the cap (`room_for_another`); when no trial runs and none fits, it ends;
-- a Ray Tune stopper (`epoch_stopper`) stops the trial whose report reaches the cap and then ends the experiment,
-  so trials still running stop before they report another epoch. They are recorded with the epochs they
-  reported (as stopped trials, like ASHA's).
+- the trial scheduler (`capped`, around ASHA or first-in first-out) lets a trial that reports an epoch go on only
+  while the epochs spent, one epoch for every other live trial and one for its next epoch fit under the cap; else
+  it stops the trial at that report (recorded as stopped, like ASHA's stops).
+
+So no trial is ever cut inside an epoch by the cap: each epoch a trial starts is one the cap had room for, and the
+study ends when its last trial reports. (Before, the cap ended the experiment at the report that reached it and the
+trials still running were cut mid-epoch, their partial epoch trained and never counted.)
 
 Spent epochs are the finished trials' trained epochs when the driver starts (so `--resume` continues the count)
 plus the epochs each trial of this driver trained: each run of a trial (`attempt`, a token the trainable puts in
 its reports) counts its last reported epoch less the checkpoint epoch it went on from, so a trial re-run after a
-lost worker counts the epochs it trains again (all of them when no checkpoint was kept).
+lost worker counts the epochs it trains again (all of them when no checkpoint was kept). The partial epoch a lost
+worker was training when it was lost is not counted (no report of it exists).
 With several drivers on one study, each counts the others'
 trials once they finish: the cap holds for each driver's view, and the study overshoots at most by the epochs the
 others' running trials report meanwhile.
@@ -69,19 +75,58 @@ class EpochCount:
         return self.spent + running + 1 <= cap
 
 
-def epoch_stopper(cap: int, base: int) -> Any:
-    """A Ray Tune Stopper that ends the study once `cap` epochs are spent (counted from `base`)."""
-    from ray.tune import Stopper
+def capped(scheduler: Any, cap: int, base: int) -> Any:
+    """`scheduler` (a Ray Tune TrialScheduler: ASHA or first-in first-out) under the cap of `cap` epochs, counted
+    from `base`: a trial whose report leaves no room for its next epoch beside one epoch of every other live trial
+    stops there; every other decision is `scheduler`'s."""
+    from ray.tune.schedulers import TrialScheduler
 
-    class EpochCap(Stopper):
+    class EpochCapped(TrialScheduler):
         def __init__(self) -> None:
-            self.cap, self.count = cap, EpochCount(base)
+            super().__init__()
+            self.inner, self.cap, self.count = scheduler, cap, EpochCount(base)
 
-        def __call__(self, trial_id: str, result: dict[str, Any]) -> bool:
-            self.count.see(trial_id, result)
-            return self.count.spent >= self.cap
+        @property
+        def metric(self) -> Any:
+            return self.inner.metric
 
-        def stop_all(self) -> bool:
-            return self.count.spent >= self.cap
+        @property
+        def supports_buffered_results(self) -> bool:
+            return bool(self.inner.supports_buffered_results)
 
-    return EpochCap()
+        def set_search_properties(self, metric: Any, mode: Any, **spec: Any) -> bool:
+            return bool(self.inner.set_search_properties(metric, mode, **spec))
+
+        def on_trial_add(self, controller: Any, trial: Any) -> None:
+            self.inner.on_trial_add(controller, trial)
+
+        def on_trial_error(self, controller: Any, trial: Any) -> None:
+            self.inner.on_trial_error(controller, trial)
+
+        def on_trial_result(self, controller: Any, trial: Any, result: dict) -> str:
+            self.count.see(trial.trial_id, result)
+            others = sum(1 for t in controller.get_live_trials() if t.trial_id != trial.trial_id)
+            if self.count.spent + others + 1 > self.cap:
+                return TrialScheduler.STOP
+            return str(self.inner.on_trial_result(controller, trial, result))
+
+        def on_trial_complete(self, controller: Any, trial: Any, result: dict) -> None:
+            self.count.see(trial.trial_id, result)
+            self.inner.on_trial_complete(controller, trial, result)
+
+        def on_trial_remove(self, controller: Any, trial: Any) -> None:
+            self.inner.on_trial_remove(controller, trial)
+
+        def choose_trial_to_run(self, controller: Any) -> Any:
+            return self.inner.choose_trial_to_run(controller)
+
+        def debug_string(self) -> str:
+            return f"{self.inner.debug_string()} (epoch cap {self.count.spent}/{self.cap})"
+
+        def save(self, checkpoint_path: str) -> None:
+            self.inner.save(checkpoint_path)
+
+        def restore(self, checkpoint_path: str) -> None:
+            self.inner.restore(checkpoint_path)
+
+    return EpochCapped()
