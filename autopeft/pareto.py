@@ -230,6 +230,31 @@ def best_under_budget(records: Sequence[TrialRecord], budget: int | Budget) -> T
     return min(fitting, key=accuracy_order)
 
 
+def parts_of(record: TrialRecord) -> int:
+    """How many parts the record's plan has (a method with its options on a set of blocks, or a global method: what
+    `PeftPlan.short` joins with ' + '); the linear probe has none."""
+    from autopeft.plan import PeftPlan
+
+    return len(PeftPlan.from_dict(record.plan).groups())
+
+
+def fewest_parts_within_se(records: Sequence[TrialRecord], budget: int | Budget, val_size: int
+                           ) -> TrialRecord | None:
+    """[P] part 6's rule: among the eligible records within `budget` whose val accuracy is within one standard
+    error of the best's (binomial: sqrt(p (1 - p) / val_size) at the best's accuracy p), the one whose plan has the
+    fewest parts; ties go by `accuracy_order`. The plain best-val pick when no other is that close."""
+    if val_size < 1:
+        raise ValueError(f"val_size must be >= 1, got {val_size}")
+    limit = budget.limit if isinstance(budget, Budget) else int(budget)
+    fitting = [r for r in eligible(records) if r.peft_params <= limit]
+    if not fitting:
+        return None
+    p = float(min(fitting, key=accuracy_order).val_acc or 0.0)
+    se = math.sqrt(max(p * (1.0 - p), 0.0) / val_size)
+    close = [r for r in fitting if (r.val_acc or 0.0) >= p - se - 1e-12]
+    return min(close, key=lambda r: (parts_of(r), *accuracy_order(r)))
+
+
 def top_by_val(records: Sequence[TrialRecord], budget: int | Budget, k: int) -> list[TrialRecord]:
     """The `k` eligible records within `budget` with the highest val accuracy (`accuracy_order`): what
     cross-validation scores."""

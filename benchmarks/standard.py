@@ -1,19 +1,24 @@
 """The standard grid of issue [I]: the measuring stick that search changes are judged by.
 
-    python -m benchmarks.run --standard --label before        # about an hour on 2 CPU cores (first run)
+    python -m benchmarks.run --standard --label before        # about 1.5 hours on 2 CPU cores (first run)
     python -m benchmarks.run --standard --label my-change     # later: only the search arm re-runs (cache)
 
 Protocol (STANDARD below): the mini suite's bundled `autopeft_tiny_vit`, the few-shot tasks `mnist5k_fs` and
-`fmnist_count_fs` (200 train, 200 val, their own 4,000 / 2,000-image test sets) × split seeds 0-3 = 8 cells at a
+`fmnist_count_fs` (200 train, 200 val, their own 4,000 / 2,000-image test sets) × split seeds 0-5 = 12 cells at a
 1 % budget (so LoRA fits). Every arm gets the same compute, N full-run equivalents of E epochs (N × E epochs), the
 same space and training settings (the unified space with batch 32, derived at run time from the shipped file so
 changes to it carry over) and so the same learning-rate prior (the space's log-uniform range) and weight decay:
 
-- hand-picked: the baselines that fit the budget (`autopeft.search.baselines.baseline_plans`), exactly N runs
+- hand-picked: each baseline method at the largest configuration that fits the budget (size, LoRA's targets, the
+  adapter's position, on every block: `autopeft.search.baselines.filled_plans`; rows before [P] took the search's
+  own baselines, `baseline_plans`, whose powers-of-two sizes left much of the budget unspent), exactly N runs
   spread over methods in baseline order (see `allocate_handpicked`), each at points of the space's lr range,
   weight decay 1e-4 (TrainConfig's default, one of the space's choices: the fixed value a user would take);
 - random: N plans and hyper-parameters from Optuna's RandomSampler over the space (`compare.random_jobs`);
 - search: autopeft's engine as shipped (`compare.search_arm`), its records cut to N × E epochs in trial order.
+
+Every run's per-epoch val curve is kept in the row (`curves`), with the epochs spent on runs at chance (best val
+≤ 1.5 / classes) and the number of parts of each pick: [P]'s targets read them.
 
 Each arm's best-under-budget record by val is retrained on train_full with final seeds (cell seed + 100, + 200),
 tested once per seed, and the test accuracies averaged. Hand-picked and random runs and every final run are
@@ -46,7 +51,8 @@ class StandardConfig:
     """The grid and the fidelity of every run; the defaults are the issue's standard grid."""
 
     tasks: tuple[str, ...] = ("mnist5k_fs", "fmnist_count_fs")
-    seeds: tuple[int, ...] = (0, 1, 2, 3)
+    # 12 cells ([P] part 1): a 1-point difference clears the interval (the rows before it had seeds 0-3, 8 cells)
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4, 5)
     budget: str = "1%"
     backbone: str = "autopeft_tiny_vit"
     epochs: int = 15
@@ -54,6 +60,10 @@ class StandardConfig:
     runs: int = 8  # N: full-run equivalents of compute per arm
     final_seed_offsets: tuple[int, ...] = (100, 200)
     weight_decay: float = 1e-4  # hand-picked arm's fixed weight decay
+    # the hand-picked arm's plans: `filled`, each method at the largest configuration that fits the budget
+    # (`autopeft.search.baselines.filled_plans`, [P] part 1); `ladder`, the search's own baselines (powers-of-two
+    # sizes, the rows before [P]: they left 37-50 % of the budget unspent)
+    handpicked: str = "filled"
     space: str = "unified"
     workers: int = 2
     resamples: int = 10_000
@@ -237,18 +247,34 @@ def _trace(records: Sequence, limit: int) -> list[tuple[int, float | None]]:
             for r in sorted(records, key=lambda r: r.number)]
 
 
-def _arm_row(arm: CellArm, limit: int) -> tuple[dict[str, Any], Any]:
+CHANCE_FACTOR = 1.5  # a run is at chance when its best val is at most 1.5 / classes (0.15 on 10 classes)
+
+
+def at_chance(curve: Sequence[float], chance: float) -> bool:
+    """Whether a run never rose above `chance` (an empty curve, a run that failed before its first epoch, is not
+    counted: it spent nothing)."""
+    return bool(curve) and max(curve) <= chance
+
+
+def _arm_row(arm: CellArm, limit: int, chance: float = 0.0) -> tuple[dict[str, Any], Any]:
     from autopeft.pareto import best_under_budget
+    from autopeft.plan import PeftPlan
 
     best = best_under_budget(arm.records, limit)
+    ordered = sorted(arm.records, key=lambda r: r.number)
     row: dict[str, Any] = {"trials": len(arm.records), "epochs": sum(r.epochs for r in arm.records),
                            "full_fidelity_trials": sum(r.full_fidelity for r in arm.records),
                            "trace": _trace(arm.records, limit), "wall_s": arm.wall_s,
+                           # every run's per-epoch val (the rung questions of [P] part 3 read them)
+                           "curves": [list(r.curve) for r in ordered],
+                           "chance": chance,
+                           "chance_epochs": sum(len(r.curve) for r in ordered if at_chance(r.curve, chance)),
                            "best_val": None, "best": None, "test": None, "tests": []}
     if best is not None:
         hp = arm.hparams.get(best.number, {})
         row.update(best_val=best.val_acc, best={
             "number": best.number, "peft_params": best.peft_params, "tags": best.tags, "plan": best.plan,
+            "parts": len(PeftPlan.from_dict(best.plan).groups()),
             "hparams": {k: hp.get(k) for k in (*RECORDED_HPARAMS, "batch_size") if k in hp}})
     return row, best
 
@@ -260,8 +286,9 @@ def run_cell(c: StandardConfig, task: str, seed: int, space_path: Path, pool: Pr
     search arm in `search_space_path` when given, the others always in `space_path`)."""
     from autopeft.backbones import backbone_spec
     from autopeft.budget import parse_budget
-    from autopeft.pareto import best_under_budget
-    from autopeft.search.baselines import baseline_plans, rate_key
+    from autopeft.data import data_config, load_dataset
+    from autopeft.pareto import best_under_budget, fewest_parts_within_se, parts_of
+    from autopeft.search.baselines import baseline_plans, filled_plans, rate_key
     from autopeft.search.settings import SearchSettings
     from autopeft.space import load_space
     from benchmarks.compare import CellConfig, random_jobs, search_arm, search_trials_for, within_epochs
@@ -277,7 +304,9 @@ def run_cell(c: StandardConfig, task: str, seed: int, space_path: Path, pool: Pr
     fixed = {name: d.value for name, d in space.training if not d.searched}
     base: Job = dict(task=task, backbone=c.backbone, weights=c.weights, data_root=c.data_root, data_seed=seed,
                      seed=seed, epochs=e)
-    plans = dict(baseline_plans(spec, limit))
+    plans = dict((filled_plans if c.handpicked == "filled" else baseline_plans)(spec, limit))
+    data = load_dataset(task, c.data_root, download=False, seed=seed, **data_config(c.backbone))
+    chance, val_size = CHANCE_FACTOR / data.num_classes, len(data.val)  # type: ignore[arg-type]
     alloc = allocate_handpicked(list(plans), c.runs, float(lr.low), float(lr.high),
                                 scale_points if key == "lr_scale" else lr_points)
     hand_jobs = [dict(base, plan=plans[name].to_dict(), hparams={**fixed, "batch_size": c.batch_size, key: rate,
@@ -327,11 +356,19 @@ def run_cell(c: StandardConfig, task: str, seed: int, space_path: Path, pool: Pr
             t = time.perf_counter()
             arms[name].records, cv_epochs = cross_validated(c, arms[name], base, limit, pool, cache)
             cv_s += time.perf_counter() - t
-        rows[name], best = _arm_row(arms[name], limit)
+        rows[name], best = _arm_row(arms[name], limit, chance)
         if name == "search" and found.extra_epochs:
             rows[name]["supernet_epochs"] = found.extra_epochs
             rows[name]["epochs"] += found.extra_epochs
-        picks = {"pick": best, "val_pick": val_best if c.cv_folds else None}
+        # [P] part 6: the plan with the fewest parts within one standard error of the best val (its own finals
+        # only where it is another trial than the pick)
+        fewest = fewest_parts_within_se(arms[name].records, limit, val_size) if not c.cv_folds else None
+        rows[name]["fewest_pick"] = None if fewest is None else {
+            "number": fewest.number, "parts": parts_of(fewest), "best_val": fewest.val_acc,
+            "peft_params": fewest.peft_params}
+        picks = {"pick": best, "val_pick": val_best if c.cv_folds else None,
+                 "fewest_pick": fewest if fewest is not None and best is not None and fewest.number != best.number
+                 else None}
         if c.cv_folds and val_best is not None:
             rows[name].update(cv_epochs=cv_epochs, cv={r.number: r.cv_accs for r in arms[name].records if r.cv_accs},
                               val_pick={"number": val_best.number, "best_val": val_best.val_acc})
@@ -345,11 +382,14 @@ def run_cell(c: StandardConfig, task: str, seed: int, space_path: Path, pool: Pr
     results = iter(run_cached(flat, pool, cache))
     for (name, role), jobs in finals.items():
         tests = [next(results).get("test_acc") for _ in jobs]
-        into = rows[name] if role == "pick" else rows[name]["val_pick"]
+        into = rows[name] if role == "pick" else rows[name][role]
         into["tests"] = tests
         into["final_seeds"] = [j["seed"] for j in jobs]
         into["test"] = sum(tests) / len(tests) if all(x is not None for x in tests) else None
     finals_s = time.perf_counter() - t
+    for row in rows.values():  # the same trial as the pick: the same finals
+        if row.get("fewest_pick") is not None and "test" not in row["fewest_pick"]:
+            row["fewest_pick"].update(tests=row["tests"], test=row["test"])
     if c.cv_folds:
         log(f"  cross-validation ({c.select}, top {c.select_top} per arm): {cv_s:.0f} s")
     log(f"  finals: {len(flat)} ({len(finals)} picks × {len(c.final_seed_offsets)} seeds) in {finals_s:.0f} s; test "

@@ -87,6 +87,37 @@ def reach_ratio(search: Sequence[float | None], random: Sequence[float | None]) 
             "ratio": reach / horizon if reach is not None and horizon > 0 else None}
 
 
+def epoch_rank_correlation(cells: Sequence[dict[str, Any]], arms: Sequence[str] = ("random", "handpicked")
+                           ) -> list[float | None]:
+    """[P] part 3's question, from the stored curves: per epoch k, Spearman's rho between the runs' val after epoch
+    k and their final val, over the full-length runs of `arms` (trained without early stopping) within each cell,
+    averaged over the cells that have at least 4 such runs with distinct finals. None where no cell qualifies."""
+    from scipy.stats import spearmanr
+
+    per_epoch: dict[int, list[float]] = {}
+    for c in cells:
+        curves = [cv for a in arms for cv in c["arms"].get(a, {}).get("curves") or []]
+        if not curves:
+            continue
+        length = max(len(cv) for cv in curves)
+        full = [cv for cv in curves if len(cv) == length]
+        if len(full) < 4 or len({cv[-1] for cv in full}) < 2:
+            continue
+        finals = [cv[-1] for cv in full]
+        for k in range(length):
+            at_k = [cv[k] for cv in full]
+            if len(set(at_k)) > 1:
+                rho = spearmanr(at_k, finals).statistic
+                if math.isfinite(rho):
+                    per_epoch.setdefault(k, []).append(float(rho))
+    if not per_epoch:
+        return []
+    return [sum(v) / len(v) if (v := per_epoch.get(k)) else None for k in range(max(per_epoch) + 1)]
+
+
+FEW_PARTS = 3  # [P]'s target: the search's picks have at most this many parts in >= 75 % of cells
+
+
 def summarise(cells: Sequence[dict[str, Any]], resamples: int = 10_000, seed: int = 0) -> dict[str, Any]:
     """The row of one label: paired differences (bootstrap over cells), per-task means, arm means, curves."""
     done = [c for c in cells if all(c["arms"][a].get("test") is not None for a in ("search", "random", "handpicked"))]
@@ -115,6 +146,21 @@ def summarise(cells: Sequence[dict[str, Any]], resamples: int = 10_000, seed: in
                                for a in arms}
         out["val_pick_search_minus_handpicked"] = _interval(by_val["search"], by_val["handpicked"], resamples, seed)
         out["cv_epochs_mean"] = {a: sum(c["arms"][a].get("cv_epochs", 0) for c in done) / len(done) for a in arms}
+    # [P]'s targets: the share of each arm's epochs spent on runs at chance, how many parts the search's picks have
+    out["chance_share"] = {a: sum(c["arms"][a].get("chance_epochs", 0) for c in done)
+                           / max(1, sum(c["arms"][a].get("epochs", 0) for c in done)) for a in arms
+                           } if all("chance_epochs" in c["arms"][a] for c in done for a in arms) else None
+    parts = [(c["arms"]["search"].get("best") or {}).get("parts") for c in done]
+    out["search_picks_few_parts"] = (sum(p <= FEW_PARTS for p in parts) / len(parts)
+                                     if all(p is not None for p in parts) else None)
+    if all((c["arms"][a].get("fewest_pick") or {}).get("test") is not None for c in done for a in arms):
+        # [P] part 6: the fewest-parts pick within one standard error of the best val, against the val pick
+        out["fewest_minus_pick"] = {a: _interval([c["arms"][a]["fewest_pick"]["test"] for c in done],
+                                                 [c["arms"][a]["test"] for c in done], resamples, seed)
+                                    for a in arms}
+        out["fewest_parts_share"] = sum(c["arms"]["search"]["fewest_pick"]["parts"] <= FEW_PARTS for c in done
+                                        ) / len(done)
+    out["epoch_rank_rho"] = epoch_rank_correlation(done) or None
     horizon = min(c["horizon"] for c in done)
     curves = {a: mean_curve([best_so_far(c["arms"][a]["trace"], horizon) for c in done])
               for a in ("search", "random", "handpicked")}
@@ -158,8 +204,9 @@ def markdown(doc: dict[str, Any]) -> str:
              "averaged best val, ÷ random's epochs (target ≤ 0.40).", "",
              "| label | started | cells | search − hand-picked | per task | random − hand-picked | "
              "search epochs to random's best | search epochs used | wall min | "
-             "test % search / random / hand-picked | targets |",
-             "|---|---|---:|---|---|---|---:|---:|---:|---|---|"]
+             "test % search / random / hand-picked | epochs at chance % s / r / h | search picks ≤ 3 parts | "
+             "hand-picked | targets |",
+             "|---|---|---:|---|---|---|---:|---:|---:|---|---|---:|---|---|"]
     for label, row in doc.get("rows", {}).items():
         s = row.get("summary") or {}
         t = row.get("targets") or {}
@@ -179,8 +226,14 @@ def markdown(doc: dict[str, Any]) -> str:
         wall = f"{meta.get('wall_s', 0) / 60:.0f}"
         used = s.get("epochs_mean", {})
         used_s = f"{used['search']:.0f} of {s['reach']['random_epochs']}" if used and s.get("reach") else "–"
+        share = s.get("chance_share")
+        chance_s = " / ".join(f"{100 * share[a]:.0f}" for a in ("search", "random", "handpicked")) if share else "–"
+        few = s.get("search_picks_few_parts")
+        few_s = f"{100 * few:.0f} %" if few is not None else "–"
+        yardstick = meta.get("config", {}).get("handpicked", "ladder")  # rows before [P] had the ladder's sizes
         lines.append(f"| {label} | {meta.get('started', '')[:16]} | {cells} | {_ci(d)} | {per_task} | "
-                     f"{_ci(s.get('random_minus_handpicked'))} | {ratio_s} | {used_s} | {wall} | {tests} | {flags} |")
+                     f"{_ci(s.get('random_minus_handpicked'))} | {ratio_s} | {used_s} | {wall} | {tests} | "
+                     f"{chance_s} | {few_s} | {yardstick} | {flags} |")
     cv_rows = [(label, row["summary"]) for label, row in doc.get("rows", {}).items()
                if (row.get("summary") or {}).get("cv_minus_val")]
     if cv_rows:
@@ -193,6 +246,28 @@ def markdown(doc: dict[str, Any]) -> str:
             d = s["cv_minus_val"]
             lines.append(f"| {label} | {_ci(d['search'])} | {_ci(d['random'])} | {_ci(d['handpicked'])} | "
                          f"{_ci(s['val_pick_search_minus_handpicked'])} | {s['cv_epochs_mean']['search']:.0f} |")
+    fewest_rows = [(label, row["summary"]) for label, row in doc.get("rows", {}).items()
+                   if (row.get("summary") or {}).get("fewest_minus_pick")]
+    if fewest_rows:
+        lines += ["", "Fewer parts at no cost ([P] part 6): each arm's test with the fewest-parts plan within one "
+                  "standard error of its best val − with its best-val pick, in points [bootstrap 95 %] (the rule "
+                  "stays the default only if the search's difference is within 0.5 points); the share of cells "
+                  "whose search pick by the rule has ≤ 3 parts.", "",
+                  "| label | search | random | hand-picked | search picks ≤ 3 parts |", "|---|---|---|---|---:|"]
+        for label, s in fewest_rows:
+            d = s["fewest_minus_pick"]
+            lines.append(f"| {label} | {_ci(d['search'])} | {_ci(d['random'])} | {_ci(d['handpicked'])} | "
+                         f"{100 * s['fewest_parts_share']:.0f} % |")
+    rho_rows = [(label, row["summary"]["epoch_rank_rho"]) for label, row in doc.get("rows", {}).items()
+                if (row.get("summary") or {}).get("epoch_rank_rho")]
+    if rho_rows:
+        lines += ["", "Do early epochs rank runs as their end does ([P] part 3)? Spearman's ρ between each epoch's val "
+                  "and the final val over the full-length runs of the random and hand-picked arms, within each cell, "
+                  "averaged over cells.", "",
+                  "| label | " + " | ".join(f"ep {k + 1}" for k in range(max(len(r) for _, r in rho_rows))) + " |",
+                  "|---|" + "---:|" * max(len(r) for _, r in rho_rows)]
+        for label, rho in rho_rows:
+            lines.append(f"| {label} | " + " | ".join("–" if v is None else f"{v:.2f}" for v in rho) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -225,6 +225,55 @@ def test_handpicked_arm_gets_exactly_n_runs_over_methods_and_the_shared_lr_prior
     assert std.allocate_handpicked([], 8, 1e-4, 1e-2) == []
 
 
+def test_filled_hand_picked_plans_are_each_methods_largest_configuration_under_the_budget():
+    """[P] part 1's fair yardstick: each sized baseline at the most parameters it can reach under the budget over
+    every size and placement (checked by brute force here), never fewer than the search's ladder baseline."""
+    from autopeft.backbones import backbone_spec
+    from autopeft.budget import parse_budget
+    from autopeft.methods import get_method, make_spec
+    from autopeft.plan import PeftPlan
+    from autopeft.search.baselines import BASELINES, PLACEMENTS, baseline_plans, filled_plans
+
+    spec = backbone_spec("autopeft_tiny_vit")
+    limit = parse_budget("1%", spec).limit
+    filled, ladder = dict(filled_plans(spec, limit)), dict(baseline_plans(spec, limit))
+    assert list(filled) == list(ladder)  # the same methods, in baseline order
+    for b in BASELINES:
+        if b.name not in filled:
+            continue
+        size_option = get_method(b.method).size_option
+        count = filled[b.name].count(spec)
+        assert count <= limit and count >= ladder[b.name].count(spec)
+        if size_option is None:
+            assert filled[b.name] == ladder[b.name]
+            continue
+        best = 0
+        for where in PLACEMENTS.get(b.method, ({},)):
+            for size in range(1, 200):
+                n = PeftPlan.single(make_spec(b.method, {**b.options, **where, size_option: size}),
+                                    range(spec.num_blocks)).count(spec)
+                if n <= limit:
+                    best = max(best, n)
+        assert count == best, (b.name, filled[b.name].short(), count, best)
+    assert sum(p.count(spec) for p in filled.values()) > 1.3 * sum(p.count(spec) for p in ladder.values())
+
+
+def test_arm_rows_keep_every_curve_the_epochs_at_chance_and_the_picks_parts():
+    from autopeft.methods import make_spec
+    from autopeft.plan import PeftPlan
+    from autopeft.records import TrialRecord
+
+    two = PeftPlan(blocks={0: (make_spec("lora"),), 1: (make_spec("bitfit"),)}).to_dict()
+    curves = [[0.10, 0.12, 0.14], [0.10, 0.50, 0.70], [0.09]]
+    records = [TrialRecord(number=i, plan=two, peft_params=10, val_acc=c[-1], curve=c, epochs=len(c),
+                           max_epochs=3) for i, c in enumerate(curves)]
+    row, best = std._arm_row(std.CellArm(records), limit=100, chance=0.15)
+    assert row["curves"] == curves and row["epochs"] == 7
+    assert row["chance_epochs"] == 4  # the first run (3 epochs) and the one stopped after one, not the learner
+    assert best.number == 1 and row["best"]["parts"] == 2
+    assert not std.at_chance([], 0.15) and std.at_chance([0.15], 0.15)
+
+
 def test_cache_hits_when_nothing_changes_and_misses_when_a_setting_does(tmp_path, monkeypatch):
     job = dict(task="mnist5k_fs", backbone="b", weights="/x/w.safetensors", data_root=None, data_seed=0, seed=0,
                epochs=15, plan={"blocks": {}}, hparams={"lr": 1e-3, "batch_size": 32})
@@ -264,18 +313,22 @@ def test_best_so_far_curves_averaged_and_epochs_to_reach_random_best():
     assert reach_ratio([None] * 9, random)["ratio"] is None
 
 
-def _std_cell(task, seed, search, random, hand):
+def _std_cell(task, seed, search, random, hand, parts=2):
     trace = [(2, 0.5), (2, 0.6)]
     return {"task": task, "seed": seed, "horizon": 4,
-            "arms": {"search": {"test": search, "best_val": 0.6, "trace": [(1, 0.6), (1, None), (2, 0.7)]},
-                     "random": {"test": random, "best_val": 0.6, "trace": trace},
-                     "handpicked": {"test": hand, "best_val": 0.6, "trace": trace}}}
+            "arms": {"search": {"test": search, "best_val": 0.6, "trace": [(1, 0.6), (1, None), (2, 0.7)],
+                                "epochs": 4, "chance_epochs": 1, "best": {"parts": parts}},
+                     "random": {"test": random, "best_val": 0.6, "trace": trace, "epochs": 4, "chance_epochs": 2},
+                     "handpicked": {"test": hand, "best_val": 0.6, "trace": trace, "epochs": 4,
+                                    "chance_epochs": 0}}}
 
 
 def test_standard_summary_pairs_cells_and_reports_targets():
-    cells = [_std_cell("a", 0, 0.62, 0.60, 0.60), _std_cell("a", 1, 0.64, 0.61, 0.60),
+    cells = [_std_cell("a", 0, 0.62, 0.60, 0.60), _std_cell("a", 1, 0.64, 0.61, 0.60, parts=5),
              _std_cell("b", 0, 0.70, 0.70, 0.71)]
     s = summarise(cells, resamples=2000)
+    assert s["chance_share"] == pytest.approx({"search": 0.25, "random": 0.5, "handpicked": 0.0})
+    assert s["search_picks_few_parts"] == pytest.approx(2 / 3)
     d = s["search_minus_handpicked"]
     assert d["mean"] == pytest.approx((0.02 + 0.04 - 0.01) / 3)
     assert d["per_task"] == pytest.approx({"a": 0.03, "b": -0.01})
@@ -287,6 +340,13 @@ def test_standard_summary_pairs_cells_and_reports_targets():
     text = std_markdown({"rows": {"before": {"meta": {"started": "2026-12-01T10:00", "complete": True,
                                                       "wall_s": 60}, "summary": s, "targets": t}}})
     assert "| before |" in text and "gain missed" in text and "+1.7" in text
+    assert "| 25 / 50 / 0 | 67 % | ladder |" in text  # epochs at chance, picks of ≤ 3 parts, the older yardstick
+    for c in cells:  # the fewest-parts pick: 1 point under the val pick in every cell, on every arm
+        for arm in c["arms"].values():
+            arm["fewest_pick"] = {"test": arm["test"] - 0.01, "parts": 1}
+    s = summarise(cells, resamples=2000)
+    assert s["fewest_minus_pick"]["search"]["mean"] == pytest.approx(-0.01) and s["fewest_parts_share"] == 1.0
+    assert "Fewer parts at no cost" in std_markdown({"rows": {"r": {"meta": {}, "summary": s}}})
 
 
 def std_markdown(doc):
@@ -409,3 +469,16 @@ def test_methods_throughput_targets_name_every_miss() -> None:
            "(target ≤ LoRA + 0.05: met)." in text
     assert "By fastest steps: FacT-TT (1 parameters) vs LoRA on the same six matrices (1): 0.720× vs 0.600× full " \
            "(target ≤ LoRA + 0.05: missed)." in text
+
+
+def test_epoch_rank_correlation_reads_the_stored_curves():
+    """Per epoch, Spearman between that epoch's val and the final val over a cell's full-length runs: 1 where the
+    order is the final one already, -1 where it is reversed; cells with fewer than 4 full runs are left out."""
+    from benchmarks.standard_stats import epoch_rank_correlation
+
+    curves = [[0.4, 0.1, 0.5], [0.3, 0.2, 0.6], [0.2, 0.3, 0.7], [0.1, 0.4, 0.8], [0.9]]  # the last: stopped early
+    cell = {"arms": {"random": {"curves": curves[:2]}, "handpicked": {"curves": curves[2:]}}}
+    small = {"arms": {"random": {"curves": curves[:3]}, "handpicked": {"curves": []}}}
+    rho = epoch_rank_correlation([cell, small])
+    assert rho == pytest.approx([-1.0, 1.0, 1.0])
+    assert epoch_rank_correlation([small]) == []

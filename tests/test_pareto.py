@@ -238,3 +238,29 @@ def test_best_under_budget_prefers_cross_validation_when_the_study_has_it():
     tie = [rec(1, 0.95, 10, [0.8, 0.9]), rec(2, 0.93, 5, [0.9, 0.8])]
     assert best_under_budget(tie, 100).number == 1
     assert TrialRecord.from_dict(scored[1].to_dict()).cv_accs == [0.80, 0.82]
+
+
+def test_fewest_parts_within_one_standard_error_of_the_best_val() -> None:
+    """[P] part 6: on 200 val images at p = 0.8 one standard error is 2.83 points; a one-part plan 2 points under
+    a three-part best is picked, one 3 points under is not; equal parts go by val; nothing close: the best."""
+    from autopeft.methods import make_spec
+    from autopeft.plan import PeftPlan
+
+    def plan(*methods: str) -> dict:
+        return PeftPlan(blocks={i: (make_spec(m),) for i, m in enumerate(methods)}).to_dict()
+
+    def rec(number: int, val: float, p: dict, params: int = 10) -> TrialRecord:
+        return TrialRecord(number=number, plan=p, peft_params=params, val_acc=val, epochs=3, max_epochs=3)
+
+    three, one = plan("lora", "bitfit", "ssf"), plan("lora")
+    assert pareto.parts_of(rec(0, 0.5, three)) == 3 and pareto.parts_of(rec(0, 0.5, PeftPlan().to_dict())) == 0
+    records = [rec(0, 0.80, three), rec(1, 0.78, one), rec(2, 0.775, one), rec(3, 0.76, PeftPlan().to_dict())]
+    assert pareto.fewest_parts_within_se(records, 100, 200).number == 1
+    assert pareto.fewest_parts_within_se(records, 100, 10_000).number == 0  # 0.4 points: only the best is close
+    far = [rec(0, 0.80, three), rec(1, 0.77, one)]
+    assert pareto.fewest_parts_within_se(far, 100, 200).number == 0
+    over = [rec(0, 0.80, three), rec(1, 0.79, one, params=500)]  # the one-part plan is over the budget
+    assert pareto.fewest_parts_within_se(over, 100, 200).number == 0
+    assert pareto.fewest_parts_within_se([], 100, 200) is None
+    with pytest.raises(ValueError):
+        pareto.fewest_parts_within_se(records, 100, 0)

@@ -69,6 +69,59 @@ def baseline_plans(spec: BackboneSpec, limit: int) -> list[tuple[str, PeftPlan]]
     return out
 
 
+# Where a baseline method may go besides its default (the fair hand-picked arm of the benchmark grid tries each):
+# LoRA's targets from the usual q,v up to every linear layer, the adapter after either sub-layer or both
+PLACEMENTS: dict[str, tuple[dict[str, Any], ...]] = {
+    "lora": ({"targets": "q,v"}, {"targets": "q,k,v"}, {"targets": "q,k,v,proj"},
+             {"targets": "q,k,v,proj,fc1,fc2"}),
+    "adapter": ({"position": "mlp"}, {"position": "attn"}, {"position": "both"}),
+}
+LARGEST_SIZE = 4096
+
+
+def _largest_size(b: Baseline, options: dict[str, Any], spec: BackboneSpec, limit: int) -> PeftPlan | None:
+    """The plan of `b` with `options` on every block at the largest size that fits `limit` (counts grow with the
+    size: bisection), None when even size 1 does not."""
+    size_option = get_method(b.method).size_option
+    assert size_option is not None, b.method
+
+    def plan(size: int) -> PeftPlan:
+        return PeftPlan.single(make_spec(b.method, {**options, size_option: size}), range(spec.num_blocks))
+
+    try:
+        if plan(1).count(spec) > limit:
+            return None
+    except UnsupportedBackbone:
+        return None
+    low, high = 1, LARGEST_SIZE  # plan(low) fits; find the last size that does
+    while low < high:
+        mid = (low + high + 1) // 2
+        if plan(mid).count(spec) <= limit:
+            low = mid
+        else:
+            high = mid - 1
+    return plan(low)
+
+
+def filled_plans(spec: BackboneSpec, limit: int) -> list[tuple[str, PeftPlan]]:
+    """(name, plan) of every baseline at the largest configuration that fits `limit`: on every block, the size
+    (any integer, not the ladder's powers of two) and the placement (`PLACEMENTS`: LoRA's targets, the adapter's
+    position) whose count comes closest to the limit, ties to the earlier placement. Methods without a size
+    (SSF, BitFit, the linear probe) are as `baseline_plans` has them. The benchmark grid's hand-picked arm trains
+    these, so that it spends the budget as a search's picks do."""
+    out = []
+    for b in BASELINES:
+        if get_method(b.method).size_option is None:
+            plan = _fit(b, spec, limit)
+        else:
+            fits = [p for where in PLACEMENTS.get(b.method, ({},))
+                    if (p := _largest_size(b, {**b.options, **where}, spec, limit)) is not None]
+            plan = max(fits, key=lambda p: p.count(spec), default=None)  # max keeps the first of equal counts
+        if plan is not None:
+            out.append((b.name, plan))
+    return out
+
+
 def _baseline_params(space: SearchSpace) -> dict[str, Any]:
     """Baselines train at the centre of each searched hyper-parameter range (geometric for log ranges) and at the
     first value of each searched choice (e.g. `optimizer: [adamw, sgd]` -> adamw)."""
