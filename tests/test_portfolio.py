@@ -54,6 +54,11 @@ def test_normalisations() -> None:
 def test_a_config_missing_on_a_task_adds_nothing_there() -> None:
     table = {"A": {"x": 90.0, "y": 80.0}, "B": {"y": 70.0, "z": 10.0}}
     assert greedy(table, 2) == ["y", "x"]
+    # once both tasks are covered, a candidate measured nowhere (its regret sum would read 0, the best) never wins
+    assert greedy(table, 5, candidates=["ghost", "x", "y", "z"]) == ["y", "x", "z"]
+    held = leave_one_out({**table, "C": {"ghost": 99.0}}, 5, candidates=["ghost", "x", "y", "z"])
+    assert held["C"] == ["y", "x", "z"]  # C alone measured ghost: held out, ghost is measured nowhere
+    assert "ghost" in held["A"]  # with C among the tasks it covers C
 
 
 def test_leave_one_out_never_uses_the_held_out_task() -> None:

@@ -62,8 +62,10 @@ def greedy(scores: Mapping[str, Mapping[K, float]], k: int, how: str = "regret",
            candidates: Sequence[K] | None = None) -> list[K]:
     """k configurations chosen greedily: each step adds the candidate that most raises the sum over tasks of the
     portfolio's best normalised score (an empty portfolio stands at each task's worst). A candidate not measured on
-    a task adds nothing there. Ties (e.g. once every task is covered) go to the larger sum of normalised scores over
-    the tasks it was measured on, then to the earlier candidate (`candidates`' order, else first seen in `scores`)."""
+    a task adds nothing there, and one measured on none of them is never chosen. Ties (e.g. once every task is
+    covered) go to the larger sum of normalised scores (the task's worst where it was not measured), then to the
+    earlier candidate (`candidates`' order, else first seen in `scores`); fewer than k come back only when fewer
+    candidates were measured."""
     norm = normalised(scores, how)
     if candidates is None:
         seen: dict[K, None] = {}
@@ -71,8 +73,10 @@ def greedy(scores: Mapping[str, Mapping[K, float]], k: int, how: str = "regret",
             seen.update(dict.fromkeys(by_config))
         candidates = list(seen)
     level = {task: min(row.values()) for task, row in norm.items()}
-    order = {c: i for i, c in enumerate(dict.fromkeys(candidates))}
-    total = {c: sum(row.get(c, 0.0) for row in norm.values()) for c in order}
+    # a candidate measured on none of these tasks has nothing to stand on (and must not win a tie for it)
+    order = {c: i for i, c in enumerate(dict.fromkeys(candidates)) if any(c in row for row in norm.values())}
+    # where a candidate was not measured it counts as the task's worst, for the tie-break as for the gain
+    total = {c: sum(row.get(c, level[task]) for task, row in norm.items()) for c in order}
     chosen: list[K] = []
     left = set(order)
     for _ in range(min(k, len(left))):
