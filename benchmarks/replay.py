@@ -15,14 +15,15 @@ knobs differing, then the smallest sum of |log ratio| over numeric knobs); PETL_
 snap happens there. An evaluation is a trial: a configuration suggested again counts again (the engine would train
 it again); the distinct configurations evaluated by the time each seed got there are in the JSON.
 
-Arms, each over `--seeds` seeds: `random` (optuna's RandomSampler), `tpe` (the engine's TPE, `make_sampler`), and
-`portfolio+tpe`: the greedy portfolio (`autopeft/search/portfolio.py`) built leave-one-task-out from the other
-tasks' in-budget scores, enqueued first (each member snapped to the task's space), then the same TPE. Reported per
-task and arm: the mean best val after n evaluations, and the evaluations each needs to come within `--tol` (0.5)
-points of the task's best in-budget val, mean with a 95 % bootstrap interval over seeds; a seed that does not get
-there within `--max-evals` (TPE arms) or `--random-max` (random) counts as that cap + 1 (a lower bound,
-flagged). The portfolio's own leave-one-task-out
-regret is reported for each normalisation and k, the measurement behind `--normalise`.
+Arms, each over `--seeds` seeds: `random` (optuna's RandomSampler), `tpe` (the engine's TPE from `make_sampler`:
+multivariate, grouped, constant liar, 4 random trials of its own), and `portfolio+tpe`: the greedy portfolio
+(`autopeft/search/portfolio.py`, `--k` members) built leave-one-task-out from the other tasks' in-budget scores,
+enqueued first (each member snapped to the task's space; the enqueued trials are not part of TPE's random start),
+then the same TPE. Reported per task and arm: the mean best val after n evaluations, and the evaluations each needs
+to come within `--tol` (0.5) points of the task's best in-budget val, mean with a 95 % bootstrap interval over seeds;
+a seed that does not get there within `--max-evals` (TPE arms) or `--random-max` (random) counts as that cap + 1 (a
+lower bound, flagged). The portfolio's own leave-one-task-out regret is reported for each normalisation and k, the
+measurement behind `--normalise`; the portfolio built from every task (what would ship) is `portfolio_all_tasks`.
 """
 
 from __future__ import annotations
