@@ -1,0 +1,121 @@
+"""benchmarks/replay.py: the parameter closed forms against PETL_Vision's final.csv, the categorical space and its
+snap, and an end-to-end replay on a tiny synthetic table in the same format."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from benchmarks import replay as rp
+
+TABLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "petl_vision_vtab1k"
+
+
+@pytest.mark.skipif(not (TABLE / "final.csv").is_file(), reason="PETL_Vision's table is not on this machine")
+def test_closed_forms_match_final_csv() -> None:
+    final = pd.read_csv(TABLE / "final.csv")
+    checks = rp.check_closed_forms(final)
+    assert set(checks) == set(rp.CLOSED_FORMS)  # every method of the table has a closed form
+    for method, c in checks.items():
+        assert c["matched"] == c["rows"] == 10, (method, c["mismatches"])
+    assert rp.BACKBONE_PARAMS == 85_798_656 == int(final.loc[final["method"] == "full", "inserted_parameters"].iloc[0])
+    # the size knob moves the count: each method's chosen sizes span more than one value where the grid has them
+    for method, knob in [("lora", "lora_bottleneck"), ("fact_tk", "fact_dim"), ("vpt_deep", "vpt_num")]:
+        assert len({rp.inserted_parameters(method, {knob: v}) for v in (8, 16, 32)}) == 3
+
+
+def _row(task: str, method: str, config: dict, val: float) -> dict:
+    return {"task": task, "method": method, "config": json.dumps(config), "val_top1": val, "val_loss": 0.0,
+            "train_top1": 100.0, "train_loss": 0.0}
+
+
+def write_table(folder: Path) -> Path:
+    """3 tasks; LoRA (ranks 1 and 8 in budget, 64 over it), BitFit, VPT-shallow with a hole in its grid, and a
+    method with no closed form. Each task's best in-budget configuration is a different one."""
+    rows = []
+    best = {"t0": ("lora", 8, 1e-3), "t1": ("bitfit", None, 1e-2), "t2": ("vpt_shallow", 10, 1e-3)}
+    for task, (bm, bsize, blr) in best.items():
+        for lr in (1e-3, 1e-2):
+            for wd in (1e-4, 1e-3):
+                for r in (1, 8, 64):
+                    hit = bm == "lora" and r == bsize and lr == blr and wd == 1e-4
+                    rows.append(_row(task, "lora", {"lora_bottleneck": r, "lr": lr, "wd": wd},
+                                     99.0 if r == 64 else 90.0 if hit else 60.0 + r + 10 * lr))
+                hit = bm == "bitfit" and lr == blr and wd == 1e-4
+                rows.append(_row(task, "bitfit", {"lr": lr, "wd": wd}, 90.0 if hit else 55.0))
+                for n in (5, 10, 50):
+                    if (n, lr, wd) == (50, 1e-2, 1e-3):
+                        continue  # a hole: the sampler may suggest it, the replay snaps it
+                    hit = bm == "vpt_shallow" and n == bsize and lr == blr and wd == 1e-4
+                    rows.append(_row(task, "vpt_shallow", {"vpt_num": n, "lr": lr, "wd": wd}, 90.0 if hit else 50.0))
+                rows.append(_row(task, "mystery", {"lr": lr, "wd": wd}, 100.0))
+    pd.DataFrame(rows).to_csv(folder / "tuning.csv", index=False)
+    return folder
+
+
+def test_load_budget_and_exclusions(tmp_path: Path) -> None:
+    tuning, meta = rp.load(write_table(tmp_path), 0.005)
+    assert meta["excluded_methods"] == {"mystery": "no closed form for its parameter count"}
+    kept = tuning[tuning["in_budget"]]
+    assert set(kept["method"]) == {"lora", "bitfit", "vpt_shallow"}
+    assert set(kept.loc[kept["method"] == "lora", "cfg"].map(lambda c: c["lora_bottleneck"])) == {1, 8}
+    assert meta["closed_forms"] == {}  # no final.csv: nothing to check against
+
+
+def test_space_snaps_a_missing_combination(tmp_path: Path) -> None:
+    tuning, _ = rp.load(write_table(tmp_path), 0.005)
+    space = rp.Space.of(tuning[tuning["in_budget"] & (tuning["task"] == "t2")])
+    assert space.names[("lora", "lr")] == "lr"  # the same values in every method: one shared parameter
+    assert space.names[("vpt_shallow", "vpt_num")] == "vpt_num"
+    key = space.snap("vpt_shallow", {"vpt_num": 50, "lr": 1e-2, "wd": 1e-3})
+    method, config = space.configs[key]
+    # one knob must differ; the nearest by |log ratio| moves vpt_num 50 -> 10 (x5), not lr or wd (x10)
+    assert method == "vpt_shallow" and config == {"vpt_num": 10, "lr": 1e-2, "wd": 1e-3}
+    assert space.nearest("lora", {"lora_bottleneck": 8, "lr": 1e-3, "wd": 1e-4}) in space.configs
+    assert space.nearest("adaptformer", {"adapter_bottleneck": 8}) is None
+
+
+def test_enqueued_portfolio_comes_first(tmp_path: Path) -> None:
+    tuning, _ = rp.load(write_table(tmp_path), 0.005)
+    space = rp.Space.of(tuning[tuning["in_budget"] & (tuning["task"] == "t1")])
+    best = max(space.values, key=space.values.__getitem__)
+    curve, distinct = rp.run_arm(space, rp.make("tpe", 0, 1), 5, enqueue=[best])
+    assert curve == [space.best] * 5 and distinct[0] == 1
+    curve, _ = rp.run_arm(space, rp.make("random", 0, 0), 50, target=space.best, horizon=3)
+    assert len(curve) >= 3 and curve[-1] == space.best and rp.evals_to(curve, space.best) <= len(curve)
+
+
+def test_replay_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    table = write_table(tmp_path)
+    out = tmp_path / "replay.json"
+    rp.main(["--table", str(table), "--seeds", "2", "--k", "2", "--max-evals", "25", "--random-max", "60",
+             "--ns", "1", "5", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert "| t0 |" in printed and "Target" in printed and not out.exists()  # no --write: nothing written
+    result = rp.replay(table, seeds=2, k=2, max_evals=25, random_max=60, ns=(1, 5), portfolio_ks=3)
+    assert set(result["tasks"]) == {"t0", "t1", "t2"}
+    for task, e in result["tasks"].items():
+        assert e["best_val"] == 90.0 and e["configs"] == 2 * 2 * 2 + 4 + 11  # lora r<=8, bitfit, vpt minus the hole
+        assert e["best_val_any_budget"] == 100.0  # the excluded method's and over-budget rows are not the target
+        for arm in ("random", "tpe", "portfolio+tpe"):
+            a = e["arms"][arm]
+            assert len(a["evals_to_tol"]["per_seed"]) == 2
+            assert a["best_after"]["1"] <= a["best_after"]["5"] <= 90.0
+        # built from the other two tasks, whose bests are the other two methods' configurations
+        members = [json.loads(k)["method"] for k in result["portfolios"]["regret"][task][:2]]
+        assert sorted(members) == sorted(m for t, m in (("t0", "lora"), ("t1", "bitfit"), ("t2", "vpt_shallow"))
+                                         if t != task)
+    text = rp.markdown(result)
+    assert "**met**" in text or "**missed**" in text
+    unbudgeted = rp.replay(table, seeds=1, k=1, budget_share=None, max_evals=10, random_max=10, ns=(1,),
+                           portfolio_ks=1)
+    assert unbudgeted["tasks"]["t0"]["configs"] == 3 * 4 + 4 + 11 and unbudgeted["tasks"]["t0"]["best_val"] == 99.0
+    assert "no budget filter" in rp.markdown(unbudgeted)
+    md = tmp_path / "BENCHMARKS.md"
+    md.write_text("# B\n\n## Other\n\nkeep\n")
+    rp.write_section("first", md)
+    rp.write_section("second", md)
+    assert md.read_text() == f"# B\n\n## Other\n\nkeep\n\n## {rp.SECTION}\n\nsecond\n"
