@@ -49,6 +49,7 @@ from benchmarks.defaults_on_val import interval
 ROOT = Path(__file__).resolve().parents[1]
 SECTION = "Replay on PETL_Vision's VTAB-1k tuning table"
 TARGET_RATIO = 0.40  # portfolio-then-sampler reaches the tolerance with <= 40 % of random search's evaluations
+ARMS = ("random", "tpe", "baselines+tpe", "portfolio+tpe")
 
 # ViT-B/16: width D, blocks L, MLP width M, tokens (196 patches + class token), patch 16 x 16 x 3
 D, L, M, TOKENS, PATCH_IN = 768, 12, 3072, 197, 3 * 16 * 16
@@ -124,9 +125,16 @@ def check_closed_forms(final: pd.DataFrame | None) -> dict[str, dict[str, Any]]:
     return out
 
 
-def load(table: Path, budget_share: float | None) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """tuning.csv with `key`, `params` and `in_budget` columns; the closed-form check and the methods left out."""
+def load(table: Path, budget_share: float | None, methods: Sequence[str] | None = None
+         ) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """tuning.csv with `key`, `params` and `in_budget` columns (only `methods`' rows when given); the closed-form
+    check and the methods left out."""
     tuning = pd.read_csv(table / "tuning.csv")
+    if methods is not None:
+        unknown = sorted(set(methods) - set(tuning["method"]))
+        if unknown:
+            raise ValueError(f"--methods: {', '.join(unknown)} not in {table / 'tuning.csv'}")
+        tuning = tuning[tuning["method"].isin(list(methods))].reset_index(drop=True)
     final = pd.read_csv(table / "final.csv") if (table / "final.csv").is_file() else None
     configs = [json.loads(c) for c in tuning["config"]]
     tuning["cfg"] = configs
@@ -168,6 +176,7 @@ class Space:
 
     values: dict[str, float]  # key -> val
     configs: dict[str, tuple[str, dict[str, Any]]]  # key -> (method, config)
+    counts: dict[str, int] = field(default_factory=dict)  # key -> inserted parameters
     knobs: dict[str, dict[str, list[Any]]] = field(default_factory=dict)  # method -> knob -> present values
     names: dict[tuple[str, str], str] = field(default_factory=dict)  # (method, knob) -> optuna parameter name
     by_method: dict[str, list[str]] = field(default_factory=dict)
@@ -175,7 +184,8 @@ class Space:
     @classmethod
     def of(cls, rows: pd.DataFrame) -> Space:
         space = cls(values=dict(zip(rows["key"], rows["val_top1"].astype(float), strict=True)),
-                    configs={k: (m, c) for k, m, c in zip(rows["key"], rows["method"], rows["cfg"], strict=True)})
+                    configs={k: (m, c) for k, m, c in zip(rows["key"], rows["method"], rows["cfg"], strict=True)},
+                    counts={k: int(n) for k, n in zip(rows["key"], rows["params"], strict=True)})
         for key, (method, config) in space.configs.items():
             space.by_method.setdefault(method, []).append(key)
             for knob, v in config.items():
@@ -232,6 +242,39 @@ class Space:
         if method not in self.by_method:
             return None
         return self.snap(method, {k: _choice(v) for k, v in config.items()})
+
+
+# autopeft's hand-picked baselines (`autopeft.search.baselines.BASELINES`, in their order) as the table names them,
+# with the options they fix; autopeft's `adapter` (sequential, after the MLP) has no counterpart in such a table
+BASELINE_METHODS = (("lora", "lora", {}), ("adaptformer", "adaptformer", {"adapter_scaler": 0.1}),
+                    ("vpt_deep", "vpt_deep", {}), ("ssf", "ssf", {}), ("bitfit", "bitfit", {}),
+                    ("linear", "linear", {}))
+BASELINE_WEIGHT_DECAY = 1e-4  # TrainConfig's default (the unified space's first choice, 0, is not in such grids)
+
+
+def baseline_members(space: Space) -> list[str]:
+    """autopeft's start today, as this task's configurations: per baseline method the in-budget configuration with
+    the most parameters (a baseline takes the largest size that fits), its fixed options, the rate nearest
+    autopeft's own for the method on this run (the centre of its `lr_range`: the table's runs are the reference run
+    of `autopeft.learning_rate`) and the weight decay nearest BASELINE_WEIGHT_DECAY."""
+    from autopeft.learning_rate import centre
+    from autopeft.methods import get_method
+
+    out = []
+    for ours, theirs, fixed in BASELINE_METHODS:
+        keys = space.by_method.get(theirs, [])
+        if not keys:
+            continue
+        rate = centre(get_method(ours).lr_range)
+
+        def miss(key: str, rate: float = rate, fixed: dict[str, float] = fixed) -> tuple[float, ...]:
+            config = space.configs[key][1]
+            return (-space.counts[key], abs(math.log(float(config["lr"]) / rate)),
+                    abs(math.log(float(config["wd"]) / BASELINE_WEIGHT_DECAY)) if float(config["wd"]) > 0 else 99.0,
+                    sum(abs(math.log(float(config[k]) / v)) for k, v in fixed.items() if k in config))
+
+        out.append(min(keys, key=miss))
+    return out
 
 
 def run_arm(space: Space, sampler: Any, max_evals: int, enqueue: Sequence[str] = (), target: float = math.inf,
@@ -297,9 +340,10 @@ def make(name: str, seed: int, enqueued: int) -> Any:
 def replay(table: Path, seeds: int = 10, k: int = 5, normalise: str = "regret", tol: float = 0.5,
            budget_share: float | None = 0.005, max_evals: int = 200, random_max: int = 1000,
            ns: Sequence[int] = (1, 5, 10, 20, 40, 60),
-           portfolio_ks: int = 10, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+           portfolio_ks: int = 10, log: Callable[[str], None] | None = None,
+           methods: Sequence[str] | None = None) -> dict[str, Any]:
     start = time.perf_counter()
-    tuning, meta = load(table, budget_share)
+    tuning, meta = load(table, budget_share, methods)
     rows = tuning[tuning["in_budget"]]
     spaces = {task: Space.of(g) for task, g in rows.groupby("task", sort=True)}
     configs = {key: (m, c) for key, m, c in zip(rows["key"], rows["method"], rows["cfg"], strict=True)}
@@ -320,8 +364,10 @@ def replay(table: Path, seeds: int = 10, k: int = 5, normalise: str = "regret", 
             "configs_within_tol": int(close),
             "uniform_random_expected": (len(space.values) + 1) / (close + 1),
             "portfolio": members, "arms": {}}
+        baselines = baseline_members(space)
+        entry["baselines"] = baselines
         arms = {"random": ("random", (), random_max), "tpe": ("tpe", (), max_evals),
-                "portfolio+tpe": ("tpe", members, max_evals)}
+                "baselines+tpe": ("tpe", baselines, max_evals), "portfolio+tpe": ("tpe", members, max_evals)}
         for arm, (sampler, enqueue, cap) in arms.items():
             curves, needs, distinct = [], [], []
             for seed in range(seeds):
@@ -344,10 +390,15 @@ def replay(table: Path, seeds: int = 10, k: int = 5, normalise: str = "regret", 
     ratios = {t: e["arms"]["portfolio+tpe"]["evals_to_tol"]["mean"] / e["arms"]["random"]["evals_to_tol"]["mean"]
               for t, e in tasks.items()}
     totals = {arm: float(sum(e["arms"][arm]["evals_to_tol"]["mean"] for e in tasks.values()))
-              for arm in ("random", "tpe", "portfolio+tpe")}
+              for arm in ARMS}
+    to_baselines = {t: e["arms"]["portfolio+tpe"]["evals_to_tol"]["mean"]
+                    / e["arms"]["baselines+tpe"]["evals_to_tol"]["mean"] for t, e in tasks.items()}
     mean_ratio = float(np.mean(list(ratios.values())))
     bound = {t: _bound(e).strip() for t, e in tasks.items() if _bound(e)}
     summary = {"ratio_per_task": ratios, "mean_ratio": mean_ratio, "ratio_bound": bound,
+               "ratio_to_baselines_per_task": to_baselines,
+               "mean_ratio_to_baselines": float(np.mean(list(to_baselines.values()))),
+               "ratio_of_totals_to_baselines": totals["portfolio+tpe"] / totals["baselines+tpe"],
                "tasks_within_target": int(sum(r <= TARGET_RATIO for r in ratios.values())),
                "ratio_of_totals": totals["portfolio+tpe"] / totals["random"], "totals": totals,
                "censored": {arm: int(sum(e["arms"][arm]["evals_to_tol"]["censored"] for e in tasks.values()))
@@ -357,6 +408,7 @@ def replay(table: Path, seeds: int = 10, k: int = 5, normalise: str = "regret", 
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "settings": {"seeds": seeds, "k": k, "normalise": normalise, "tol": tol, "budget_share": budget_share,
                          "max_evals": max_evals, "random_max": random_max, "ns": list(ns),
+                         "methods": None if methods is None else list(methods),
                          "evaluation": "a trial (a repeated configuration counts again)"},
             **meta, "portfolio_leave_one_out": portfolio_eval, "portfolios": {h: p for h, p in loo.items()},
             "portfolio_all_tasks": greedy(scores, k, normalise, candidates),
@@ -395,25 +447,32 @@ def markdown(result: dict[str, Any]) -> str:
         + ".",
         "",
         f"| task | configs (≤ budget) | best val | configs within {st['tol']} | uniform random, expected "
-        "| random evals | TPE evals | portfolio+TPE evals | ratio to random | "
-        + " | ".join(f"best after {n}: random / TPE / portfolio+TPE" for n in ns if n in (1, 10, 40)) + " |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|" + "---|" * sum(n in (1, 10, 40) for n in ns),
+        "| random evals | TPE evals | baselines+TPE evals | portfolio+TPE evals | ratio to random | "
+        "ratio to baselines+TPE | "
+        + " | ".join(f"best after {n}: random / TPE / baselines+TPE / portfolio+TPE" for n in ns if n in (1, 10, 40))
+        + " |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + "---|" * sum(n in (1, 10, 40) for n in ns),
     ]
     for task, e in result["tasks"].items():
         cells = []
-        for arm in ("random", "tpe", "portfolio+tpe"):
+        for arm in ARMS:
             v = e["arms"][arm]["evals_to_tol"]
             cells.append(f"{v['mean']:.1f} [{v['ci95'][0]:.1f}, {v['ci95'][1]:.1f}]"
                          + (f" ({v['censored']} cens.)" if v["censored"] else ""))
-        after = [" / ".join(f"{e['arms'][a]['best_after'][str(n)]:.1f}" for a in ("random", "tpe", "portfolio+tpe"))
+        after = [" / ".join(f"{e['arms'][a]['best_after'][str(n)]:.1f}" for a in ARMS)
                  for n in ns if n in (1, 10, 40)]
         lines.append(f"| {task} | {e['configs']} | {e['best_val']:.1f} | {e['configs_within_tol']} | "
                      f"{e['uniform_random_expected']:.1f} | " + " | ".join(cells)
                      + f" | {_bound(e)}{s['ratio_per_task'][task]:.2f} | "
+                     + f"{s['ratio_to_baselines_per_task'][task]:.2f} | "
                      + " | ".join(after) + " |")
     t = s["totals"]
-    lines += ["", f"Sum over tasks of the mean evals: random {t['random']:.0f}, TPE {t['tpe']:.0f}, portfolio+TPE "
-              f"{t['portfolio+tpe']:.0f} (ratio {s['ratio_of_totals']:.2f}).", ""]
+    lines += ["", f"Sum over tasks of the mean evals: random {t['random']:.0f}, TPE {t['tpe']:.0f}, baselines+TPE "
+              f"{t['baselines+tpe']:.0f}, portfolio+TPE {t['portfolio+tpe']:.0f} (ratio to random "
+              f"{s['ratio_of_totals']:.2f}, to baselines+TPE {s['ratio_of_totals_to_baselines']:.2f}; mean of the "
+              f"per-task ratios to baselines+TPE {s['mean_ratio_to_baselines']:.2f}). Baselines+TPE is autopeft's "
+              "start before the portfolio: its hand-picked baselines as the table's configurations "
+              "(`baseline_members`), then the same TPE.", ""]
     lines.append("Portfolio alone, leave-one-task-out (held-out task's regret of the best of the first k members, "
                  "mean over the tasks, in points; tasks within 0.5 in brackets):")
     lines += ["", "| normalisation | " + " | ".join(f"k={k}" for k in (1, 2, 3, 5, 8, 10)) + " |",
@@ -474,17 +533,26 @@ def main(argv: Iterable[str] | None = None) -> None:
     p.add_argument("--random-max", type=int, default=1000, help="evaluations at most per random study (cheap)")
     p.add_argument("--ns", type=int, nargs="+", default=[1, 5, 10, 20, 40, 60])
     p.add_argument("--out", default="replay.json", help="results file (a bare name goes to benchmarks/results/)")
-    p.add_argument("--write", action="store_true", help=f"write --out and BENCHMARKS.md's section '{SECTION}'")
+    p.add_argument("--methods", default=None,
+                   help="comma-separated methods of the table to replay (space and portfolio); default: all")
+    p.add_argument("--section", default=SECTION, help="the BENCHMARKS.md section --write replaces")
+    p.add_argument("--write", action="store_true", help=f"write --out and BENCHMARKS.md's section (--section, "
+                   f"default '{SECTION}')")
     args = p.parse_args(None if argv is None else list(argv))
     if not (args.table / "tuning.csv").is_file():
         p.error(f"{args.table / 'tuning.csv'} not found")
-    result = replay(args.table, args.seeds, args.k, args.normalise, args.tol, args.budget or None, args.max_evals,
-                    args.random_max, args.ns, log=lambda m: print(m, file=sys.stderr))
+    methods = None if args.methods is None else [m.strip() for m in args.methods.split(",") if m.strip()]
+    try:
+        result = replay(args.table, args.seeds, args.k, args.normalise, args.tol, args.budget or None,
+                        args.max_evals, args.random_max, args.ns, log=lambda m: print(m, file=sys.stderr),
+                        methods=methods)
+    except ValueError as exc:
+        p.error(str(exc))
     text = markdown(result)
     print(text)
     if args.write:
         write_result(args.out, result)
-        write_section(text)
+        write_section(text, title=args.section)
 
 
 if __name__ == "__main__":

@@ -119,3 +119,17 @@ def test_replay_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     rp.write_section("first", md)
     rp.write_section("second", md)
     assert md.read_text() == f"# B\n\n## Other\n\nkeep\n\n## {rp.SECTION}\n\nsecond\n"
+
+
+def test_baseline_members_are_autopeft_baselines_as_the_tables_configurations(tmp_path: Path) -> None:
+    """The baselines+TPE arm starts with autopeft's own baselines: the largest in-budget LoRA (rank 8; 64 is over
+    the budget) at the rate nearest LoRA's own (1e-3 against 1e-2) and weight decay 1e-4, then BitFit; methods the
+    table lacks are skipped. `--methods` keeps only the named methods' rows, and names an unknown one."""
+    tuning, _ = rp.load(write_table(tmp_path), 0.005)
+    space = rp.Space.of(tuning[(tuning["task"] == "t0") & tuning["in_budget"]])
+    members = [space.configs[k] for k in rp.baseline_members(space)]
+    assert members == [("lora", {"lora_bottleneck": 8, "lr": 1e-3, "wd": 1e-4}), ("bitfit", {"lr": 1e-3, "wd": 1e-4})]
+    only, _ = rp.load(tmp_path, 0.005, ["bitfit", "lora"])
+    assert set(only["method"]) == {"bitfit", "lora"}
+    with pytest.raises(ValueError, match="nope"):
+        rp.load(tmp_path, 0.005, ["nope"])
