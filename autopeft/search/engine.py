@@ -469,7 +469,12 @@ def run(prep: Prepared, study: optuna.Study, remaining: int, callbacks: list | N
                                           checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                                           log_to_file=True),
             )
-            tuner.fit()
+            with warnings.catch_warnings():
+                # Ray warns when drawing a trial takes over a second: SamplePlan fits the draw to the budget (the
+                # plan's parameter counts), a second on a loaded machine against minutes of training; it told
+                # users nothing they could act on
+                warnings.filterwarnings("ignore", message="Define-by-run function passed in the `space` argument")
+                tuner.fit()
             searcher.settle_unstarted()
         finally:
             heartbeat.stop()
