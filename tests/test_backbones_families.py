@@ -141,9 +141,11 @@ METHOD_CASES = {
 NUM_CLASSES = 5
 
 
-def small(family: str) -> tuple[Callable[[], torch.nn.Module], BackboneSpec]:
-    """A factory of the family's small variant (the same random "pretrained" weights each call) and its spec."""
-    name, size, kwargs = FAMILIES[family]
+def small(family: str, table: dict | None = None) -> tuple[Callable[[], torch.nn.Module], BackboneSpec]:
+    """A factory of the family's small variant (the same random "pretrained" weights each call) and its spec.
+
+    `table`: family -> (timm name, input size, creation keywords); FAMILIES by default."""
+    name, size, kwargs = (FAMILIES if table is None else table)[family]
 
     def make() -> torch.nn.Module:
         torch.manual_seed(123)

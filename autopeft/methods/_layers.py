@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from autopeft.backbones import BackboneSpec, linear_sites, qkv_as_module
+
 
 class Bottleneck(nn.Module):
     """down (d_model -> dim) -> activation -> up (dim -> d_model); the up-projection starts at zero."""
@@ -42,22 +44,26 @@ def bottleneck_params(d_model: int, dim: int) -> int:
     return 2 * d_model * dim + dim + d_model
 
 
-def linear_paths(block_path: str, target: str) -> tuple[str, int]:
-    """Module path of the Linear that holds `target` and the index of its slice (q/k/v share the fused qkv)."""
-    if target in ("q", "k", "v"):
-        return f"{block_path}.attn.qkv", "qkv".index(target)
-    if target == "proj":
-        return f"{block_path}.attn.proj", 0
-    return f"{block_path}.mlp.{target}", 0
+def linear_paths(model: nn.Module, block_path: str, target: str) -> list[tuple[str, int, int]]:
+    """(module path, first output row, rows) of each Linear of block `block_path` that holds `target`: a slice of
+    the fused qkv for q, k and v (or their own projections), both of SwiGLU's input projections for fc1.
+
+    A fused qkv's attention is made to call it as a module (Eva adds its q/v biases beside it otherwise)."""
+    block = model.get_submodule(block_path)
+    sites = linear_sites(block, target)
+    if any(path == "attn.qkv" for path, _, _ in sites):
+        qkv_as_module(model.get_submodule(f"{block_path}.attn"))
+    return [(f"{block_path}.{path}", start, rows) for path, start, rows in sites]
 
 
-def target_shape(dim: int, hidden: int, target: str) -> tuple[int, int]:
-    """(in_features, out_features) of the weight update for `target` in a block of width `dim`."""
+def target_shapes(spec: BackboneSpec, i: int, target: str) -> list[tuple[int, int]]:
+    """(in_features, out_features) of each weight update for `target` in block `i` (two for SwiGLU's fc1)."""
+    dim, hidden = spec.dims[i], spec.mlp_hidden[i]
     if target == "fc1":
-        return dim, hidden
+        return [(dim, out) for out in spec.fc1_widths(i)]
     if target == "fc2":
-        return hidden, dim
-    return dim, dim
+        return [(hidden, dim)]
+    return [(dim, dim)]
 
 
 # -- LayerScale: where an addition method's output joins the residual stream ------------------------------------------
