@@ -6,6 +6,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from timm.models.eva import EvaBlock
 from torch import nn
 
 from autopeft.backbones import BackboneSpec, linear_sites, qkv_as_module
@@ -104,10 +105,43 @@ class OutsideLayerScale(nn.Module):
         return out
 
 
+_GAMMA_OF = {"attn": "gamma_1", "mlp": "gamma_2"}
+
+
+class OutsideGammaBlock(EvaBlock):
+    """timm's EvaBlock, whose LayerScale is a parameter it multiplies by (`gamma_1`, `gamma_2`: DINOv3, the rope
+    ViTs), adding after γ the deltas its sub-layers' Residual wrappers set aside (`sources`, per site). A block's
+    class is switched to it in place (`route_outside`): its parameters, names and weights stay as they are."""
+
+    sources: dict[str, list[Residual]]
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,
+                is_causal: bool = False) -> torch.Tensor:
+        x_attn = self.attn(self.norm1(x), rope=rope, attn_mask=attn_mask, is_causal=is_causal)
+        if self.gamma_1 is not None:
+            x_attn = _plus_pending(self.gamma_1 * x_attn, self.sources["attn"])
+        x = x + self.drop_path1(x_attn)
+        x_mlp = self.mlp(self.norm2(x))
+        if self.gamma_2 is not None:
+            x_mlp = _plus_pending(self.gamma_2 * x_mlp, self.sources["mlp"])
+        return x + self.drop_path2(x_mlp)
+
+
+def _plus_pending(out: torch.Tensor, sources: list[Residual]) -> torch.Tensor:
+    for source in sources:
+        if source.pending:
+            out = out + source.pending.pop()
+    return out
+
+
 def has_layerscale(model: nn.Module, block: str, site: str) -> bool:
-    """Whether the block scales `site`'s output per channel (DINOv2, DeiT-III, CaiT-style `ls1`/`ls2`)."""
-    ls = getattr(model.get_submodule(block), _LS_OF[site], None)
-    return isinstance(ls, nn.Module) and not isinstance(ls, nn.Identity)
+    """Whether the block scales `site`'s output per channel (DINOv2, DeiT-III, CaiT-style `ls1`/`ls2`; Eva's
+    `gamma_1`/`gamma_2` parameters)."""
+    b = model.get_submodule(block)
+    ls = getattr(b, _LS_OF[site], None)
+    if isinstance(ls, nn.Module) and not isinstance(ls, nn.Identity):
+        return True
+    return isinstance(b, EvaBlock) and isinstance(getattr(b, _GAMMA_OF[site], None), nn.Parameter)
 
 
 def route_outside(model: nn.Module, block: str, site: str, wrapper: nn.Module) -> None:
@@ -117,6 +151,16 @@ def route_outside(model: nn.Module, block: str, site: str, wrapper: nn.Module) -
         raise TypeError(f"{type(wrapper).__name__} does not set its output aside (not a Residual)")
     if not has_layerscale(model, block, site):
         return
+    wrapper.routed, wrapper.pending = True, []
+    b = model.get_submodule(block)
+    if isinstance(b, EvaBlock):
+        if not isinstance(b, OutsideGammaBlock):
+            if type(b) is not EvaBlock:
+                raise TypeError(f"{type(b).__name__}: only timm's EvaBlock is known to scale by gamma_1/gamma_2")
+            b.__class__ = OutsideGammaBlock
+            b.sources = {"attn": [], "mlp": []}
+        b.sources[site].append(wrapper)
+        return
     path = f"{block}.{_LS_OF[site]}"
     ls = model.get_submodule(path)
     if not isinstance(ls, OutsideLayerScale):
@@ -124,4 +168,3 @@ def route_outside(model: nn.Module, block: str, site: str, wrapper: nn.Module) -
         parent = model.get_submodule(block)
         setattr(parent, _LS_OF[site], ls)
     ls.sources.append(wrapper)
-    wrapper.routed, wrapper.pending = True, []
