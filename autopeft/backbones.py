@@ -238,17 +238,19 @@ def linear_sites(block: nn.Module, target: str) -> list[tuple[str, int, int]]:
 
 def _linear(module: nn.Module) -> Any:
     """The Linear under any method wrappers (each holds its inner module as `base`)."""
-    while not isinstance(module, nn.Linear) and isinstance(getattr(module, "base", None), nn.Module):
-        module = module.base
-    return module
+    inner: Any = module
+    while not isinstance(inner, nn.Linear) and isinstance(getattr(inner, "base", None), nn.Module):
+        inner = inner.base
+    return inner
 
 
 def qkv_as_module(attn: nn.Module) -> None:
     """Make an attention that adds separate q/v biases to its fused qkv (Eva's `q_bias`, `v_bias`) call `qkv` as a
     module, so a wrapper around it runs: timm's EvaAttention otherwise reads `qkv.weight` and calls F.linear with
     the biases, bypassing the module. `qkv(x) + bias` computes what F.linear(x, W, bias) does."""
-    if getattr(attn, "q_bias", None) is not None and hasattr(attn, "qkv_bias_separate"):
-        attn.qkv_bias_separate = True
+    a: Any = attn
+    if getattr(a, "q_bias", None) is not None and hasattr(a, "qkv_bias_separate"):
+        a.qkv_bias_separate = True
 
 
 def get_blocks(model: nn.Module) -> list[nn.Module]:

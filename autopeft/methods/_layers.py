@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -154,12 +155,13 @@ def route_outside(model: nn.Module, block: str, site: str, wrapper: nn.Module) -
     wrapper.routed, wrapper.pending = True, []
     b = model.get_submodule(block)
     if isinstance(b, EvaBlock):
+        routed: Any = b
         if not isinstance(b, OutsideGammaBlock):
             if type(b) is not EvaBlock:
                 raise TypeError(f"{type(b).__name__}: only timm's EvaBlock is known to scale by gamma_1/gamma_2")
-            b.__class__ = OutsideGammaBlock
-            b.sources = {"attn": [], "mlp": []}
-        b.sources[site].append(wrapper)
+            routed.__class__ = OutsideGammaBlock
+            routed.sources = {"attn": [], "mlp": []}
+        routed.sources[site].append(wrapper)
         return
     path = f"{block}.{_LS_OF[site]}"
     ls = model.get_submodule(path)

@@ -76,8 +76,8 @@ def _qkv(a: Any, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     has them, or Eva's three projections."""
     b, n, _ = x.shape
     if getattr(a, "qkv", None) is None:
-        return tuple(a.get_submodule(f"{t}_proj")(x).reshape(b, n, a.num_heads, -1).transpose(1, 2)
-                     for t in "qkv")  # type: ignore[return-value]
+        q, k, v = (a.get_submodule(f"{t}_proj")(x).reshape(b, n, a.num_heads, -1).transpose(1, 2) for t in "qkv")
+        return q, k, v
     qkv = a.qkv(x)
     if getattr(a, "q_bias", None) is not None:
         qkv = qkv + torch.cat((a.q_bias, a.k_bias, a.v_bias))
