@@ -26,8 +26,10 @@ EVA = {  # layout -> (timm name, input size, creation keywords)
     "eva02_split": ("eva02_base_patch16_clip_224", 64, SMALL),
     # LayerScale as block parameters, 4 register tokens, DINOv3's rope, qkv without bias
     "dinov3": ("vit_small_patch16_dinov3", 64, SMALL),
-    # timm's AttentionRope with a per-block (mixed) rope
-    "rope_mixed": ("vit_small_patch16_rope_mixed_224", 64, SMALL),
+    # timm's AttentionRope with a per-block (mixed) rope; average pooling (class-token pooling is eva02_split's: here
+    # the 3 training steps at lr 1e-2 turn off AdaptFormer's 4 ReLU units on the class token of the last block,
+    # which then reads as a dead branch)
+    "rope_mixed": ("vit_small_patch16_rope_mixed_224", 64, dict(SMALL, global_pool="avg")),
 }
 
 
