@@ -14,6 +14,7 @@ from test_methods import check_invariants
 
 from autopeft.backbones import backbone_spec, create_backbone, rope_embed
 from autopeft.errors import AutopeftError, UnsupportedBackbone
+from autopeft.features import prefix_forward, suffix_forward, supports_cache
 from autopeft.methods import make_spec
 from autopeft.methods._prompts import PromptedBlock
 from autopeft.plan import PeftPlan
@@ -48,6 +49,23 @@ def test_every_method_on_every_eva_layout(layout: str, method: str, tmp_path) ->
     assert spec.family == "eva"
     plan = PeftPlan.single(make_spec(method, METHOD_CASES[method]), range(spec.num_blocks))
     check_invariants(make, spec, plan, *inputs(spec), tmp_path)
+
+
+@pytest.mark.parametrize("method", ["lora", "vpt_deep", "prefix", "adaptformer"])
+@pytest.mark.parametrize("layout", sorted(EVA))
+def test_cached_prefix_then_suffix_is_the_model(layout: str, method: str) -> None:
+    """Block 0 frozen: its output, cached, then the adapted last block with the rope the model builds."""
+    make, spec = small(layout, EVA)
+    plan = PeftPlan.single(make_spec(method, METHOD_CASES[method]), [1])
+    model = plan.apply(make(), spec)
+    assert supports_cache(model) and plan.frozen_prefix(spec) == 1
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.requires_grad and "head" not in n:
+                p.normal_(std=0.1)  # past initialisation: the method changes the output
+        x, _ = inputs(spec)
+        torch.testing.assert_close(suffix_forward(model, prefix_forward(model, x, 1), 1), model(x), atol=1e-5,
+                                   rtol=1e-5)
 
 
 # -- the rotary embedding: prompts and prefixes sit at no position ----------------------------------------------------
