@@ -14,7 +14,7 @@ from typing import Any
 import timm
 import torch
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models.eva import Eva
+from timm.models.eva import Eva, EvaBlock
 from timm.models.swin_transformer import SwinTransformer
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
@@ -184,9 +184,15 @@ def check_supported(model: nn.Module) -> str:
 
 
 def _check_eva(model: Any) -> None:
-    """Refuse the Eva variants whose attention is not `dim` wide for q, k and v alike (grouped-query attention, a
-    head width other than dim / heads): the methods count and slice q, k and v as dim x dim matrices."""
+    """Refuse the Eva variants autopeft does not adapt: post-norm blocks; attention whose q, k and v are not `dim`
+    wide alike (grouped-query attention, a head width other than dim / heads: the methods count and slice them as
+    dim x dim matrices); patch dropout."""
     for i, block in enumerate(model.blocks):
+        if not isinstance(block, EvaBlock):
+            raise AutopeftError(
+                f"timm's {type(block).__name__} blocks (norm after each sub-layer) are not supported: AdaptFormer "
+                "reads, and the adapters add to, a pre-norm block's sub-layers; autopeft adapts Eva models built of "
+                "timm's EvaBlock")
         attn = block.attn
         widths = {attn.proj.in_features, attn.proj.out_features,
                   getattr(attn, "num_kv_heads", attn.num_heads) * attn.head_dim}
@@ -302,7 +308,11 @@ def _numel(module: nn.Module, predicate: Callable[[str, nn.Parameter], bool] = l
 
 
 def is_norm(module: nn.Module) -> bool:
-    return isinstance(module, (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm2d)) or "Norm" in type(module).__name__
+    """A normalisation layer: torch's, or a leaf module whose class says Norm (timm's RmsNorm; not a block such as
+    timm's EvaBlockPostNorm)."""
+    if isinstance(module, (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm2d)):
+        return True
+    return "Norm" in type(module).__name__ and next(module.children(), None) is None
 
 
 def _check_name(name: str) -> None:

@@ -182,6 +182,11 @@ def test_eva_attention_narrower_than_the_block_is_refused_naming_its_class() -> 
                         qkv_fused=False)
 
 
+def test_post_norm_eva_blocks_are_refused_naming_their_class() -> None:
+    with pytest.raises(AutopeftError, match="timm's EvaBlockPostNorm blocks .* are not supported"):
+        backbone_spec("eva02_enormous_patch14_clip_224")
+
+
 def test_families_list_eva_examples_that_timm_knows() -> None:
     import timm
 
