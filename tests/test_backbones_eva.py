@@ -200,3 +200,19 @@ def test_families_list_eva_examples_that_timm_knows() -> None:
         assert timm.is_model(n), n
     for f in eva:
         assert backbone_spec(f.examples[-1]).family == "eva"
+
+
+@pytest.mark.parametrize("name", ["eva02_base_patch14_224", "eva02_small_patch14_224", "vit_small_plus_patch16_dinov3"])
+def test_counts_at_full_size(name: str) -> None:
+    """The closed-form counts of the size-shaping methods against the full architecture, built on the meta device:
+    separate q/k/v and SwiGLU's fc1_g/fc1_x with its inner norm (EVA-02 base), packed SwiGLU (small), DINOv3's."""
+    spec = backbone_spec(name)
+    blocks = range(spec.num_blocks)
+    plans = [PeftPlan.single(make_spec(m, o), blocks) for m, o in [
+        ("lora", {"rank": 2, "targets": "q,k,v,proj,fc1,fc2"}), ("ssf", {}), ("bitfit", {}), ("ln_tune", {}),
+        ("fact_tt", {"rank": 2, "targets": "q,k,v,proj"}), ("prefix", {"length": 2}), ("vpt_deep", {"length": 2})]]
+    for plan in plans:
+        with torch.device("meta"):
+            model = plan.apply(create_backbone(name, num_classes=NUM_CLASSES), spec)
+        trained = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and not n.startswith("head"))
+        assert plan.count(spec) == trained, plan
