@@ -37,6 +37,7 @@ default_cfgs = generate_default_cfgs(
         "autopeft_test_swin": dict(input_size=(3, 56, 56), classifier="head.fc", **_TEST_CFG),
         "autopeft_test_vit": dict(input_size=(3, 32, 32), classifier="head", **_TEST_CFG),
         "autopeft_test_vit_reg": dict(input_size=(3, 32, 32), classifier="head", **_TEST_CFG),
+        "autopeft_test_eva": dict(input_size=(3, 32, 32), classifier="head", **_TEST_CFG),
     }
 )
 
@@ -54,6 +55,15 @@ def autopeft_test_vit_reg(pretrained: bool = False, **kwargs: Any) -> VisionTran
     args = dict(img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=2, mlp_ratio=4.0, reg_tokens=2,
                 global_pool="avg", class_token=True, qkv_bias=False)
     return build_model_with_cfg(VisionTransformer, "autopeft_test_vit_reg", pretrained, **dict(args, **kwargs))
+
+
+@register_model
+def autopeft_test_eva(pretrained: bool = False, **kwargs: Any) -> Eva:
+    """A 3-block Eva (32 px, patch 8, dim 32) with rope, q/v biases beside a fused qkv, SwiGLU and LayerScale
+    parameters: the Eva paths in fast CPU tests; random weights only."""
+    args = dict(img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=2, mlp_ratio=2.0, swiglu_mlp=True,
+                use_rot_pos_emb=True, ref_feat_shape=(4, 4), init_values=0.1)
+    return build_model_with_cfg(Eva, "autopeft_test_eva", pretrained, **dict(args, **kwargs))
 
 
 @register_model

@@ -216,3 +216,13 @@ def test_counts_at_full_size(name: str) -> None:
             model = plan.apply(create_backbone(name, num_classes=NUM_CLASSES), spec)
         trained = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and not n.startswith("head"))
         assert plan.count(spec) == trained, plan
+
+
+def test_one_shot_supernet_slices_on_eva(monkeypatch: pytest.MonkeyPatch) -> None:
+    """tests/test_supernet.py's slice checks on the registered tiny Eva (rope, q/v biases, SwiGLU, LayerScale)."""
+    import test_supernet
+
+    monkeypatch.setattr(test_supernet, "VIT", "autopeft_test_eva")
+    for method in test_supernet.SLICEABLE:
+        test_supernet.test_a_slice_computes_the_plan_built_alone(method)
+    test_supernet.test_mixed_slices_compute_their_plans_and_switching_all_off_is_the_backbone()
