@@ -14,13 +14,14 @@ from typing import Any
 import timm
 import torch
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models.eva import Eva, EvaBlock
 from timm.models.swin_transformer import SwinTransformer
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from autopeft.errors import AutopeftError
 
-FAMILIES = ("vit", "swin")
+FAMILIES = ("vit", "swin", "eva")  # eva: timm's Eva class (EVA-02, DINOv3, PE, the rope ViTs)
 # The bundled tiny ViT pretrained on Fashion-MNIST (autopeft/bundled): the offline default of every command.
 from autopeft.defaults import DEFAULT_BACKBONE  # noqa: E402,F401  (re-exported)
 
@@ -36,6 +37,7 @@ default_cfgs = generate_default_cfgs(
         "autopeft_test_swin": dict(input_size=(3, 56, 56), classifier="head.fc", **_TEST_CFG),
         "autopeft_test_vit": dict(input_size=(3, 32, 32), classifier="head", **_TEST_CFG),
         "autopeft_test_vit_reg": dict(input_size=(3, 32, 32), classifier="head", **_TEST_CFG),
+        "autopeft_test_eva": dict(input_size=(3, 32, 32), classifier="head", **_TEST_CFG),
     }
 )
 
@@ -53,6 +55,15 @@ def autopeft_test_vit_reg(pretrained: bool = False, **kwargs: Any) -> VisionTran
     args = dict(img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=2, mlp_ratio=4.0, reg_tokens=2,
                 global_pool="avg", class_token=True, qkv_bias=False)
     return build_model_with_cfg(VisionTransformer, "autopeft_test_vit_reg", pretrained, **dict(args, **kwargs))
+
+
+@register_model
+def autopeft_test_eva(pretrained: bool = False, **kwargs: Any) -> Eva:
+    """A 3-block Eva (32 px, patch 8, dim 32) with rope, q/v biases beside a fused qkv, SwiGLU and LayerScale
+    parameters: the Eva paths in fast CPU tests; random weights only."""
+    args = dict(img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=2, mlp_ratio=2.0, swiglu_mlp=True,
+                use_rot_pos_emb=True, ref_feat_shape=(4, 4), init_values=0.1)
+    return build_model_with_cfg(Eva, "autopeft_test_eva", pretrained, **dict(args, **kwargs))
 
 
 @register_model
@@ -102,6 +113,14 @@ class BackboneSpec:
     # norms, by LN-tune, as they train the last block; frozen (not embedding) otherwise
     pool_params: int = 0
     pool_norm_params: int = 0
+    # per block, the output widths of the MLP's input projection(s): (hidden,) for a plain MLP, (2·hidden,) for a
+    # packed gated one (GluMlp), (hidden, hidden) for SwiGLU's separate gate and value projections; () reads
+    # (mlp_hidden[i],) for every block (specs stored before this field)
+    fc1_outs: tuple[tuple[int, ...], ...] = ()
+
+    def fc1_widths(self, i: int) -> tuple[int, ...]:
+        """The output widths of block `i`'s MLP input projection(s); `mlp_hidden[i]` is fc2's input width."""
+        return self.fc1_outs[i] if self.fc1_outs else (self.mlp_hidden[i],)
 
     def head_params(self, num_classes: int) -> int:
         """Parameters of a linear classifier for `num_classes` classes on this backbone."""
@@ -155,19 +174,105 @@ def family_of(model: nn.Module) -> str:
         return "vit"
     if isinstance(model, SwinTransformer):
         return "swin"
+    if isinstance(model, Eva):
+        return "eva"
     from autopeft.families import REFUSED
 
     why = f" ({REFUSED[type(model).__name__]})" if type(model).__name__ in REFUSED else ""
     raise AutopeftError(
-        f"timm's {type(model).__name__} class is not supported{why}; autopeft adapts timm's VisionTransformer and "
-        "SwinTransformer classes (see `autopeft backbones`)"
+        f"timm's {type(model).__name__} class is not supported{why}; autopeft adapts timm's VisionTransformer, "
+        "SwinTransformer and Eva classes (see `autopeft backbones`)"
     )
+
+
+def check_supported(model: nn.Module) -> str:
+    """`family_of` a freshly built model, refusing the variants of a family that autopeft does not adapt."""
+    family = family_of(model)
+    if family == "eva":
+        _check_eva(model)
+    return family
+
+
+def _check_eva(model: Any) -> None:
+    """Refuse the Eva variants autopeft does not adapt: post-norm blocks; attention whose q, k and v are not `dim`
+    wide alike (grouped-query attention, a head width other than dim / heads: the methods count and slice them as
+    dim x dim matrices); patch dropout."""
+    for i, block in enumerate(model.blocks):
+        if not isinstance(block, EvaBlock):
+            raise AutopeftError(
+                f"timm's {type(block).__name__} blocks (norm after each sub-layer) are not supported: AdaptFormer "
+                "reads, and the adapters add to, a pre-norm block's sub-layers; autopeft adapts Eva models built of "
+                "timm's EvaBlock")
+        attn = block.attn
+        widths = {attn.proj.in_features, attn.proj.out_features,
+                  getattr(attn, "num_kv_heads", attn.num_heads) * attn.head_dim}
+        if len(widths) > 1:
+            raise AutopeftError(
+                f"timm's {type(attn).__name__} in block {i} of this {type(model).__name__} model has q, k or v "
+                f"narrower or wider than the block (widths {sorted(widths)}: grouped-query attention or a set head "
+                "width); autopeft adapts Eva models whose q, k and v are as wide as the block")
+        if model.patch_drop is not None:
+            raise AutopeftError(f"timm's {type(model).__name__} with patch dropout (PatchDropoutWithIndices) is not "
+                                "supported: it drops tokens the prompt and cache methods place; set patch_drop_rate=0")
+
+
+def uses_rope(model: nn.Module) -> bool:
+    """Whether `model` rotates queries and keys by position inside its attention (timm's Eva with a `rope`)."""
+    return getattr(model, "rope", None) is not None
+
+
+def rope_embed(model: nn.Module) -> Any:
+    """The rotary embedding an Eva model passes its blocks (per block for a mixed rope), as its forward builds it;
+    None without one."""
+    m: Any = model
+    if m.rope is None:
+        return None
+    if not m.dynamic_img_size and hasattr(m.rope, "feat_shape"):
+        return m.rope.get_embed()
+    # built for any size (DINOv3) or without a cached grid (MRoPE): the grid of the size the model was built at
+    return m.rope.get_embed(shape=list(m.patch_embed.grid_size))
+
+
+def linear_sites(block: nn.Module, target: str) -> list[tuple[str, int, int]]:
+    """Where `target` (q, k, v, proj, fc1, fc2) lives in `block`: (module path inside the block, first output row,
+    rows) for each Linear holding it. q, k and v are row slices of a fused `attn.qkv` or their own projections
+    (Eva's `q_proj`, `k_proj`, `v_proj`); fc1 is one Linear, packed gate and value (GluMlp) included, or SwiGLU's
+    two (`fc1_g`, `fc1_x`)."""
+    b: Any = block
+    if target in ("q", "k", "v"):
+        qkv = getattr(b.attn, "qkv", None)
+        if qkv is None:
+            return [(f"attn.{target}_proj", 0, _linear(b.attn.get_submodule(f"{target}_proj")).out_features)]
+        d = _linear(qkv).out_features // 3
+        return [("attn.qkv", "qkv".index(target) * d, d)]
+    if target == "proj":
+        return [("attn.proj", 0, _linear(b.attn.proj).out_features)]
+    if target == "fc1" and getattr(b.mlp, "fc1", None) is None:
+        return [(f"mlp.{n}", 0, _linear(b.mlp.get_submodule(n)).out_features) for n in ("fc1_g", "fc1_x")]
+    return [(f"mlp.{target}", 0, _linear(b.mlp.get_submodule(target)).out_features)]
+
+
+def _linear(module: nn.Module) -> Any:
+    """The Linear under any method wrappers (each holds its inner module as `base`)."""
+    inner: Any = module
+    while not isinstance(inner, nn.Linear) and isinstance(getattr(inner, "base", None), nn.Module):
+        inner = inner.base
+    return inner
+
+
+def qkv_as_module(attn: nn.Module) -> None:
+    """Make an attention that adds separate q/v biases to its fused qkv (Eva's `q_bias`, `v_bias`) call `qkv` as a
+    module, so a wrapper around it runs: timm's EvaAttention otherwise reads `qkv.weight` and calls F.linear with
+    the biases, bypassing the module. `qkv(x) + bias` computes what F.linear(x, W, bias) does."""
+    a: Any = attn
+    if getattr(a, "q_bias", None) is not None and hasattr(a, "qkv_bias_separate"):
+        a.qkv_bias_separate = True
 
 
 def get_blocks(model: nn.Module) -> list[nn.Module]:
     """The transformer blocks of a supported timm model, in forward order."""
     m = _dynamic(model)
-    if family_of(model) == "vit":
+    if family_of(model) != "swin":
         return list(m.blocks)
     return [block for stage in m.layers for block in stage.blocks]
 
@@ -175,7 +280,7 @@ def get_blocks(model: nn.Module) -> list[nn.Module]:
 def block_path(model: nn.Module, index: int) -> str:
     """The module path of block `index` (e.g. `blocks.3` or `layers.1.blocks.0`)."""
     m = _dynamic(model)
-    if family_of(model) == "vit":
+    if family_of(model) != "swin":
         return f"blocks.{index}"
     i = index
     for s, stage in enumerate(m.layers):
@@ -213,7 +318,11 @@ def _numel(module: nn.Module, predicate: Callable[[str, nn.Parameter], bool] = l
 
 
 def is_norm(module: nn.Module) -> bool:
-    return isinstance(module, (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm2d)) or "Norm" in type(module).__name__
+    """A normalisation layer: torch's, or a leaf module whose class says Norm (timm's RmsNorm; not a block such as
+    timm's EvaBlockPostNorm)."""
+    if isinstance(module, (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm2d)):
+        return True
+    return "Norm" in type(module).__name__ and next(module.children(), None) is None
 
 
 def _check_name(name: str) -> None:
@@ -254,21 +363,23 @@ def backbone_spec(name: str, img_size: int | None = None) -> BackboneSpec:
 
 def spec_of_model(module: nn.Module, name: str) -> BackboneSpec:
     model = _dynamic(module)
-    family = family_of(model)
+    family = check_supported(model)
     blocks: list[Any] = get_blocks(model)
-    dims, heads, hidden, qkv_bias = [], [], [], []
+    dims, heads, hidden, qkv_bias, fc1_outs = [], [], [], [], []
     for b in blocks:
-        dims.append(b.attn.qkv.in_features)
+        dims.append(b.attn.proj.out_features)
         heads.append(b.attn.num_heads)
-        hidden.append(b.mlp.fc1.out_features)
-        qkv_bias.append(b.attn.qkv.bias is not None)
+        hidden.append(b.mlp.fc2.in_features)
+        fc1_outs.append(tuple(rows for _, _, rows in linear_sites(b, "fc1")))
+        q = linear_sites(b, "q")[0][0]
+        qkv_bias.append(_linear(b.get_submodule(q)).bias is not None or getattr(b.attn, "q_bias", None) is not None)
     block_ids = {id(p) for b in blocks for p in b.parameters()}
     final_norm_ids = {id(p) for m in final_norm_modules(model) for p in m.parameters()}
     pre_norm_ids = {id(p) for m in pre_norm_modules(model) for p in m.parameters()}
     pool_ids = {id(p) for m in pool_modules(model) for p in m.parameters()}
     body = [(n, p) for n, p in model.named_parameters() if not is_head_param(n)]
     embed = sum(p.numel() for _, p in body if id(p) not in block_ids | final_norm_ids | pre_norm_ids | pool_ids)
-    if family == "vit":
+    if family != "swin":
         grid = tuple(model.patch_embed.grid_size)
         prefix = int(model.num_prefix_tokens)
     else:
@@ -310,6 +421,7 @@ def spec_of_model(module: nn.Module, name: str) -> BackboneSpec:
         pre_norm_params=sum(p.numel() for m in pre_norm_modules(model) for p in m.parameters()),
         pool_params=sum(p.numel() for m in pool_modules(model) for p in m.parameters()),
         pool_norm_params=sum(_numel(n) for m in pool_modules(model) for n in m.modules() if is_norm(n)),
+        fc1_outs=tuple(fc1_outs),
     )
 
 
@@ -403,7 +515,7 @@ def create_backbone(
                 "download them where the hub is reachable or pass a local file with --weights"
             ) from exc
         raise
-    family_of(model)
+    check_supported(model)
     return model
 
 

@@ -34,13 +34,20 @@ FAMILIES = (
     Family("SigLIP", "VisionTransformer", ("vit_base_patch16_siglip_224.webli", "vit_base_patch16_siglip_224"),
            "attention-pool head: trained by partial, its norms by ln_tune, with the last block"),
     Family("Swin", "SwinTransformer", ("swin_base_patch4_window7_224.ms_in22k", "swin_tiny_patch4_window7_224")),
+    Family("EVA-02", "Eva", ("eva02_base_patch14_224.mim_in22k", "eva02_tiny_patch14_224"),
+           "rope; q/v biases beside a fused qkv (tiny, small) or separate q/k/v (base, large); SwiGLU 8/3 wide, which "
+           "FacT's d × d pieces do not tile (fact_tt on q,k,v,proj only); SSF does not merge: k has no bias"),
+    Family("DINOv3", "Eva", ("vit_base_patch16_dinov3.lvd1689m", "vit_small_patch16_dinov3"),
+           "rope, 4 registers; LayerScale as block parameters: adapter, AdaptFormer and Convpass add outside it; "
+           "SSF does not merge: qkv (k in the _qkvb variants) has no bias"),
+    Family("Perception Encoder", "Eva", ("vit_pe_core_base_patch16_224.fb", "vit_pe_core_small_patch16_384"),
+           "rope; timm's AttentionRope"),
+    Family("rope ViT", "Eva", ("vit_base_patch16_rope_224.naver_in1k", "vit_small_patch16_rope_224"),
+           "rope (per block in the _mixed variants); LayerScale as block parameters"),
 )
-# Refused: the class and why (the refusal `family_of` raises names the class too)
-REFUSED = {
-    "Eva": "EVA-02, DINOv3, PE and the rope ViTs: rotary position embeddings inside the attention, which calls its qkv "
-           "weight directly (LoRA, SSF), and packed SwiGLU MLPs; not supported yet",
-}
-
+# Refused: the class and why (the refusal `family_of` raises names the class too). Within Eva, `backbones` refuses
+# grouped-query attention and patch dropout by their classes.
+REFUSED: dict[str, str] = {}
 
 def methods_on(name: str, img_size: int | None = None) -> dict[str, bool]:
     """Each method that goes on backbone `name` on all its blocks -> whether it merges there."""

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from autopeft.backbones import family_of
+from autopeft.backbones import family_of, rope_embed
 from autopeft.defaults import env_megabytes
 from autopeft.filelock import locked
 
@@ -42,33 +42,51 @@ def max_cache_bytes() -> int:
 
 
 def prefix_modules(model: nn.Module, k: int) -> list[nn.Module]:
-    """The modules that compute the input of block k in a timm ViT (embedding, pre-norm and blocks 0..k-1)."""
+    """The modules that compute the input of block k in a timm ViT or Eva (embedding, pre-norm, the rotary
+    embedding where there is one, blocks 0..k-1)."""
     vit: Any = model
-    mods = [vit.patch_embed, vit.pos_drop, vit.patch_drop, vit.norm_pre]
-    return mods + list(vit.blocks[:k])
+    mods = [vit.patch_embed, vit.pos_drop, vit.patch_drop, vit.norm_pre, getattr(vit, "rope", None)]
+    return [m for m in mods if m is not None] + list(vit.blocks[:k])
 
 
 def supports_cache(model: nn.Module) -> bool:
-    return family_of(model) == "vit"
+    """A ViT or an Eva whose rotary embedding is the same every forward (no train-time coordinate augmentation)."""
+    return family_of(model) in ("vit", "eva") and not getattr(getattr(model, "rope", None), "aug_active", False)
+
+
+def _block_kwargs(model: nn.Module, rope: Any = None) -> list[dict[str, Any]]:
+    """The keywords each block is called with: Eva's rotary embedding (`rope`, or the one the model builds at its
+    input size; one per block for a mixed rope), none for a ViT."""
+    m: Any = model
+    if family_of(model) != "eva":
+        return [{} for _ in m.blocks]
+    rope = rope_embed(model) if rope is None else rope
+    if getattr(m, "rope_mixed", False) and rope is not None:
+        return [{"rope": rope[i]} for i in range(len(m.blocks))]
+    return [{"rope": rope} for _ in m.blocks]
 
 
 @torch.no_grad()
 def prefix_forward(module: nn.Module, x: torch.Tensor, k: int) -> torch.Tensor:
     model: Any = module
     x = model.patch_embed(x)
-    x = model._pos_embed(x)
-    x = model.patch_drop(x)
+    rope = None
+    if family_of(model) == "eva":  # Eva's _pos_embed drops patches itself and hands back the rotary embedding
+        x, rope = model._pos_embed(x)
+    else:
+        x = model._pos_embed(x)
+        x = model.patch_drop(x)
     x = model.norm_pre(x)
-    for block in model.blocks[:k]:
-        x = block(x)
+    for block, kwargs in zip(model.blocks[:k], _block_kwargs(model, rope), strict=False):
+        x = block(x, **kwargs)
     return x
 
 
 def suffix_forward(module: nn.Module, x: torch.Tensor, k: int) -> torch.Tensor:
-    """Logits from the block-k input: the rest of `VisionTransformer.forward`."""
+    """Logits from the block-k input: the rest of `VisionTransformer.forward` (or `Eva.forward`)."""
     model: Any = module
-    for block in model.blocks[k:]:
-        x = block(x)
+    for block, kwargs in zip(model.blocks[k:], _block_kwargs(model)[k:], strict=True):
+        x = block(x, **kwargs)
     x = model.norm(x)
     return model.forward_head(x)
 

@@ -141,9 +141,11 @@ METHOD_CASES = {
 NUM_CLASSES = 5
 
 
-def small(family: str) -> tuple[Callable[[], torch.nn.Module], BackboneSpec]:
-    """A factory of the family's small variant (the same random "pretrained" weights each call) and its spec."""
-    name, size, kwargs = FAMILIES[family]
+def small(family: str, table: dict | None = None) -> tuple[Callable[[], torch.nn.Module], BackboneSpec]:
+    """A factory of the family's small variant (the same random "pretrained" weights each call) and its spec.
+
+    `table`: family -> (timm name, input size, creation keywords); FAMILIES by default."""
+    name, size, kwargs = (FAMILIES if table is None else table)[family]
 
     def make() -> torch.nn.Module:
         torch.manual_seed(123)
@@ -304,7 +306,7 @@ def test_backbones_command_and_readme_table_agree(capsys) -> None:
     assert main(["backbones", "--json"]) == 0
     listed = json.loads(capsys.readouterr().out)
     rows = {r["family"]: r for r in listed["families"]}
-    assert set(rows) == {f.name for f in LISTED} and "Eva" in listed["refused"]
+    assert set(rows) == {f.name for f in LISTED} and "Eva" not in listed["refused"]
     assert rows["DINOv2"]["input_size"] == 518 and "convpass" not in rows["Swin"]["methods"]
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text().splitlines()
     header = next(line for line in readme if line.startswith("| family | timm class |"))
@@ -320,6 +322,6 @@ def test_backbones_command_and_readme_table_agree(capsys) -> None:
             assert mark == expected, (cells[0], method)
 
 
-def test_eva_is_refused_naming_its_class() -> None:
-    with pytest.raises(AutopeftError, match="timm's Eva class is not supported.*VisionTransformer and SwinTransformer"):
-        backbone_spec("vit_small_patch16_dinov3")
+def test_a_class_autopeft_does_not_adapt_is_refused_naming_it() -> None:
+    with pytest.raises(AutopeftError, match="timm's ConvNeXt class is not supported.*SwinTransformer and Eva classes"):
+        backbone_spec("convnext_atto")

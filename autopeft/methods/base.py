@@ -31,7 +31,7 @@ class MethodSpec:
 
     name: ClassVar[str] = ""
     category: ClassVar[str] = ""  # "partial" or "addition", as the survey sorts them
-    families: ClassVar[tuple[str, ...]] = ("vit", "swin")
+    families: ClassVar[tuple[str, ...]] = ("vit", "swin", "eva")
     mergeable: ClassVar[bool] = False
     identity_at_init: ClassVar[bool] = False
     scope: ClassVar[str] = "block"  # "block": placed per block; "global": applies to the model as a whole

@@ -108,7 +108,7 @@ class Convpass(MethodSpec):
     name = "convpass"
     lr_range = (1e-3, 1e-2)
     category = "addition"
-    families = ("vit",)
+    families = ("vit", "eva")
     identity_at_init = True
     order = 45
     size_option = "dim"

@@ -45,15 +45,21 @@ class FactFactors(nn.Module):
         nn.init.kaiming_uniform_(self.fact_v, a=math.sqrt(5))
 
 
-def _pieces(target: str, dim: int, hidden: int) -> list[tuple[int, int]]:
-    """(out_start, in_start) of every d × d piece of `target`'s weight."""
-    if target in ("q", "k", "v"):
-        return [("qkv".index(target) * dim, 0)]
-    if target == "fc1":
-        return [(c * dim, 0) for c in range(hidden // dim)]
+def _pieces(target: str, dim: int, start: int, rows: int, fan_in: int) -> list[tuple[int, int]]:
+    """(out_start, in_start) of every d × d piece of `target`'s update in the Linear holding it from output row
+    `start` on (`rows` rows, `fan_in` inputs): one for q, k, v and proj, one per d rows of an fc1 (a gated MLP's
+    packed or separate gate and value projections alike), one per d inputs of fc2."""
     if target == "fc2":
-        return [(0, c * dim) for c in range(hidden // dim)]
-    return [(0, 0)]
+        return [(0, c * dim) for c in range(fan_in // dim)]
+    return [(start + c * dim, 0) for c in range(rows // dim)]
+
+
+def _widths(spec: BackboneSpec, i: int, target: str) -> list[tuple[int, int]]:
+    """(rows, fan_in) of each Linear (or fused slice) holding `target` in block `i`."""
+    d = spec.dims[i]
+    if target == "fc1":
+        return [(out, d) for out in spec.fc1_widths(i)]
+    return [(d, spec.mlp_hidden[i] if target == "fc2" else d)]
 
 
 class FactLinear(Wrapper):
@@ -153,12 +159,16 @@ class FacTTT(MethodSpec):
     def check(self, spec: BackboneSpec, blocks: Sequence[int]) -> None:
         super().check(spec, blocks)
         if {"fc1", "fc2"} & set(self.targets):
-            bad = [i for i in blocks if spec.mlp_hidden[i] % spec.dims[i]]
-            require_fits(not bad, self.name, f"fc1/fc2 need an MLP width divisible by the block width (blocks {bad})")
+            bad = [i for i in blocks if any(w % spec.dims[i] for w in (spec.mlp_hidden[i], *spec.fc1_widths(i)))]
+            first = bad[0] if bad else 0
+            require_fits(not bad, self.name, f"fc1/fc2 need MLP widths divisible by the block width (blocks {bad}: "
+                         f"width {spec.dims[first]}, fc1 {spec.fc1_widths(first)}, fc2 {spec.mlp_hidden[first]}); "
+                         "leave fc1 and fc2 out of targets on this backbone")
 
     def count(self, spec: BackboneSpec, blocks: Sequence[int]) -> int:
         shared = 2 * self.rank * sum({spec.dims[i] for i in blocks})
-        pieces = sum(len(_pieces(t, spec.dims[i], spec.mlp_hidden[i])) for i in blocks for t in self.targets)
+        pieces = sum(len(_pieces(t, spec.dims[i], 0, rows, fan_in)) for i in blocks for t in self.targets
+                     for rows, fan_in in _widths(spec, i, t))
         return shared + pieces * self.rank * self.rank
 
     def apply(self, model: nn.Module, spec: BackboneSpec, blocks: Sequence[int]) -> None:
@@ -174,10 +184,11 @@ class FacTTT(MethodSpec):
             factors[d] = FactFactors(d, self.rank, like)
             shared[f"{self.name}{group}_d{d}"] = factors[d]
         for i in blocks:
-            d, h = spec.dims[i], spec.mlp_hidden[i]
+            d = spec.dims[i]
             by_path: dict[str, list[tuple[int, int]]] = {}
             for t in self.targets:
-                path, _ = linear_paths(block_path(model, i), t)
-                by_path.setdefault(path, []).extend(_pieces(t, d, h))
+                for path, start, rows in linear_paths(model, block_path(model, i), t):
+                    linear: Any = unwrap(model.get_submodule(path))
+                    by_path.setdefault(path, []).extend(_pieces(t, d, start, rows, int(linear.in_features)))
             for path, pieces in by_path.items():
                 wrap(model, path, lambda m, p=pieces, f=factors[d]: FactLinear(m, f, p, self.scale))

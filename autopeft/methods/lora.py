@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from autopeft.backbones import BackboneSpec, block_path
-from autopeft.methods._layers import linear_paths, target_shape
+from autopeft.methods._layers import linear_paths, target_shapes
 from autopeft.methods.base import (
     TARGET_LAYERS,
     MethodSpec,
@@ -138,16 +138,14 @@ class LoRA(MethodSpec):
         total = 0
         for i in blocks:
             for t in self.targets:
-                fan_in, fan_out = target_shape(spec.dims[i], spec.mlp_hidden[i], t)
-                total += self.rank * (fan_in + fan_out)
+                total += sum(self.rank * (fan_in + fan_out) for fan_in, fan_out in target_shapes(spec, i, t))
         return total
 
     def apply(self, model: nn.Module, spec: BackboneSpec, blocks: Sequence[int]) -> None:
         for i in blocks:
             by_path: dict[str, dict[str, tuple[int, int]]] = {}
             for t in self.targets:
-                path, slot = linear_paths(block_path(model, i), t)
-                fan_in, fan_out = target_shape(spec.dims[i], spec.mlp_hidden[i], t)
-                by_path.setdefault(path, {})[t] = (slot * fan_out, fan_out)
+                for path, start, rows in linear_paths(model, block_path(model, i), t):
+                    by_path.setdefault(path, {})[t] = (start, rows)
             for path, slices in by_path.items():
                 wrap(model, path, lambda m, s=slices: LoraLinear(m, s, self.rank, self.scale))

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from autopeft.backbones import BackboneSpec, block_path, final_norm_modules
+from autopeft.backbones import BackboneSpec, block_path, final_norm_modules, qkv_as_module
 from autopeft.errors import AutopeftError
 from autopeft.methods.base import MethodSpec, Sliceable, Wrapper, merged_base, register, require, unwrap, wrap
 
@@ -67,8 +67,20 @@ class ScaleShift(Wrapper, Sliceable):
         return base
 
 
-def _channels(dim: int, hidden: int, site: str) -> int:
-    return {"attn.qkv": 3 * dim, "mlp.fc1": hidden}.get(site, dim)
+def _channels(spec: BackboneSpec, i: int, site: str) -> int:
+    return {"attn.qkv": 3 * spec.dims[i], "mlp.fc1": sum(spec.fc1_widths(i))}.get(site, spec.dims[i])
+
+
+# The modules a site is, where a family splits it: Eva's separate q, k, v projections, SwiGLU's two input projections.
+_SPLIT = {"attn.qkv": ("attn.q_proj", "attn.k_proj", "attn.v_proj"), "mlp.fc1": ("mlp.fc1_g", "mlp.fc1_x")}
+
+
+def _site_paths(block: nn.Module, site: str) -> list[str]:
+    """The module paths inside `block` that SSF scales for `site` (several where the family splits it)."""
+    parent, _, child = site.partition(".")
+    if site in _SPLIT and getattr(block.get_submodule(parent), child, None) is None:
+        return list(_SPLIT[site])
+    return [site]
 
 
 @register
@@ -103,7 +115,7 @@ class SSF(MethodSpec):
         return 0 in blocks, spec.num_blocks - 1 in blocks and spec.final_norm_params > 0
 
     def count(self, spec: BackboneSpec, blocks: Sequence[int]) -> int:
-        total = sum(2 * _channels(spec.dims[i], spec.mlp_hidden[i], s) for i in blocks for s in SSF_SITES)
+        total = sum(2 * _channels(spec, i, s) for i in blocks for s in SSF_SITES)
         embed, final = self._ends(spec, blocks)
         return total + embed * 2 * spec.dims[0] + final * 2 * spec.dims[-1]
 
@@ -113,7 +125,8 @@ class SSF(MethodSpec):
     def merge_blocker(self, spec: BackboneSpec, blocks: Sequence[int]) -> str | None:
         """A shift folds into a bias; a site without one (a bias-free qkv, an RMSNorm) keeps SSF at inference. The
         patch embedding's shift folds into the position embedding where it has no bias of its own."""
-        where = [f"block {i}'s {s}" for i in blocks if i < len(spec.no_bias) for s in SSF_SITES if s in spec.no_bias[i]]
+        where = [f"block {i}'s {p}" for i in blocks if i < len(spec.no_bias) for s in SSF_SITES
+                 for p in (s, *_SPLIT.get(s, ())) if p in spec.no_bias[i]]
         embed, final = self._ends(spec, blocks)
         if embed and not spec.embed_bias and not spec.pos_embed:
             where.append("the patch embedding (and no position embedding to fold into)")
@@ -126,9 +139,14 @@ class SSF(MethodSpec):
 
     def apply(self, model: nn.Module, spec: BackboneSpec, blocks: Sequence[int]) -> None:
         for i in blocks:
+            block = block_path(model, i)
             for site in SSF_SITES:
-                channels = _channels(spec.dims[i], spec.mlp_hidden[i], site)
-                wrap(model, f"{block_path(model, i)}.{site}", lambda m, c=channels: ScaleShift(m, c, self.init))
+                if site == "attn.qkv":
+                    qkv_as_module(model.get_submodule(f"{block}.attn"))  # Eva's q/v biases are added after the scale
+                for path in _site_paths(model.get_submodule(block), site):
+                    module: Any = unwrap(model.get_submodule(f"{block}.{path}"))
+                    channels = module.out_features if isinstance(module, nn.Linear) else spec.dims[i]
+                    wrap(model, f"{block}.{path}", lambda m, c=channels: ScaleShift(m, c, self.init))
         embed, final = self._ends(spec, blocks)
         if embed:
             pos = getattr(model, "pos_embed", None) if not spec.embed_bias else None

@@ -28,7 +28,7 @@ class VPTDeep(MethodSpec):
     name = "vpt_deep"
     lr_range = (1e-3, 1e-2)
     category = "addition"
-    families = ("vit",)
+    families = ("vit", "eva")
     order = 60
     size_option = "length"
     sliceable = True

@@ -8,7 +8,7 @@ from typing import Any
 
 from torch import nn
 
-from autopeft.backbones import BackboneSpec, block_path
+from autopeft.backbones import BackboneSpec, block_path, uses_rope
 from autopeft.methods._prompts import PromptedBlock, new_prompts
 from autopeft.methods.base import MethodSpec, register, require, unwrap, wrap
 from autopeft.methods.vpt_deep import prompt_flops
@@ -25,7 +25,7 @@ class VPTShallow(MethodSpec):
     name = "vpt_shallow"
     lr_range = (3e-3, 3e-2)
     category = "addition"
-    families = ("vit",)
+    families = ("vit", "eva")
     scope = "global"
     order = 70  # outermost: wraps any VPT-deep wrapper of the first and last blocks
     size_option = "length"
@@ -53,4 +53,7 @@ class VPTShallow(MethodSpec):
             wrap(model, block_path(model, first), lambda m: PromptedBlock(m, offset, prompts, strip=self.length))
             return
         wrap(model, block_path(model, first), lambda m: PromptedBlock(m, offset, prompts=prompts))
+        if uses_rope(model):  # the blocks between rotate the prompts by none too (see PromptedBlock)
+            for i in range(first + 1, last):
+                wrap(model, block_path(model, i), lambda m: PromptedBlock(m, offset, carry=self.length))
         wrap(model, block_path(model, last), lambda m: PromptedBlock(m, offset, strip=self.length))
