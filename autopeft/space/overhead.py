@@ -24,8 +24,9 @@ def backbone_flops(spec: BackboneSpec) -> int:
     total = 0
     for i in range(spec.num_blocks):
         d, h, n = spec.dims[i], spec.mlp_hidden[i], block_tokens(spec, i)
-        keys = n if spec.family == "vit" else min(n, _SWIN_WINDOW_TOKENS)
-        total += 2 * n * (4 * d * d + 2 * d * h) + 4 * n * keys * d
+        fc1 = sum(spec.fc1_widths(i))  # a gated MLP's input projection(s) are twice fc2's input width
+        keys = min(n, _SWIN_WINDOW_TOKENS) if spec.family == "swin" else n  # ViT and Eva attend globally
+        total += 2 * n * (4 * d * d + d * fc1 + h * d) + 4 * n * keys * d
     return total
 
 
