@@ -256,11 +256,9 @@ def _up_grads(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch
     return torch.cat([p.grad.flatten() for n, p in model.named_parameters() if ".up.weight" in n])
 
 
-@pytest.mark.parametrize("method", sorted(ADDITIONS))
-@pytest.mark.parametrize("family", ["dinov2", "deit3"])
-def test_additions_join_the_residual_outside_layerscale(family: str, method: str) -> None:
-    make, spec = small(family)  # LayerScale at γ = 1e-2
-    assert all(float(b.ls1.gamma.detach().abs().max()) == pytest.approx(1e-2) for b in make().blocks)
+def check_outside_layerscale(make: Callable[[], torch.nn.Module], spec: BackboneSpec, method: str) -> None:
+    """On a backbone whose LayerScale γ is 1e-2: the addition is the identity at init under both placements, and
+    inside, γ scales the up-projection's gradient by 1e-2 channel by channel; outside it does not."""
     x, y = inputs(spec)
     with torch.no_grad():
         plain = make()(x)
@@ -269,11 +267,18 @@ def test_additions_join_the_residual_outside_layerscale(family: str, method: str
         plan = PeftPlan.single(make_spec(method, {**ADDITIONS[method], "layerscale": where}), range(spec.num_blocks))
         model = plan.apply(make(), spec)
         with torch.no_grad():
-            torch.testing.assert_close(model(x), plain, atol=1e-6, rtol=0)  # identity at init, both placements
+            torch.testing.assert_close(model(x), plain, atol=1e-6, rtol=0)
         grads[where] = _up_grads(model, x, y)
-    # inside, γ = 1e-2 scales the up-projection's gradient by 1e-2 channel by channel; outside it does not
     ratio = grads["inside"].norm() / grads["outside"].norm()
     assert ratio == pytest.approx(1e-2, rel=0.05)
+
+
+@pytest.mark.parametrize("method", sorted(ADDITIONS))
+@pytest.mark.parametrize("family", ["dinov2", "deit3"])
+def test_additions_join_the_residual_outside_layerscale(family: str, method: str) -> None:
+    make, spec = small(family)  # LayerScale at γ = 1e-2
+    assert all(float(b.ls1.gamma.detach().abs().max()) == pytest.approx(1e-2) for b in make().blocks)
+    check_outside_layerscale(make, spec, method)
 
 
 def test_outside_layerscale_matches_a_backbone_whose_gamma_is_one() -> None:
