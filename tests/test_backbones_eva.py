@@ -34,12 +34,7 @@ EVA = {  # layout -> (timm name, input size, creation keywords)
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models
 
 
 @pytest.mark.parametrize("method", sorted(METHOD_CASES))

@@ -30,13 +30,7 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join(
     [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These models are tiny: a second thread only waits for the first (and for other processes on the machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models
 
 
 # -- part 1: the input size ------------------------------------------------------------------------------------------
