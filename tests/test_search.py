@@ -277,6 +277,20 @@ def test_fidelity_aware_searcher_marks_states() -> None:
     assert "worker" in trials[3].user_attrs["fail_reason"]
 
 
+def test_a_diverged_trial_is_recorded_stopped_with_its_reason_and_its_last_value() -> None:
+    """A trial that stopped because it diverged is PRUNED (TPE ranks stopped trials by their last value and ignores
+    failed ones), keeps its reason, and its last val is its intermediate value at that epoch."""
+    storage = optuna.storages.InMemoryStorage()
+    searcher = _searcher_class()(space=lambda t: {"x": t.suggest_float("x", 0, 1)}, metric="val_acc", mode="max",
+                                 storage=storage, study_name="s", max_epochs=4)
+    searcher.suggest("d")
+    searcher.on_trial_complete("d", {"fail_reason": "diverged: val accuracy 0.100 is at chance (epoch 1)",
+                                     "epoch": 1, "curve": [0.1]})
+    (trial,) = optuna.load_study(study_name="s", storage=storage).get_trials()
+    assert trial.state.name == "PRUNED" and trial.user_attrs["fail_reason"].startswith("diverged")
+    assert trial.intermediate_values == {1: 0.1}
+
+
 def test_a_trial_the_experiment_ended_before_it_reported_is_closed_and_not_counted() -> None:
     """The epoch cap can end the experiment between asking a trial and its first report; Ray then tells the
     searcher nothing of it. `settle_unstarted` closes it (FAIL, with the reason, not counted), so the study holds no

@@ -89,6 +89,9 @@ class SamplePlan:
                              "hparams": hparams, "number": trial.number}}
 
 
+DIVERGED = "diverged"  # the start of the reason a trial that collapsed reports (autopeft.search.trainable)
+
+
 def _searcher_class() -> type:
     from ray.tune.search import Searcher
     from ray.tune.search.optuna import OptunaSearch
@@ -179,7 +182,14 @@ def _searcher_class() -> type:
             attrs[st.ATTR_TRAINED] = self.epochs.trained(trial_id)
             reason = r.get("fail_reason") or (lost_reason(len(self.lost.get(trial_id, []))) if error else None)
             values = None
-            if reason:
+            last = r.get(self.metric) if isinstance(self.metric, str) else None
+            curve = attrs[st.ATTR_CURVE]
+            if reason and str(reason).startswith(DIVERGED) and curve:
+                # a trial that diverged stopped early as ASHA's stops do, with its reason: the sampler learns from
+                # it (Optuna's TPE ranks stopped trials by their last value and ignores failed ones)
+                attrs[st.ATTR_REASON] = str(reason)
+                state, last = TrialState.PRUNED, (curve[-1] if isinstance(self.metric, str) else None)
+            elif reason:
                 attrs[st.ATTR_REASON] = str(reason)
                 state = TrialState.FAIL
             elif epochs < self.max_epochs or r.get("val_acc") is None:
@@ -188,7 +198,6 @@ def _searcher_class() -> type:
                 state = TrialState.COMPLETE
                 values = [r.get(m) for m in self.metric] if isinstance(self.metric, list) else r.get(self.metric)
 
-            last = r.get(self.metric) if isinstance(self.metric, str) else None
 
             def record() -> None:
                 for key, value in attrs.items():
