@@ -174,7 +174,8 @@ def _searcher_class() -> type:
             r = result or {}
             self.epochs.see(trial_id, r)
             epochs = int(r.get("epoch", 0) or 0)
-            attrs = {st.ATTR_CURVE: list(r.get("curve") or []), st.ATTR_EPOCHS: epochs,
+            curve = [float(v) for v in r.get("curve") or []]
+            attrs = {st.ATTR_CURVE: curve, st.ATTR_EPOCHS: epochs,
                      st.ATTR_SECONDS: float(r.get("seconds", 0.0) or 0.0), st.ATTR_NODE: str(r.get("node", "")),
                      st.ATTR_GPUS: [str(g) for g in r.get("gpus") or []]}
             if r.get("resumed_from"):
@@ -183,7 +184,6 @@ def _searcher_class() -> type:
             reason = r.get("fail_reason") or (lost_reason(len(self.lost.get(trial_id, []))) if error else None)
             values = None
             last = r.get(self.metric) if isinstance(self.metric, str) else None
-            curve = attrs[st.ATTR_CURVE]
             if reason and str(reason).startswith(DIVERGED) and curve:
                 # a trial that diverged stopped early as ASHA's stops do, with its reason: the sampler learns from
                 # it (Optuna's TPE ranks stopped trials by their last value and ignores failed ones)
