@@ -3,8 +3,11 @@
 Every method declares `lr_range` (autopeft.methods.base): the AdamW peak rates it wants on the reference run,
 V-PEFT Bench's VTAB-1k recipe (ViT-B/16, width 768; 100 epochs of 800 images at batch 64 = REFERENCE_STEPS steps).
 Each part of a plan trains at its own method's range centre, in its own optimiser group (autopeft.optim); the
-classification head trains at the linear method's (it is the linear probe's one part, and a head sits after the
-backbone's features whichever method adapts them). Two factors fit every rate to the run alike:
+classification head trains at the plan's rate (`plan_lr`: the parts' centres, geometric mean weighted by the
+parameters each trains; the linear method's for the linear probe), as it did before per-method rates. (Measured
+with the head at the linear method's rate instead, 10 times a LoRA plan's: the second epoch's train loss jumped
+2-5 fold and fmnist_count_fs lost 10-16 points at lr_scale < 1, BENCHMARKS.md "Rate cliff: per-method rates".)
+Two factors fit every rate to the run alike:
 
     rate = method centre × (REFERENCE_STEPS / steps) ** LENGTH_EXPONENT × (REFERENCE_WIDTH / width) ** WIDTH_EXPONENT
 
@@ -13,9 +16,8 @@ steps, so a smaller rate), a narrower backbone a larger one (Adam's update of a 
 proportion to its fan-in; `width` is the backbone's feature width). Both exponents were chosen by measurement on
 the bundled backbone, not derived (`python -m benchmarks.lr_sweep`, BENCHMARKS.md "Learning rates").
 
-Before [P] part 2 a plan trained at ONE rate, the geometric mean of its parts' centres weighted by their parameter
-counts (`plan_lr`, still what the one-shot supernet's per-step factor uses): a mix of LoRA and prompts trained its
-LoRA at twice LoRA's rate, past the rate at which LoRA collapses (BENCHMARKS.md "Rate cliff: per-method rates").
+Before [P] part 2 every part trained at the plan's rate too (`plan_lr`, still the one-shot supernet's per-step
+factor): a mix of LoRA and prompts trained its LoRA at twice LoRA's rate.
 
 Every group's peak rate is `lr` when one is given (then all groups train at it, as a recipe with one fixed rate
 always has), else its derived rate, times `lr_scale` (1 by default; the shipped search spaces search `lr_scale`, so
@@ -55,8 +57,8 @@ def _trained(method: MethodSpec, blocks: tuple[int, ...], spec: BackboneSpec) ->
 
 
 def plan_lr(plan: PeftPlan, spec: BackboneSpec) -> float:
-    """The plan's one rate on the reference run, its parts' centres' geometric mean weighted by their counts: what
-    a plan trained at before per-method rates, now only the one-shot supernet's per-step factor (`plan_rates`)."""
+    """The plan's one rate on the reference run, its parts' centres' geometric mean weighted by their counts: its
+    head's rate (`method_rates`); before per-method rates every part's too."""
     from autopeft.methods import get_method
 
     weighted, total = 0.0, 0
@@ -77,19 +79,17 @@ def run_factor(steps: float, width: int) -> float:
     return (REFERENCE_STEPS / steps) ** LENGTH_EXPONENT * (REFERENCE_WIDTH / width) ** WIDTH_EXPONENT
 
 
-HEAD = "head"  # the rate group of the classification head (at the linear method's rate)
+HEAD = "head"  # the rate group of the classification head (at the plan's rate, `plan_lr`)
 
 
 def method_rates(plan: PeftPlan, spec: BackboneSpec) -> dict[str, float]:
-    """Each training part's rate on the reference run, by method name, and the head's (`HEAD`): the centres of
-    their `lr_range`. A method that trains no parameter on this backbone has none."""
-    from autopeft.methods import get_method
-
+    """Each training part's rate on the reference run, by method name (the centre of its `lr_range`), and the
+    head's (`HEAD`: the plan's, `plan_lr`). A method that trains no parameter on this backbone has none."""
     rates = {}
     for method, blocks in plan.groups():
         if _trained(method, blocks, spec) > 0:
             rates[method.name] = centre(method.lr_range)
-    rates[HEAD] = centre(get_method("linear").lr_range)
+    rates[HEAD] = plan_lr(plan, spec)
     return rates
 
 

@@ -86,7 +86,7 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
             "peft_params": result.peft_params, "seconds": time.perf_counter() - start}
 
 
-def _interval(values: list[float], per_cell: list[list[tuple[int, int]]], resamples: int = 10_000) -> tuple:
+def _interval(per_cell: list[list[tuple[int, int]]], resamples: int = 10_000) -> tuple:
     """Share of epochs (sum of chance epochs / sum of epochs) with a bootstrap interval over the cells."""
     rng = random.Random(0)
 
@@ -99,14 +99,18 @@ def _interval(values: list[float], per_cell: list[list[tuple[int, int]]], resamp
     return share(per_cell), draws[int(0.025 * resamples)], draws[int(0.975 * resamples) - 1]
 
 
-def summarise(label: str) -> dict[str, Any]:
+def summarise(label: str, max_scale: float | None = None) -> dict[str, Any]:
+    """The label's figures; `max_scale`: only its runs that drew lr_scale ≤ it (what a narrower range keeps of
+    the same draws: a subset, not a new sample)."""
     from autopeft.search.trainable import diverged
 
     rows = json.loads((RESULTS / f"rate_cliff_{label}.json").read_text())["runs"]
+    if max_scale is not None:
+        rows = [r for r in rows if r["hparams"]["lr_scale"] <= max_scale]
     cells: dict[tuple, list[dict]] = {}
     for r in rows:
         cells.setdefault((r["task"], r["seed"]), []).append(r)
-    plain, stopped, false_stops = [], [], 0
+    plain, stopped, false_stops, stopped_vals = [], [], 0, []
     for runs in cells.values():
         p, s = [], []
         for r in runs:
@@ -115,21 +119,22 @@ def summarise(label: str) -> dict[str, Any]:
             bad = r["status"] == "FAIL" or last <= CHANCE
             p.append((epochs if bad else 0, epochs))
             # as a search trial stops: at the first epoch but the last after which the rule fires
-            stop = next((i + 1 for i, (v, loss) in enumerate(zip(r["curve"][:-1], r["train_loss"][:-1], strict=True))
-                         if diverged(v, loss, r["classes"], r["val_size"])), None)
+            stop = next((i + 1 for i in range(len(r["curve"]) - 1)
+                         if diverged(r["curve"][: i + 1], r["train_loss"][i], r["classes"], r["val_size"])), None)
             false_stops += stop is not None and not bad
+            if stop is not None and not bad:
+                stopped_vals.append(r["curve"][-1])
             e = 1 if r["status"] == "FAIL" else stop or epochs  # a NaN loss ends a trial at once too
             s.append((e if bad else 0, e))
         plain.append(p)
         stopped.append(s)
     lasts = sorted(r["curve"][-1] if r["curve"] else 0.0 for r in rows)
     q = [lasts[min(len(lasts) - 1, int(f * len(lasts)))] for f in (0.1, 0.25, 0.5, 0.75, 0.9)]
-    return {"label": label, "runs": len(rows), "chance_runs": sum(1 for r in rows if not r["curve"] or
-                                                                   r["curve"][-1] <= CHANCE),
-            "share": _interval([], plain), "share_with_stop": _interval([], stopped), "false_stops": false_stops,
-            "val_quantiles": q, "mean_val": sum(lasts) / len(lasts),
-            "chance_scales": sorted(round(r["hparams"].get("lr_scale", math.nan), 2) for r in rows
-                                    if not r["curve"] or r["curve"][-1] <= CHANCE)}
+    chance = [r for r in rows if not r["curve"] or r["curve"][-1] <= CHANCE]
+    return {"label": label, "max_scale": max_scale, "runs": len(rows), "chance_runs": len(chance),
+            "share": _interval(plain), "share_with_stop": _interval(stopped), "false_stops": false_stops,
+            "false_stop_last_vals": sorted(stopped_vals), "val_quantiles": q, "mean_val": sum(lasts) / len(lasts),
+            "chance_scales": sorted(round(r["hparams"].get("lr_scale", math.nan), 2) for r in chance)}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -141,10 +146,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--write", action="store_true", help="write results/rate_cliff_<label>.json")
     p.add_argument("--summarise", nargs="+", metavar="LABEL", help="summarise stored labels instead of training")
+    p.add_argument("--max-scale", type=float, help="summarise only the runs that drew lr_scale ≤ this")
     args = p.parse_args(argv)
     if args.summarise:
         for label in args.summarise:
-            print(json.dumps(summarise(label)))
+            print(json.dumps(summarise(label, args.max_scale)))
         return
     todo = jobs(args.runs, tuple(int(s) for s in args.seeds.split(",")))
     start = time.perf_counter()

@@ -1,5 +1,5 @@
 """Per-method rates ([P] part 2): each method of a plan trains in its own optimiser groups at its own rate, the head
-at the linear method's, one schedule scales them all alike; a search trial that has diverged stops at once."""
+at the plan's, one schedule scales them all alike; a search trial that has diverged stops at once."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 
 from autopeft.backbones import backbone_spec, is_head_param
 from autopeft.data import data_config, load_dataset
-from autopeft.learning_rate import HEAD, centre, peak_rates, run_factor
+from autopeft.learning_rate import HEAD, centre, peak_rates, plan_lr, run_factor
 from autopeft.methods import get_method, make_spec
 from autopeft.optim import make_optimizer, make_scheduler, rate_groups
 from autopeft.plan import PeftPlan
@@ -41,11 +41,13 @@ def test_each_method_and_the_head_get_their_own_derived_rate() -> None:
     factor = 0.5 * run_factor(total_steps(800, 64, 3), spec.head_in_features)
     assert rates == pytest.approx({"lora": centre(get_method("lora").lr_range) * factor,
                                    "bitfit": centre(get_method("bitfit").lr_range) * factor,
-                                   HEAD: centre(get_method("linear").lr_range) * factor})
+                                   HEAD: plan_lr(MIX, spec) * factor})
     assert rates["bitfit"] / rates["lora"] == pytest.approx(
         centre(get_method("bitfit").lr_range) / centre(get_method("lora").lr_range))
+    assert rates["lora"] < rates[HEAD] < rates["bitfit"]  # the head at the plan's (weighted) rate
     # the linear probe: the head alone, at the linear method's rate
-    assert set(peak_rates(TrainConfig(epochs=3), PeftPlan.single(make_spec("linear"), []), spec, 800)) == {HEAD}
+    probe = peak_rates(TrainConfig(epochs=3, batch_size=64), PeftPlan.single(make_spec("linear"), []), spec, 800)
+    assert probe == pytest.approx({HEAD: centre(get_method("linear").lr_range) * factor / 0.5})
 
 
 def test_a_given_lr_trains_every_group_at_it_times_lr_scale() -> None:
@@ -110,12 +112,15 @@ def test_a_run_trains_each_group_at_its_rate_and_reports_the_largest(digits, tmp
 def test_chance_level_and_the_diverged_rule() -> None:
     assert trainable.chance_level(10, 200) == pytest.approx(0.1 + 2.33 * math.sqrt(0.09 / 200))
     assert 0.14 < trainable.chance_level(10, 200) < 0.15
-    reason = trainable.diverged(0.10, 2.4, 10, 200)
-    assert reason is not None and reason.startswith("diverged: val accuracy 0.100 is at chance")
-    assert trainable.diverged(0.12, float("nan"), 10, 200) is not None
-    assert trainable.diverged(0.12, 1.5, 10, 200) is None  # at chance on val, but its loss falls: slow, not collapsed
-    assert trainable.diverged(0.30, 9.0, 10, 200) is None  # its loss is high, but it is above chance
-    assert trainable.diverged(0.10, 0.6, 2, 200) is None and trainable.diverged(0.5, 0.7, 2, 200) is not None
+    reason = trainable.diverged([0.12, 0.10], 2.4, 10, 200)
+    assert reason is not None and reason.startswith("diverged: val accuracy 0.120, 0.100 in epochs 1-2 is at chance")
+    assert trainable.diverged([0.3, 0.12, 0.1], float("nan"), 10, 200) is not None
+    assert trainable.diverged([0.10], 2.9, 10, 200) is None  # one epoch (the warm-up's) at chance: not yet
+    assert trainable.diverged([0.20, 0.10], 2.9, 10, 200) is None  # the epoch before was above chance
+    assert trainable.diverged([0.1, 0.12], 1.5, 10, 200) is None  # at chance on val, but its loss falls
+    assert trainable.diverged([0.3, 0.3], 9.0, 10, 200) is None  # its loss is high, but it is above chance
+    assert trainable.diverged([0.5, 0.5], 0.7, 2, 200) is not None  # two classes: chance 0.58, ln 2 = 0.69
+    assert trainable.diverged([0.5, 0.5], 0.6, 2, 200) is None
 
 
 @pytest.mark.parametrize("lr_scale,stops", [(1.0, False), (1e4, True)])
@@ -128,9 +133,10 @@ def test_a_diverged_trial_stops_after_its_first_epoch(tmp_path, monkeypatch, lr_
     plan = PeftPlan.single(make_spec("lora", {"rank": 2}), [0, 1, 2])
     config = {"autopeft": {"plan": plan.to_dict(), "peft_params": plan.count(backbone_spec("autopeft_tiny_vit")),
                            "hparams": {"lr_scale": lr_scale, "batch_size": 64}}}
-    trainable.run_trial(config, trainable.TrialSettings(dataset="digits", backbone="autopeft_tiny_vit", epochs=2))
+    trainable.run_trial(config, trainable.TrialSettings(dataset="digits", backbone="autopeft_tiny_vit", epochs=3))
     if stops:
-        # at its first epoch's end (at chance, or its loss not fallen) or within it (a NaN loss)
-        assert len(reports) == 1 and reports[0]["epoch"] <= 1 and reports[0]["fail_reason"].startswith("diverged")
+        # after its second epoch (two at chance, its loss not fallen), or within an epoch (a NaN loss)
+        assert reports[-1]["epoch"] <= 2 and reports[-1]["fail_reason"].startswith("diverged")
+        assert len(reports) <= 2 and not any("fail_reason" in r for r in reports[:-1])
     else:
-        assert [r["epoch"] for r in reports] == [1, 2] and not any("fail_reason" in r for r in reports)
+        assert [r["epoch"] for r in reports] == [1, 2, 3] and not any("fail_reason" in r for r in reports)

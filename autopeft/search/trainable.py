@@ -1,8 +1,8 @@
 """The Ray Tune trainable: one trial = one call of autopeft.train.train with a per-epoch `tune.report`.
 
-A trial that has diverged after an epoch before its last (`diverged`: at chance, its train loss not below a uniform
-guess's) stops at once, whatever ASHA would decide, and is recorded as FAIL with a reason that begins `diverged`:
-the epochs it had left go to other trials.
+A trial that has diverged after an epoch before its last (`diverged`: two epochs at chance, its train loss not
+below a uniform guess's) stops at once, whatever ASHA would decide, and is recorded as FAIL with a reason that
+begins `diverged`: the epochs it had left go to other trials.
 """
 
 from __future__ import annotations
@@ -61,19 +61,21 @@ def chance_level(classes: int, val_size: int) -> float:
     return p + CHANCE_Z * math.sqrt(p * (1 - p) / max(val_size, 1))
 
 
-def diverged(val_acc: float, train_loss: float, classes: int, val_size: int) -> str | None:
-    """Why a trial whose epoch ended at `val_acc` with mean train loss `train_loss` has diverged, or None: its
-    accuracy is at chance (`chance_level`) and its train loss has not fallen (above FALLEN × ln C, ln C being the
-    loss of a uniform guess, where a fresh head starts, label smoothing or not; NaN too). Both, not either: a slow
-    run's first epoch may be at chance on val while its loss falls, and an unsteady one's loss high while it is
-    above chance; a collapsed run, which predicts one class, is both."""
-    if classes < 2:
+def diverged(curve: list[float], train_loss: float, classes: int, val_size: int) -> str | None:
+    """Why a trial whose val accuracy after each epoch so far is `curve`, and whose last epoch's mean train loss is
+    `train_loss`, has diverged, or None: its last two epochs are at chance (`chance_level`) and its train loss has
+    not fallen (above FALLEN × ln C, ln C being the loss of a uniform guess; NaN too).
+
+    Two epochs, not one: on the standard grid a first epoch (the warm-up's) at chance with a train loss above ln C
+    was common in runs that went on to 0.3-0.7 (BENCHMARKS.md "Rate cliff: per-method rates"); the loss as well as
+    the accuracy: a collapsed run, which predicts one class, is both at chance and no better than a guess."""
+    if classes < 2 or len(curve) < 2:
         return None
     level = chance_level(classes, val_size)
-    if val_acc <= level and not train_loss < FALLEN * math.log(classes):
-        return (f"diverged: val accuracy {val_acc:.3f} is at chance (≤ {level:.3f} for {classes} classes and "
-                f"{val_size} val images) and the mean train loss {train_loss:.3f} has not fallen below "
-                f"{FALLEN:g} × ln {classes}; lower lr_scale")
+    if max(curve[-2:]) <= level and not train_loss < FALLEN * math.log(classes):
+        return (f"diverged: val accuracy {curve[-2]:.3f}, {curve[-1]:.3f} in epochs {len(curve) - 1}-{len(curve)} is "
+                f"at chance (≤ {level:.3f} for {classes} classes and {val_size} val images) and the mean train loss "
+                f"{train_loss:.3f} has not fallen below {FALLEN:g} × ln {classes}; lower lr_scale")
     return None
 
 
@@ -185,9 +187,9 @@ def run_trial(config: dict, settings: TrialSettings) -> None:
         def report(m: dict) -> None:
             curve.append(float(m["val_acc"]))
             # at the last epoch there are no epochs left to save: the trial ends with its accuracy
-            reason = diverged(float(m["val_acc"]), float(m["train_loss"]), classes, val_size)
+            reason = diverged(curve, float(m["train_loss"]), classes, val_size)
             if reason and m["epoch"] < settings.epochs:
-                raise Diverged(f"{reason} (epoch {m['epoch']})")
+                raise Diverged(reason)
             metrics = {**base, "val_acc": m["val_acc"], "val_loss": m["val_loss"], "train_loss": m["train_loss"],
                        "epoch": m["epoch"], "curve": list(curve), "seconds": time.perf_counter() - start}
             if "state" not in m:
