@@ -130,6 +130,7 @@ def test_a_diverged_trial_stops_after_its_first_epoch(tmp_path, monkeypatch, lr_
     reports: list[dict] = []
     monkeypatch.setattr(tune, "report", lambda metrics, checkpoint=None: reports.append(metrics))
     monkeypatch.setenv("AUTOPEFT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("AUTOPEFT_STOP_DIVERGED", "1")  # the suite turns it off (conftest)
     plan = PeftPlan.single(make_spec("lora", {"rank": 2}), [0, 1, 2])
     config = {"autopeft": {"plan": plan.to_dict(), "peft_params": plan.count(backbone_spec("autopeft_tiny_vit")),
                            "hparams": {"lr_scale": lr_scale, "batch_size": 64}}}
@@ -140,3 +141,16 @@ def test_a_diverged_trial_stops_after_its_first_epoch(tmp_path, monkeypatch, lr_
         assert len(reports) <= 2 and not any("fail_reason" in r for r in reports[:-1])
     else:
         assert [r["epoch"] for r in reports] == [1, 2, 3] and not any("fail_reason" in r for r in reports)
+
+
+def test_the_stop_can_be_turned_off(tmp_path, monkeypatch) -> None:
+    from ray import tune
+
+    reports: list[dict] = []
+    monkeypatch.setattr(tune, "report", lambda metrics, checkpoint=None: reports.append(metrics))
+    monkeypatch.setattr(trainable, "diverged", lambda *a: "diverged: always")
+    monkeypatch.setenv("AUTOPEFT_STOP_DIVERGED", "0")
+    plan = PeftPlan.single(make_spec("bitfit"), [0])
+    config = {"autopeft": {"plan": plan.to_dict(), "peft_params": 1, "hparams": {"batch_size": 64}}}
+    trainable.run_trial(config, trainable.TrialSettings(dataset="digits", backbone="autopeft_tiny_vit", epochs=2))
+    assert [r.get("epoch") for r in reports] == [1, 2] and not any("fail_reason" in r for r in reports)
