@@ -146,24 +146,32 @@ class PeftPlan:
     # -- application ----------------------------------------------------------------------------------------------
 
     def apply(self, model: nn.Module, spec: BackboneSpec,
-              slices: dict[tuple[int | None, str], list[Sliceable]] | None = None) -> nn.Module:
+              slices: dict[tuple[int | None, str], list[Sliceable]] | None = None,
+              owners: dict[str, str] | None = None) -> nn.Module:
         """Freeze the backbone, insert every method, leave the head trainable. Changes `model` in place.
 
         `slices` (a one-shot supernet, `autopeft.supernet`): each method goes in one block at a time, and the
-        Sliceable modules it inserts are recorded under (block, method name), (None, name) for a global method."""
+        Sliceable modules it inserts are recorded under (block, method name), (None, name) for a global method.
+        `owners`: each parameter a method made trainable, by its final name, is recorded there with the method's
+        name (the first method to train a parameter owns it; the head's are left out)."""
         self.validate(spec)
         model.requires_grad_(False)
+        owned: dict[int, str] = {}
         for s, blocks in self.groups():
             if slices is None:
                 s.apply(model, spec, blocks)
-                continue
-            for i in blocks or (None,):
-                before = {id(m) for m in model.modules()}
-                s.apply(model, spec, blocks if i is None else (i,))
-                slices[(i, s.name)] = [m for m in model.modules() if id(m) not in before and isinstance(m, Sliceable)]
+            else:
+                for i in blocks or (None,):
+                    before = {id(m) for m in model.modules()}
+                    s.apply(model, spec, blocks if i is None else (i,))
+                    slices[(i, s.name)] = [m for m in model.modules()
+                                           if id(m) not in before and isinstance(m, Sliceable)]
+            owned.update({id(p): s.name for p in model.parameters() if p.requires_grad and id(p) not in owned})
         for name, p in model.named_parameters():
             if is_head_param(name):
                 p.requires_grad_(True)
+            elif owners is not None and id(p) in owned:
+                owners[name] = owned[id(p)]
         return model
 
     # -- serialisation --------------------------------------------------------------------------------------------

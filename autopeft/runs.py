@@ -99,8 +99,8 @@ def write_run(out: Path, result: TrainResult, plan: PeftPlan, info: dict, recipe
         "test_loss": result.test_loss,
         "seconds": result.seconds,
         "cached_blocks": result.cached_blocks,
-        "trained_as": {"lr": result.lr, "batch_size": result.batch_size, "drop_path": result.drop_path,
-                       "notes": list(result.notes)},
+        "trained_as": {"lr": result.lr, "rates": result.rates, "batch_size": result.batch_size,
+                       "drop_path": result.drop_path, "notes": list(result.notes)},
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "versions": versions(),
     }

@@ -24,8 +24,8 @@ from autopeft.backbones import BackboneSpec, create_backbone, is_head_param, spe
 from autopeft.data import DataSplits
 from autopeft.errors import AutopeftError
 from autopeft.features import FeatureCache, prefix_modules, suffix_forward, supports_cache, weights_hash
-from autopeft.learning_rate import peak_lr
-from autopeft.optim import make_optimizer, make_scheduler
+from autopeft.learning_rate import peak_rates
+from autopeft.optim import make_optimizer, make_scheduler, rate_groups
 from autopeft.plan import PeftPlan
 from autopeft.train_config import (  # noqa: F401  (the training settings, also importable from here)
     MIN_STEPS_PER_EPOCH,
@@ -35,6 +35,7 @@ from autopeft.train_config import (  # noqa: F401  (the training settings, also 
     TrainConfig,
     check_training,
     fitted_batch,
+    fitted_config,
     rescale_warmup,
     steps_per_epoch,
     total_steps,
@@ -58,7 +59,8 @@ class TrainResult:
     head_params: int = 0
     seconds: float = 0.0
     cached_blocks: int = 0
-    lr: float = 0.0  # the peak learning rate it trained at
+    lr: float = 0.0  # the largest peak learning rate it trained at (`rates`: each group's)
+    rates: dict[str, float] = field(default_factory=dict)  # peak rate by group: method name, or `head`
     precision: str = "fp32"  # the precision it computed at (`resolve_precision`: never auto)
     batch_size: int = 0  # the batch it trained with (fitted to the split, see `fitted_config`)
     drop_path: float = 0.0  # the drop-path rate it trained with
@@ -114,14 +116,14 @@ def seed_everything(seed: int) -> None:
 
 def build_model(backbone: str, plan: PeftPlan, num_classes: int, weights: str | None = None,
                 pretrained: bool = True, drop_path: float = 0.0, slices: dict | None = None,
-                img_size: int | None = None) -> tuple[nn.Module, BackboneSpec]:
+                img_size: int | None = None, owners: dict[str, str] | None = None) -> tuple[nn.Module, BackboneSpec]:
     """The backbone with its (pretrained) weights at input size `img_size` (None: its pretraining size), a fresh head
-    and the plan applied (recording its Sliceable modules in `slices`, see `PeftPlan.apply`), and its spec."""
+    and the plan applied (recording in `slices` and `owners` as `PeftPlan.apply` does), and its spec."""
     kwargs = {"drop_path_rate": drop_path} if drop_path else {}
     model = create_backbone(backbone, num_classes=num_classes, pretrained=pretrained, weights=weights,
                             img_size=img_size, **kwargs)
     spec = spec_of_model(model, backbone)  # of the model as built (image size overrides change the token grid)
-    return plan.apply(model, spec, slices), spec
+    return plan.apply(model, spec, slices, owners), spec
 
 
 class _Batches:
@@ -237,30 +239,16 @@ class TrainSetup:
     eval_src: _Source | None
     forward: Callable[[torch.Tensor], torch.Tensor] | None  # replaces model(x) on cached features
     source: Callable[[str, str, Dataset], _Source]  # (role, split name, dataset) -> batches, for the test split
-    lr: float  # the peak learning rate (autopeft.learning_rate.peak_lr: given or derived, times lr_scale)
+    rates: dict[str, float]  # peak rate by group (autopeft.learning_rate.peak_rates: given or derived, × lr_scale)
+    owners: dict[str, str]  # trainable parameter name -> the method that trains it (`PeftPlan.apply`)
+
+    @property
+    def lr(self) -> float:
+        """The run's reported peak rate: the largest group's."""
+        return max(self.rates.values())
     precision: str  # resolved (`resolve_precision`): what every forward of the run computes at
     config: TrainConfig  # the run's config as it trains (`fitted_config`: batch and drop-path)
     notes: list[str]  # what `fitted_config` changed, and why
-
-
-def fitted_config(config: TrainConfig, backbone: str, train_size: int) -> tuple[TrainConfig, list[str]]:
-    """`config` as a run on `train_size` images of `backbone` trains it, and a note for each change: the batch
-    fitted to the split (`fitted_batch`: at least MIN_STEPS_PER_EPOCH full batches per epoch) and drop-path no
-    higher than the backbone was pretrained with, where that is known (`pretrained_drop_path`: frozen blocks never
-    learned to work with their branches dropped)."""
-    from autopeft.backbones import pretrained_drop_path
-
-    notes = []
-    batch = fitted_batch(config.batch_size, train_size)
-    if batch != config.batch_size:
-        notes.append(f"batch {batch} instead of {config.batch_size}: {train_size} train images give at least "
-                     f"{MIN_STEPS_PER_EPOCH} steps per epoch")
-    drop = config.drop_path
-    pretrained = pretrained_drop_path(backbone)
-    if pretrained is not None and drop > pretrained:
-        notes.append(f"drop-path {pretrained:g} instead of {drop:g}: {backbone} was pretrained with {pretrained:g}")
-        drop = pretrained
-    return replace(config, batch_size=batch, drop_path=drop), notes
 
 
 def set_up(backbone: str, plan: PeftPlan, data: DataSplits, config: TrainConfig, *, weights: str | None = None,
@@ -276,8 +264,9 @@ def set_up(backbone: str, plan: PeftPlan, data: DataSplits, config: TrainConfig,
     seed_everything(config.seed)
     splits = {"train": _subset(data.split(train_split), config.train_fraction, config.seed)}
     config, notes = fitted_config(config, backbone, num_samples(splits["train"]))
+    owners: dict[str, str] = {}
     model, spec = build_model(backbone, plan, data.num_classes, weights, pretrained, config.drop_path, slices,
-                              config.img_size)
+                              config.img_size, owners)
     model = on_device(model, device)
     k = plan.frozen_prefix(spec) if supports_cache(model) else 0
     k = min(k, spec.num_blocks)
@@ -301,8 +290,8 @@ def set_up(backbone: str, plan: PeftPlan, data: DataSplits, config: TrainConfig,
                   train_src=source("train", train_split, splits["train"]),
                   eval_src=source("eval", eval_split, splits["eval"]) if eval_split else None,
                   forward=(lambda x: suffix_forward(model, x, k)) if use_cache else None, source=source,
-                  lr=peak_lr(config, plan, spec, num_samples(splits["train"])), precision=precision, config=config,
-                  notes=notes)
+                  rates=peak_rates(config, plan, spec, num_samples(splits["train"])), owners=owners,
+                  precision=precision, config=config, notes=notes)
 
 
 def train_state(model: nn.Module, optimizer: torch.optim.Optimizer, batches: _Batches, epoch: int, step: int,
@@ -356,15 +345,15 @@ def run_epochs(run: TrainSetup, config: TrainConfig, report: Report | None = Non
                on_step: Callable[[int, int], None] | None = None, resume: dict[str, Any] | None = None,
                checkpoint_every: int = 0, before_step: Callable[[int], float | None] | None = None,
                before_eval: Callable[[], None] | None = None) -> list[dict]:
-    """Optimise for `config.epochs` epochs at the set-up's peak rate, evaluating after each; returns the per-epoch
-    metrics. `resume`: a `train_state` to go on from (the run then ends as the uninterrupted run would);
-    `checkpoint_every` k > 0: every k-th epoch's report (but the last's) carries the `train_state` under `state`.
-    `before_step(step)` runs before each optimiser step (0-based; a number it returns multiplies that step's
-    scheduled rate) and `before_eval()` before each evaluation (a supernet sets its sub-plan and its rate there)."""
-    config = replace(config, lr=run.lr, lr_scale=1.0, batch_size=run.config.batch_size)
+    """Optimise for `config.epochs` epochs at the set-up's peak rates, evaluating after each; returns the metrics.
+    `resume`: a `train_state` to go on from (the run then ends as the uninterrupted run would); `checkpoint_every`
+    k > 0: every k-th epoch's report (but the last's) carries the `train_state` under `state`. `before_step(step)`
+    runs before each optimiser step (0-based; a number it returns multiplies that step's scheduled rates) and
+    `before_eval()` before each evaluation (a supernet sets its sub-plan and its rate there)."""
+    config = replace(config, batch_size=run.config.batch_size)
     model, device, forward = run.model, run.device, run.forward
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(trainable, config)
+    optimizer = make_optimizer(rate_groups(model, run.owners, run.rates), config)
     batches = _Batches(len(run.train_src), config.batch_size, config.seed)
     per_epoch = steps_per_epoch(len(run.train_src), config.batch_size)
     total = total_steps(len(run.train_src), config.batch_size, config.epochs)
@@ -394,8 +383,8 @@ def run_epochs(run: TrainSetup, config: TrainConfig, report: Report | None = Non
             with autocast(run.precision, device):
                 loss = criterion((forward or model)(images).float(), labels)
             if not torch.isfinite(loss):
-                raise TrainingDiverged(f"training diverged: the loss became {loss.item()} at epoch {epoch}, step "
-                                       f"{step + 1}; lower the learning rate (was {config.lr:g})")
+                raise TrainingDiverged(f"diverged: the loss became {loss.item()} at epoch {epoch}, step "
+                                       f"{step + 1}; lower the learning rate (peak {run.lr:g})")
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             if config.grad_clip:
@@ -409,7 +398,7 @@ def run_epochs(run: TrainSetup, config: TrainConfig, report: Report | None = Non
             seen += len(labels)
             if on_step:
                 on_step(step, total)
-        metrics = {"epoch": epoch, "train_loss": loss_sum / max(seen, 1), "lr": optimizer.param_groups[0]["lr"]}
+        metrics = {"epoch": epoch, "train_loss": loss_sum / max(seen, 1), "lr": scheduler.factor * run.lr}
         if run.eval_src is not None:
             if before_eval:
                 before_eval()
@@ -452,7 +441,7 @@ def train(
         train_split: split to train on (`train` while searching, `train_full` for a final run).
         eval_split: split evaluated after every epoch (None: none).
         test: evaluate the test split once, after the last epoch.
-        report: called after every epoch with {epoch, train_loss, val_loss, val_acc, seconds, lr}.
+        report: called after every epoch with {epoch, train_loss, val_loss, val_acc, seconds, lr (the largest)}.
         on_step: called after every optimiser step with (step, total steps), for progress bars.
         resume: a `train_state` from an earlier run of the same plan, data and config to go on from.
         checkpoint_every: every k-th epoch's report carries its `train_state` under `state` (0: none).
@@ -463,9 +452,8 @@ def train(
     history = run_epochs(run, config, report, on_step, resume=resume, checkpoint_every=checkpoint_every)
     model = run.model
     result = TrainResult(model=model, history=history, cached_blocks=run.cached_blocks, lr=run.lr,
-                         precision=run.precision,
-                         batch_size=run.config.batch_size, drop_path=run.config.drop_path, notes=list(run.notes),
-                         peft_params=plan.count(run.spec),
+                         rates=dict(run.rates), precision=run.precision, batch_size=run.config.batch_size,
+                         drop_path=run.config.drop_path, notes=list(run.notes), peft_params=plan.count(run.spec),
                          head_params=sum(p.numel() for n, p in model.named_parameters() if is_head_param(n)))
     if test:
         test_src = run.source("test", "test", data.split("test"))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 from autopeft.errors import AutopeftError, UnknownKey
@@ -187,3 +187,23 @@ def rescale_warmup(training: Mapping[str, Any], from_epochs: float | None, to_ep
     if "warmup_epochs" in out and from_epochs and to_epochs != from_epochs:
         out["warmup_epochs"] = float(out["warmup_epochs"]) * float(to_epochs) / float(from_epochs)
     return out
+
+
+def fitted_config(config: TrainConfig, backbone: str, train_size: int) -> tuple[TrainConfig, list[str]]:
+    """`config` as a run on `train_size` images of `backbone` trains it, and a note for each change: the batch
+    fitted to the split (`fitted_batch`: at least MIN_STEPS_PER_EPOCH full batches per epoch) and drop-path no
+    higher than the backbone was pretrained with, where that is known (`pretrained_drop_path`: frozen blocks never
+    learned to work with their branches dropped)."""
+    from autopeft.backbones import pretrained_drop_path
+
+    notes = []
+    batch = fitted_batch(config.batch_size, train_size)
+    if batch != config.batch_size:
+        notes.append(f"batch {batch} instead of {config.batch_size}: {train_size} train images give at least "
+                     f"{MIN_STEPS_PER_EPOCH} steps per epoch")
+    drop = config.drop_path
+    pretrained = pretrained_drop_path(backbone)
+    if pretrained is not None and drop > pretrained:
+        notes.append(f"drop-path {pretrained:g} instead of {drop:g}: {backbone} was pretrained with {pretrained:g}")
+        drop = pretrained
+    return replace(config, batch_size=batch, drop_path=drop), notes

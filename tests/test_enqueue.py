@@ -122,8 +122,8 @@ def test_parts_of_gives_back_the_plan_or_none(space: str) -> None:
 
 
 def test_baselines_are_enqueued_once_per_learning_rate_scale(tmp_path) -> None:
-    """`--baseline-lr-scales 0.5,2`: every baseline twice, at half and twice the space's centre lr_scale (1), in
-    baseline order; the study's trial count still caps what is enqueued."""
+    """`--baseline-lr-scales 0.5,2`: every baseline twice, at half and twice the space's centre lr_scale (0.25 … 1.5:
+    0.61), in baseline order; the study's trial count still caps what is enqueued."""
     url = f"sqlite:///{tmp_path}/studies.db"
     s = SearchSettings(study="g", dataset="digits", backbone=VIT, budget="2%", storage=url, trials=5,
                        baseline_lr_scales="0.5,2")
@@ -133,11 +133,12 @@ def test_baselines_are_enqueued_once_per_learning_rate_scale(tmp_path) -> None:
     fixed = [study._storage.get_trial_system_attrs(t._trial_id)["fixed_params"] for t in waiting]
     names = [t.user_attrs[st.ATTR_BASELINE] for t in waiting]
     assert len(waiting) == 5 and names[:4] == ["lora", "lora", "adapter", "adapter"]
-    assert [f["lr_scale"] for f in fixed] == pytest.approx([0.5, 2.0, 0.5, 2.0, 0.5])
+    centre = (0.25 * 1.5) ** 0.5
+    assert [f["lr_scale"] for f in fixed] == pytest.approx([0.5 * centre, 2 * centre] * 2 + [0.5 * centre])
 
 
 @pytest.mark.parametrize("scales,message", [
-    ("8", r"lr_scale 8 is outside the space's range 0.25 … 4"),
+    ("8", r"lr_scale 4.89\d* is outside the space's range 0.25 … 1.5"),
     ("0,1", "must be numbers > 0"),
     ("fast", "is not valid; use numbers"),
 ])

@@ -1,4 +1,5 @@
-"""Learning rates that fit the run: each method's declared range, a plan's rate, the run factor, `auto` end to end."""
+"""Learning rates that fit the run: each method's declared range, a plan's rate, the run factor, `auto` end to end
+(per-method groups and their schedule: tests/test_rates.py)."""
 
 from __future__ import annotations
 
@@ -11,13 +12,14 @@ from autopeft.backbones import backbone_spec
 from autopeft.data import data_config, load_dataset
 from autopeft.errors import AutopeftError
 from autopeft.learning_rate import (
+    HEAD,
     LENGTH_EXPONENT,
     REFERENCE_STEPS,
     REFERENCE_WIDTH,
     WIDTH_EXPONENT,
     centre,
-    derived_lr,
     peak_lr,
+    peak_rates,
     plan_lr,
     run_factor,
 )
@@ -40,7 +42,8 @@ def test_every_method_declares_a_range_a_decade_wide() -> None:
         get_method("lora").lr_range) > centre(get_method("full").lr_range)
 
 
-def test_a_plans_rate_is_its_parts_centres_weighted_by_their_counts() -> None:
+def test_a_plans_one_rate_is_its_parts_centres_weighted_by_their_counts() -> None:
+    """`plan_lr`: the one rate a plan trained at before per-method rates (the supernet's per-step factor now)."""
     spec = backbone_spec(TINY)
     lora, vpt = make_spec("lora", {"rank": 2}), make_spec("vpt_deep", {"length": 4})
     assert plan_lr(PeftPlan.single(lora, [0, 1]), spec) == pytest.approx(centre(lora.lr_range))
@@ -62,13 +65,16 @@ def test_the_run_factor_is_one_on_the_reference_run_and_follows_steps_and_width(
 
 
 def test_peak_lr_takes_a_given_rate_or_derives_one_and_scales_both() -> None:
+    """The reported rate is the largest group's: a LoRA plan's is LoRA's, its head's too (the plan's rate)."""
     spec = backbone_spec(TINY)
     plan = PeftPlan.single(make_spec("lora"), [0, 1, 2])
     steps = total_steps(800, 32, 3)
     assert peak_lr(TrainConfig(epochs=3, lr=2e-3), plan, spec, 800) == pytest.approx(2e-3)
     assert peak_lr(TrainConfig(epochs=3, lr=2e-3, lr_scale=0.5), plan, spec, 800) == pytest.approx(1e-3)
     auto = peak_lr(TrainConfig(epochs=3), plan, spec, 800)
-    assert auto == pytest.approx(derived_lr(plan, spec, steps))
+    factor = run_factor(steps, spec.head_in_features)
+    assert auto == pytest.approx(centre(get_method("lora").lr_range) * factor)
+    assert peak_rates(TrainConfig(epochs=3), plan, spec, 800) == pytest.approx({"lora": auto, HEAD: auto})
     assert peak_lr(TrainConfig(epochs=3, lr_scale=2.0), plan, spec, 800) == pytest.approx(2 * auto)
     # a longer run (more epochs, or more images) trains at a lower rate
     assert peak_lr(TrainConfig(epochs=12), plan, spec, 800) == pytest.approx(auto / 2 ** (2 * LENGTH_EXPONENT))
@@ -94,14 +100,15 @@ def test_a_recipe_writes_auto_and_reads_it_back(tmp_path) -> None:
 
 
 def test_training_runs_at_the_derived_peak(tmp_path) -> None:
-    """`auto` reaches the optimiser: the run's recorded peak is the derived rate, and the schedule's lr after the
-    warm-up epoch is at that peak (cosine from there)."""
+    """`auto` reaches the optimiser: the run's recorded peak is the largest derived rate (LoRA's and the head's),
+    and the schedule's lr after the warm-up epoch is at that peak (cosine from there)."""
     data = load_dataset("digits", **data_config(TINY))
     plan = PeftPlan.single(make_spec("lora", {"rank": 2}), [1, 2])
     config = TrainConfig(epochs=2, batch_size=64, warmup_epochs=1, lr_scale=0.5, cache_dir=str(tmp_path))
     result = train(TINY, plan, data, config, pretrained=False)
-    expected = 0.5 * derived_lr(plan, backbone_spec(TINY), total_steps(len(data.train), 64, 2))
-    assert result.lr == pytest.approx(expected)
+    expected = 0.5 * centre(get_method("lora").lr_range) * run_factor(total_steps(len(data.train), 64, 2),
+                                                                      backbone_spec(TINY).head_in_features)
+    assert result.lr == pytest.approx(expected) and result.rates[HEAD] == pytest.approx(expected)
     assert result.history[0]["lr"] == pytest.approx(expected, rel=1e-3)  # end of the warm-up: the peak
     given = train(TINY, plan, data, TrainConfig(epochs=1, lr=3e-3, cache_dir=str(tmp_path)), pretrained=False)
-    assert given.lr == pytest.approx(3e-3)
+    assert given.lr == pytest.approx(3e-3) and list(given.rates.values()) == pytest.approx([3e-3] * 2)

@@ -199,17 +199,20 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _run_text(recipe: Recipe, data: DataSplits) -> str:
-    """The batch and peak rate as the header shows them, `batch 32, lr 3.2e-02 (auto)`, and what the run trains
-    otherwise than the recipe says (`fitted_config`: a batch fitted to a small split, drop-path off)."""
+    """The batch and peak rates as the header shows them, `batch 32, lr lora 3.2e-02, head 3.2e-01 (auto)` (one
+    rate where every group trains at it: a given `lr`), and what the run trains otherwise than the recipe says
+    (`fitted_config`: a batch fitted to a small split, drop-path off)."""
     from autopeft.backbones import backbone_spec
-    from autopeft.learning_rate import peak_lr
+    from autopeft.learning_rate import peak_rates
     from autopeft.train import fitted_config, num_samples
 
     config = recipe.train_config()
     train_size = num_samples(data.split(recipe.splits[0]))
     fitted, notes = fitted_config(config, recipe.backbone, train_size)
-    lr = peak_lr(fitted, recipe.plan, backbone_spec(recipe.backbone, recipe.img_size), train_size)
-    return (f"batch {fitted.batch_size}, lr {lr:.2e}" + (" (auto)" if config.lr is None else "")
+    rates = peak_rates(fitted, recipe.plan, backbone_spec(recipe.backbone, recipe.img_size), train_size)
+    shown = (f"{next(iter(rates.values())):.2e}" if len(set(rates.values())) == 1
+             else ", ".join(f"{name} {rate:.2e}" for name, rate in rates.items()))
+    return (f"batch {fitted.batch_size}, lr {shown}" + (" (auto)" if config.lr is None else "")
             + "".join(f" · {note}" for note in notes))
 
 

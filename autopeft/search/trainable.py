@@ -1,7 +1,14 @@
-"""The Ray Tune trainable: one trial = one call of autopeft.train.train with a per-epoch `tune.report`."""
+"""The Ray Tune trainable: one trial = one call of autopeft.train.train with a per-epoch `tune.report`.
+
+A trial that has diverged after an epoch before its last (`diverged`: two epochs at chance, its train loss not
+below a uniform guess's) stops at once, whatever ASHA would decide, and is recorded as FAIL with a reason that
+begins `diverged`: the epochs it had left go to other trials. `AUTOPEFT_STOP_DIVERGED=0` in the environment of the
+trials' workers turns the stop off (the test suite does: its random-weight backbones' trials are often at chance).
+"""
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 import time
@@ -38,6 +45,39 @@ class TrialSettings:
 
 
 STATE_FILE = "train_state.pt"
+CHANCE_Z = 2.33  # an at-chance classifier's accuracy on n val images stays under 1/C + z·sd 99 % of the time
+# a train loss above this share of ln C has not fallen: a head that has learnt only the class prior sits a little
+# under ln C, a run that learns well under it after one epoch
+FALLEN = 0.95
+
+
+class Diverged(AutopeftError):
+    """A trial's training has collapsed (`diverged`)."""
+
+
+def chance_level(classes: int, val_size: int) -> float:
+    """The highest val accuracy that is still at chance: 1/C plus CHANCE_Z binomial standard deviations of an
+    at-chance classifier on `val_size` images (0.149 for 10 classes and 200 images)."""
+    p = 1.0 / max(classes, 1)
+    return p + CHANCE_Z * math.sqrt(p * (1 - p) / max(val_size, 1))
+
+
+def diverged(curve: list[float], train_loss: float, classes: int, val_size: int) -> str | None:
+    """Why a trial whose val accuracy after each epoch so far is `curve`, and whose last epoch's mean train loss is
+    `train_loss`, has diverged, or None: its last two epochs are at chance (`chance_level`) and its train loss has
+    not fallen (above FALLEN × ln C, ln C being the loss of a uniform guess; NaN too).
+
+    Two epochs, not one: on the standard grid a first epoch (the warm-up's) at chance with a train loss above ln C
+    was common in runs that went on to 0.3-0.7 (BENCHMARKS.md "Rate cliff: per-method rates"); the loss as well as
+    the accuracy: a collapsed run, which predicts one class, is both at chance and no better than a guess."""
+    if classes < 2 or len(curve) < 2:
+        return None
+    level = chance_level(classes, val_size)
+    if max(curve[-2:]) <= level and not train_loss < FALLEN * math.log(classes):
+        return (f"diverged: val accuracy {curve[-2]:.3f}, {curve[-1]:.3f} in epochs {len(curve) - 1}-{len(curve)} is "
+                f"at chance (≤ {level:.3f} for {classes} classes and {val_size} val images) and the mean train loss "
+                f"{train_loss:.3f} has not fallen below {FALLEN:g} × ln {classes}; lower lr_scale")
+    return None
 
 
 def trial_config(hparams: dict[str, Any], epochs: int, seed: int, precision: str | None = None,
@@ -107,7 +147,8 @@ def run_trial(config: dict, settings: TrialSettings) -> None:
     """Train the trial's plan, reporting after every epoch; failures are reported, not raised.
 
     A failure becomes a final report carrying `fail_reason` (and no `val_acc`, so the scheduler ignores it); the
-    searcher records the trial as FAIL with that reason and the study goes on. A config with a `cv` entry
+    searcher records the trial as FAIL with that reason and the study goes on. A trial that has diverged after an
+    epoch before its last (`diverged`) fails so at once, with that epoch in its curve. A config with a `cv` entry
     ({folds, fold, seed}) is a cross-validation fold run: it trains on the other folds of train+val and reports
     the held-out fold as `val_acc` (autopeft.data.folds).
     """
@@ -115,7 +156,7 @@ def run_trial(config: dict, settings: TrialSettings) -> None:
 
     from autopeft.data import data_config, load_dataset
     from autopeft.plan import PeftPlan
-    from autopeft.train import train
+    from autopeft.train import num_samples, train
 
     if _POISONED:  # a CUDA error of an earlier trial broke this process: end it, Ray re-runs the trial elsewhere
         os._exit(3)
@@ -142,8 +183,15 @@ def run_trial(config: dict, settings: TrialSettings) -> None:
             cv = info["cv"]
             data = cv_splits(data, int(cv["folds"]), int(cv["fold"]), int(cv["seed"]))
 
+        classes, val_size = data.num_classes, num_samples(data.split("val"))
+        stop_diverged = os.environ.get("AUTOPEFT_STOP_DIVERGED", "1") != "0"
+
         def report(m: dict) -> None:
             curve.append(float(m["val_acc"]))
+            # at the last epoch there are no epochs left to save: the trial ends with its accuracy
+            reason = diverged(curve, float(m["train_loss"]), classes, val_size) if stop_diverged else None
+            if reason and m["epoch"] < settings.epochs:
+                raise Diverged(reason)
             metrics = {**base, "val_acc": m["val_acc"], "val_loss": m["val_loss"], "train_loss": m["train_loss"],
                        "epoch": m["epoch"], "curve": list(curve), "seconds": time.perf_counter() - start}
             if "state" not in m:
