@@ -130,7 +130,6 @@ def test_a_diverged_trial_stops_after_its_first_epoch(tmp_path, monkeypatch, lr_
     reports: list[dict] = []
     monkeypatch.setattr(tune, "report", lambda metrics, checkpoint=None: reports.append(metrics))
     monkeypatch.setenv("AUTOPEFT_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("AUTOPEFT_STOP_DIVERGED", "1")  # the suite turns it off (conftest)
     plan = PeftPlan.single(make_spec("lora", {"rank": 2}), [0, 1, 2])
     config = {"autopeft": {"plan": plan.to_dict(), "peft_params": plan.count(backbone_spec("autopeft_tiny_vit")),
                            "hparams": {"lr_scale": lr_scale, "batch_size": 64}}}
@@ -144,13 +143,23 @@ def test_a_diverged_trial_stops_after_its_first_epoch(tmp_path, monkeypatch, lr_
 
 
 def test_the_stop_can_be_turned_off(tmp_path, monkeypatch) -> None:
+    """The driver decides for every node (`TrialSettings.stop_diverged`, shipped to the workers): off without early
+    stopping (no trial stops early) or with AUTOPEFT_STOP_DIVERGED=0 in the search command's environment."""
     from ray import tune
+
+    from autopeft.search.engine import trial_settings
+    from autopeft.search.settings import SearchSettings
 
     reports: list[dict] = []
     monkeypatch.setattr(tune, "report", lambda metrics, checkpoint=None: reports.append(metrics))
     monkeypatch.setattr(trainable, "diverged", lambda *a: "diverged: always")
-    monkeypatch.setenv("AUTOPEFT_STOP_DIVERGED", "0")
     plan = PeftPlan.single(make_spec("bitfit"), [0])
     config = {"autopeft": {"plan": plan.to_dict(), "peft_params": 1, "hparams": {"batch_size": 64}}}
-    trainable.run_trial(config, trainable.TrialSettings(dataset="digits", backbone="autopeft_tiny_vit", epochs=2))
+    off = trainable.TrialSettings(dataset="digits", backbone="autopeft_tiny_vit", epochs=2, stop_diverged=False)
+    trainable.run_trial(config, off)
     assert [r.get("epoch") for r in reports] == [1, 2] and not any("fail_reason" in r for r in reports)
+    s = SearchSettings(dataset="digits")
+    monkeypatch.setenv("AUTOPEFT_STOP_DIVERGED", "1")
+    assert trial_settings(s).stop_diverged and not trial_settings(SearchSettings(early_stopping=False)).stop_diverged
+    monkeypatch.setenv("AUTOPEFT_STOP_DIVERGED", "0")
+    assert not trial_settings(s).stop_diverged

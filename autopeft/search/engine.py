@@ -401,7 +401,9 @@ def trial_settings(s: SearchSettings, checkpoint_every: int = 0) -> TrialSetting
     return TrialSettings(dataset=s.dataset, backbone=s.backbone, epochs=s.epochs, weights=s.weights,
                          data_root=s.data_root, seed=s.seed, checkpoint_every=checkpoint_every,
                          precision=s.precision, device="auto" if s.gpus_per_trial else "cpu",
-                         num_workers=s.data_workers, img_size=s.img_size)
+                         num_workers=s.data_workers, img_size=s.img_size,
+                         # read here, on the driver, so that it holds on every node of a cluster
+                         stop_diverged=s.early_stopping and os.environ.get("AUTOPEFT_STOP_DIVERGED", "1") != "0")
 
 
 def trial_trainable(s: SearchSettings, checkpoint_every: int = 0) -> Any:

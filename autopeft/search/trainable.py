@@ -1,9 +1,11 @@
 """The Ray Tune trainable: one trial = one call of autopeft.train.train with a per-epoch `tune.report`.
 
 A trial that has diverged after an epoch before its last (`diverged`: two epochs at chance, its train loss not
-below a uniform guess's) stops at once, whatever ASHA would decide, and is recorded as FAIL with a reason that
-begins `diverged`: the epochs it had left go to other trials. `AUTOPEFT_STOP_DIVERGED=0` in the environment of the
-trials' workers turns the stop off (the test suite does: its random-weight backbones' trials are often at chance).
+below a uniform guess's) stops at once, whatever ASHA would decide, and is recorded with a reason that
+begins `diverged` (the searcher keeps it as a stopped trial, which TPE learns from): the epochs it had left go to
+other trials. The driver decides whether trials stop so, for every node (`TrialSettings.stop_diverged`): not without
+early stopping, nor with `AUTOPEFT_STOP_DIVERGED=0` in the search command's environment (the test suite sets it: its
+random-weight backbones' trials are often at chance).
 """
 
 from __future__ import annotations
@@ -42,6 +44,9 @@ class TrialSettings:
     device: str = "auto"
     num_workers: int = 0  # DataLoader processes preparing the trial's images (autopeft.train: 0, in its thread)
     img_size: int | None = None  # the study's input size (None: the backbone's pretraining size)
+    # a trial that has diverged stops at once (`diverged`); the driver decides it for every node
+    # (autopeft.search.engine.trial_settings: off without early stopping or with AUTOPEFT_STOP_DIVERGED=0)
+    stop_diverged: bool = True
 
 
 STATE_FILE = "train_state.pt"
@@ -128,7 +133,8 @@ def _gpus() -> list[str]:
     try:
         import ray
 
-        return [str(g) for g in ray.get_gpu_ids()]
+        # outside Ray (a test, a debugger) asking would start a local Ray instance
+        return [str(g) for g in ray.get_gpu_ids()] if ray.is_initialized() else []
     except Exception:  # noqa: BLE001  outside Ray
         return []
 
@@ -138,7 +144,7 @@ def _node() -> str:
     try:
         import ray
 
-        return ray.get_runtime_context().get_node_id()[:12]
+        return ray.get_runtime_context().get_node_id()[:12] if ray.is_initialized() else ""
     except Exception:  # noqa: BLE001  outside Ray
         return ""
 
@@ -184,7 +190,7 @@ def run_trial(config: dict, settings: TrialSettings) -> None:
             data = cv_splits(data, int(cv["folds"]), int(cv["fold"]), int(cv["seed"]))
 
         classes, val_size = data.num_classes, num_samples(data.split("val"))
-        stop_diverged = os.environ.get("AUTOPEFT_STOP_DIVERGED", "1") != "0"
+        stop_diverged = settings.stop_diverged
 
         def report(m: dict) -> None:
             curve.append(float(m["val_acc"]))
