@@ -22,6 +22,7 @@ from autopeft.cli import main
 from autopeft.pareto import pareto_front
 from autopeft.search import storage as st
 from autopeft.search.engine import _searcher_class
+from autopeft.space import load_space
 
 # The engine's mechanics on a 3-block test ViT with stand-in "pretrained" weights written by the fixture (fast);
 # the bundled backbone's search is the README's quickstart.
@@ -245,7 +246,8 @@ def test_resume_finishes_the_requested_count_without_duplicates(tmp_path, ray_in
     before = {t.number: (t.state, t.values) for t in study.get_trials()}
     # a driver killed mid-trial leaves a RUNNING trial behind
     orphan = study.ask()
-    orphan.suggest_float("lr_scale", 0.25, 4.0, log=True)  # the space's own learning-rate parameter
+    rate = dict(load_space("unified").training)["lr_scale"]
+    orphan.suggest_float("lr_scale", rate.low, rate.high, log=True)  # the space's own learning-rate parameter
     assert main([*SEARCH, "--trials", "5", "--study", "r", "--resume"]) == 0
     trials = optuna.load_study(study_name="r", storage=url).get_trials()
     numbers = [t.number for t in trials]
