@@ -1,5 +1,5 @@
 """Today's backbones through the CLI, as a user runs them: a search, its export and a `train --merge` of the export on
-a DINOv2 (with registers), a CLIP and an EVA-02 variant, and a DINOv2 run at 224 px on a folder of JPEGs.
+a DINOv2 (with registers) and a CLIP variant, and a DINOv2 run at 224 px on a folder of JPEGs.
 
 The hub is out of reach, so each backbone's "pretrained" weights are its random initialisation saved to a file
 (`--weights`), at the model's pretraining size (DINOv2's 518 px: the run at another size resamples its position
@@ -22,7 +22,7 @@ from autopeft.backbones import backbone_spec, create_backbone
 from autopeft.cli import main
 from autopeft.plan import PeftPlan
 
-DINOV2_REG, CLIP, EVA02 = "vit_small_patch14_reg4_dinov2", "vit_xsmall_patch16_clip_224", "eva02_tiny_patch14_224"
+DINOV2_REG, CLIP = "vit_small_patch14_reg4_dinov2", "vit_xsmall_patch16_clip_224"
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +38,7 @@ def weights(tmp_path_factory) -> dict[str, str]:
 
     folder = tmp_path_factory.mktemp("weights")
     out = {}
-    for name in (DINOV2_REG, CLIP, EVA02):
+    for name in (DINOV2_REG, CLIP):
         torch.manual_seed(0)
         path = folder / f"{name}.safetensors"
         save_file({k: v.contiguous() for k, v in create_backbone(name).state_dict().items()}, str(path))
@@ -46,7 +46,9 @@ def weights(tmp_path_factory) -> dict[str, str]:
     return out
 
 
-@pytest.mark.parametrize(("backbone", "size"), [(DINOV2_REG, "28"), (CLIP, "32"), (EVA02, "28")])
+# EVA-02 (eva02_tiny_patch14_224 at 28 px) passed this path too when it was added (33 s); it is left out to keep
+# the suite short: the Eva family's methods are checked in-process in test_backbones_eva.py
+@pytest.mark.parametrize(("backbone", "size"), [(DINOV2_REG, "28"), (CLIP, "32")])
 def test_search_export_and_train_merge(backbone: str, size: str, weights, tmp_path, monkeypatch, ray_instance,
                                        capsys) -> None:
     """`search --space mergeable` at a small input size, `export --mergeable`, then `train --config ... --merge`:
