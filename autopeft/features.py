@@ -25,8 +25,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from autopeft.backbones import family_of, rope_embed
+from autopeft.backbones import family_of
 from autopeft.defaults import env_megabytes
+from autopeft.eva import rope_embed
 from autopeft.filelock import locked
 
 FORMAT = 2  # 2: keyed by the run's precision, features stored in the dtype the prefix computed them in

@@ -22,7 +22,7 @@ factor): a mix of LoRA and prompts trained its LoRA at twice LoRA's rate.
 Every group's peak rate is `lr` when one is given (then all groups train at it, as a recipe with one fixed rate
 always has), else its derived rate, times `lr_scale` (1 by default; the shipped search spaces search `lr_scale`, so
 every trial trains each of its methods at a rate relative to that method's own). A run's reported `lr` is the
-largest of its groups' peak rates (`peak_lr`); `peak_rates` gives them all.
+largest of its groups' peak rates; `peak_rates` gives them all.
 
 No torch here: the CLI and the spaces use it before anything heavy is imported.
 """
@@ -103,8 +103,3 @@ def peak_rates(config: TrainConfig, plan: PeftPlan, spec: BackboneSpec, train_si
         return {name: float(config.lr * config.lr_scale) for name in rates}
     factor = run_factor(total_steps(train_size, config.batch_size, config.epochs), spec.head_in_features)
     return {name: float(rate * factor * config.lr_scale) for name, rate in rates.items()}
-
-
-def peak_lr(config: TrainConfig, plan: PeftPlan, spec: BackboneSpec, train_size: int) -> float:
-    """A run's reported learning rate: the largest of its groups' peak rates (`peak_rates`)."""
-    return max(peak_rates(config, plan, spec, train_size).values())

@@ -244,11 +244,11 @@ class Space:
         return self.snap(method, {k: _choice(v) for k, v in config.items()})
 
 
-# autopeft's hand-picked baselines (`autopeft.search.baselines.BASELINES`, in their order) as the table names them,
-# with the options they fix; autopeft's `adapter` (sequential, after the MLP) has no counterpart in such a table
-BASELINE_METHODS = (("lora", "lora", {}), ("adaptformer", "adaptformer", {"adapter_scaler": 0.1}),
-                    ("vpt_deep", "vpt_deep", {}), ("ssf", "ssf", {}), ("bitfit", "bitfit", {}),
-                    ("linear", "linear", {}))
+# autopeft's baseline methods as such a table names them, and its names of the options a baseline fixes; autopeft's
+# `adapter` (sequential, after the MLP) has no counterpart there
+TABLE_NAMES: dict[str, tuple[str, dict[str, str]]] = {
+    "lora": ("lora", {}), "adaptformer": ("adaptformer", {"scale": "adapter_scaler"}), "vpt_deep": ("vpt_deep", {}),
+    "ssf": ("ssf", {}), "bitfit": ("bitfit", {}), "linear": ("linear", {})}
 BASELINE_WEIGHT_DECAY = 1e-4  # TrainConfig's default (the unified space's first choice, 0, is not in such grids)
 
 
@@ -259,13 +259,18 @@ def baseline_members(space: Space) -> list[str]:
     of `autopeft.learning_rate`) and the weight decay nearest BASELINE_WEIGHT_DECAY."""
     from autopeft.learning_rate import centre
     from autopeft.methods import get_method
+    from autopeft.search.baselines import BASELINES
 
     out = []
-    for ours, theirs, fixed in BASELINE_METHODS:
+    for b in BASELINES:  # in their order
+        if b.method not in TABLE_NAMES:
+            continue
+        theirs, knobs = TABLE_NAMES[b.method]
+        fixed = {knobs[k]: float(v) for k, v in b.options.items() if k in knobs}
         keys = space.by_method.get(theirs, [])
         if not keys:
             continue
-        rate = centre(get_method(ours).lr_range)
+        rate = centre(get_method(b.method).lr_range)
 
         def miss(key: str, rate: float = rate, fixed: dict[str, float] = fixed) -> tuple[float, ...]:
             config = space.configs[key][1]

@@ -257,8 +257,7 @@ def at_chance(curve: Sequence[float], chance: float) -> bool:
 
 
 def _arm_row(arm: CellArm, limit: int, chance: float = 0.0) -> tuple[dict[str, Any], Any]:
-    from autopeft.pareto import best_under_budget
-    from autopeft.plan import PeftPlan
+    from autopeft.pareto import best_under_budget, parts_of
 
     best = best_under_budget(arm.records, limit)
     ordered = sorted(arm.records, key=lambda r: r.number)
@@ -274,7 +273,7 @@ def _arm_row(arm: CellArm, limit: int, chance: float = 0.0) -> tuple[dict[str, A
         hp = arm.hparams.get(best.number, {})
         row.update(best_val=best.val_acc, best={
             "number": best.number, "peft_params": best.peft_params, "tags": best.tags, "plan": best.plan,
-            "parts": len(PeftPlan.from_dict(best.plan).groups()),
+            "parts": parts_of(best),
             "hparams": {k: hp.get(k) for k in (*RECORDED_HPARAMS, "batch_size") if k in hp}})
     return row, best
 

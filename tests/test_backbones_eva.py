@@ -12,8 +12,9 @@ import torch
 from test_backbones_families import ADDITIONS, METHOD_CASES, NUM_CLASSES, check_outside_layerscale, inputs, small
 from test_methods import check_invariants
 
-from autopeft.backbones import backbone_spec, create_backbone, rope_embed
+from autopeft.backbones import backbone_spec, create_backbone
 from autopeft.errors import AutopeftError, UnsupportedBackbone
+from autopeft.eva import rope_embed
 from autopeft.features import prefix_forward, suffix_forward, supports_cache
 from autopeft.methods import make_spec
 from autopeft.methods._prompts import PromptedBlock

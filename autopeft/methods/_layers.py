@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from timm.models.eva import EvaBlock
 from torch import nn
 
-from autopeft.backbones import BackboneSpec, linear_sites, qkv_as_module
+from autopeft.backbones import BackboneSpec, linear_sites
+from autopeft.eva import qkv_as_module
 
 
 class Bottleneck(nn.Module):

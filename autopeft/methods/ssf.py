@@ -10,8 +10,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from autopeft.backbones import BackboneSpec, block_path, final_norm_modules, qkv_as_module
+from autopeft.backbones import BackboneSpec, block_path, final_norm_modules
 from autopeft.errors import AutopeftError
+from autopeft.eva import qkv_as_module
 from autopeft.methods.base import MethodSpec, Sliceable, Wrapper, merged_base, register, require, unwrap, wrap
 
 SSF_SITES = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2", "norm1", "norm2")

@@ -8,7 +8,8 @@ from typing import Any
 
 from torch import nn
 
-from autopeft.backbones import BackboneSpec, block_path, uses_rope
+from autopeft.backbones import BackboneSpec, block_path
+from autopeft.eva import uses_rope
 from autopeft.methods._prompts import PromptedBlock, new_prompts
 from autopeft.methods.base import MethodSpec, register, require, unwrap, wrap
 from autopeft.methods.vpt_deep import prompt_flops
