@@ -37,7 +37,7 @@ from autopeft.search import storage as st
 from autopeft.search.baselines import baseline_hparams
 from autopeft.search.cluster import check_resources, ray_log_path, ray_session  # noqa: F401  (check_resources: also here)
 from autopeft.search.epoch_cap import EpochCount, capped, spent_epochs
-from autopeft.search.liveness import ATTR_DRIVER, Heartbeat, interrupted, this_driver
+from autopeft.search.liveness import ATTR_DRIVER, Heartbeat, interrupted, process_age_s, this_driver
 from autopeft.search.recovery import (
     ATTR_INTERRUPTED,
     close_abandoned,
@@ -301,7 +301,9 @@ def create_or_resume(prep: Prepared) -> tuple[optuna.Study, int]:
         study = optuna.load_study(study_name=s.study, storage=store)
         if study.directions != [optuna.study.StudyDirection[d.upper()] for d in directions]:  # same objectives
             raise AutopeftError(f"study '{s.study}' was created with other objectives; resume with the same ones")
-        requeue_interrupted(study)
+        # an unstamped trial asked after this process started is another live driver's, an instant before it
+        # stamps it (two drivers resuming at once); one asked before is a dead driver's
+        requeue_interrupted(study, unstamped_after_s=process_age_s())
         if prep.changes:  # they hold from the next trial on; a later --resume keeps them
             st.record_changes(study, prep.study_settings, prep.changes)
     else:

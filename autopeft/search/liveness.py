@@ -51,6 +51,17 @@ def _start_time(pid: int) -> str | None:
     return stat.rsplit(")", 1)[1].split()[19]  # field 22; the command name before ")" may hold spaces
 
 
+def process_age_s() -> float:
+    """Seconds since this process started (from /proc; 0.0 where that cannot be read)."""
+    try:
+        ticks = int(_start_time(os.getpid()) or "")
+        boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime "))
+    except (OSError, ValueError, StopIteration):
+        return 0.0
+    return max(0.0, datetime.now().timestamp() - (boot + ticks / os.sysconf("SC_CLK_TCK")))
+
+
 def this_driver() -> dict[str, Any]:
     """The identity this process stamps on the trials it asks (not cached: a forked child is another driver)."""
     pid = os.getpid()
