@@ -12,8 +12,9 @@ changes to it carry over) and so the same learning-rate prior (the space's log-u
 - hand-picked: each baseline method at the largest configuration that fits the budget (size, LoRA's targets, the
   adapter's position, on every block: `autopeft.search.baselines.filled_plans`; rows before [P] took the search's
   own baselines, `baseline_plans`, whose powers-of-two sizes left much of the budget unspent), exactly N runs
-  spread over methods in baseline order (see `allocate_handpicked`), each at points of the space's lr range,
-  weight decay 1e-4 (TrainConfig's default, one of the space's choices: the fixed value a user would take);
+  spread over methods in baseline order (see `allocate_handpicked`), each at 0.5 and 2 × its method's own rate
+  (`hand_rate_range`: points of 0.25 … 4, whatever lr_scale range the space searches; an absolute lr: points of
+  the space's range), weight decay 1e-4 (TrainConfig's default, one of the space's choices: the fixed value a user would take);
 - random: N plans and hyper-parameters from Optuna's RandomSampler over the space (`compare.random_jobs`);
 - search: autopeft's engine as shipped (`compare.search_arm`), its records cut to N × E epochs in trial order.
 
@@ -64,6 +65,11 @@ class StandardConfig:
     # (`autopeft.search.baselines.filled_plans`, [P] part 1); `ladder`, the search's own baselines (powers-of-two
     # sizes, the rows before [P]: they left 37-50 % of the budget unspent)
     handpicked: str = "filled"
+    # the hand-picked arm's rates as multiples of each method's own rate (a space that searches lr_scale): the
+    # scale points of this range (k = 2: 0.5 and 2; k = 1: 1), whatever range the space searches, so that a change
+    # of the search's range does not move the yardstick (rows before `filled-start` took the space's range: at
+    # 0.25 … 1.5, 0.391 and 0.958, which cost the hand-picked arm 2.6 points of test on `rates`)
+    hand_scale_range: tuple[float, float] | None = (0.25, 4.0)
     space: str = "unified"
     workers: int = 2
     resamples: int = 10_000
@@ -133,6 +139,14 @@ def allocate_handpicked(names: Sequence[str], runs: int, low: float, high: float
         k = runs // m + (1 if i < runs % m else 0)
         out.extend((name, lr) for lr in (points(k, low, high) if k else []))
     return out
+
+
+def hand_rate_range(c: StandardConfig, key: str, domain: Any) -> tuple[float, float]:
+    """The range the hand-picked arm's rate points come from: the grid's own `hand_scale_range` for `lr_scale`
+    (the yardstick stays put when the search's range changes), the space's range for an absolute `lr`."""
+    if key == "lr_scale" and c.hand_scale_range is not None:
+        return c.hand_scale_range
+    return float(domain.low), float(domain.high)
 
 
 def derived_space(c: StandardConfig, folder: Path, name: str | None = None) -> Path:
@@ -306,7 +320,7 @@ def run_cell(c: StandardConfig, task: str, seed: int, space_path: Path, pool: Pr
     plans = dict((filled_plans if c.handpicked == "filled" else baseline_plans)(spec, limit))
     data = load_dataset(task, c.data_root, download=False, seed=seed, **data_config(c.backbone))
     chance, val_size = CHANCE_FACTOR / data.num_classes, len(data.val)  # type: ignore[arg-type]
-    alloc = allocate_handpicked(list(plans), c.runs, float(lr.low), float(lr.high),
+    alloc = allocate_handpicked(list(plans), c.runs, *hand_rate_range(c, key, lr),
                                 scale_points if key == "lr_scale" else lr_points)
     hand_jobs = [dict(base, plan=plans[name].to_dict(), hparams={**fixed, "batch_size": c.batch_size, key: rate,
                                                                   "weight_decay": c.weight_decay})

@@ -225,6 +225,21 @@ def test_handpicked_arm_gets_exactly_n_runs_over_methods_and_the_shared_lr_prior
     assert std.allocate_handpicked([], 8, 1e-4, 1e-2) == []
 
 
+def test_the_hand_picked_rates_do_not_follow_the_search_spaces_lr_scale_range() -> None:
+    from types import SimpleNamespace
+
+    import benchmarks.standard as std
+
+    shipped = SimpleNamespace(low=0.25, high=1.5)  # the shipped spaces' lr_scale range since [P] part 2
+    c = std.StandardConfig()
+    assert std.scale_points(2, *std.hand_rate_range(c, "lr_scale", shipped)) == [0.5, 2.0]
+    assert std.scale_points(1, *std.hand_rate_range(c, "lr_scale", shipped)) == [1.0]
+    as_before = std.StandardConfig(hand_scale_range=None)  # the rows before `filled-start`
+    assert std.scale_points(2, *std.hand_rate_range(as_before, "lr_scale", shipped)) == [0.391, 0.958]
+    absolute = SimpleNamespace(low=1e-4, high=1e-2)
+    assert std.hand_rate_range(c, "lr", absolute) == (1e-4, 1e-2)
+
+
 def test_filled_hand_picked_plans_are_each_methods_largest_configuration_under_the_budget():
     """[P] part 1's fair yardstick: each sized baseline at the most parameters it can reach under the budget over
     every size and placement (checked by brute force here), never fewer than the search's ladder baseline."""
