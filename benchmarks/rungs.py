@@ -1,6 +1,6 @@
 """[P] part 3: where early stopping's rungs inform, replayed on a grid row's stored val curves (no training).
 
-    python -m benchmarks.rungs [--label fair-before] [--orders 200] [--write]
+    python -m benchmarks.rungs [--label fair-before [--label rates]] [--orders 200] [--write]
 
 Per cell of the row, the pool is every full-length run of the arms trained without early stopping (random and
 hand-picked: 16 runs of `epochs_per_run` epochs; their per-epoch val curves are in the row). A schedule replays the
@@ -9,7 +9,8 @@ search arm's situation on that pool: the runs arrive in a random order (`--order
 cap has room for it beside the epochs the other live run holds, as `autopeft.search.epoch_cap` does). ASHA decides
 as Ray's asynchronous successive halving does: rungs at grace × rf^k below the run length; a run reaching a rung
 stops when its val is below the (1 − 1/rf) quantile of the vals recorded at that rung before it (the first run at a
-rung always goes on). "one-epoch-top-k" trains every run for one epoch, then the k best to the end.
+rung always goes on). "one-epoch-top-k" trains every run for one epoch, then the k best to the end. Several
+`--label`s pool their curves cell by cell (more draws of each cell; fewer orders run out of runs before the cap).
 
 A schedule's pick is the run with the best final val among those that trained every epoch (the engine's choice);
 reported per schedule, over cells and orders: the pick's final val, its shortfall from the pool's best final val
@@ -134,12 +135,33 @@ SCHEDULES = (
 )
 
 
-def run(label: str, orders: int = 200, seed: int = 0, path: Path = ROW_FILE,
+def pooled_cells(rows: dict[str, Any], labels: Sequence[str]) -> list[dict[str, Any]]:
+    """The cells of the first label with the curves of every label's same cell (task, seed) pooled: runs of other
+    rows on the same split are more draws of that cell's pool (rows must share epochs and horizon)."""
+    for label in labels:
+        if label not in rows:
+            raise SystemExit(f"no row '{label}'; rows: {', '.join(rows)}")
+    by_cell: dict[tuple[str, int], dict[str, Any]] = {}
+    for label in labels:
+        for c in rows[label]["cells"]:
+            if not all(c["arms"].get(a, {}).get("curves") for a in POOL_ARMS):
+                continue
+            key = (c["task"], c["seed"])
+            if key not in by_cell:
+                by_cell[key] = {**c, "arms": {a: {"curves": list(c["arms"][a]["curves"])} for a in POOL_ARMS}}
+            elif (c["epochs_per_run"], c["horizon"]) != (by_cell[key]["epochs_per_run"], by_cell[key]["horizon"]):
+                raise SystemExit(f"row '{label}' runs {c['epochs_per_run']} epochs under a cap of {c['horizon']}, "
+                                 "unlike the first row's: its curves are another pool")
+            else:
+                for a in POOL_ARMS:
+                    by_cell[key]["arms"][a]["curves"] += c["arms"][a]["curves"]
+    return list(by_cell.values())
+
+
+def run(labels: Sequence[str], orders: int = 200, seed: int = 0, path: Path = ROW_FILE,
         schedules: Sequence[Schedule] = SCHEDULES) -> dict[str, Any]:
-    rows = json.loads(path.read_text())["rows"]
-    if label not in rows:
-        raise SystemExit(f"no row '{label}' in {path}; rows: {', '.join(rows)}")
-    cells = [c for c in rows[label]["cells"] if all(c["arms"].get(a, {}).get("curves") for a in POOL_ARMS)]
+    cells = pooled_cells(json.loads(path.read_text())["rows"], labels)
+    label = "+".join(labels)
     if not cells:
         raise SystemExit(f"row '{label}' stores no curves of {' and '.join(POOL_ARMS)} (rows before [P] part 1)")
     per_cell = [replay_cell(c, schedules, orders, seed + i) for i, c in enumerate(cells)]
@@ -168,16 +190,18 @@ def table(result: dict[str, Any]) -> str:
 
 def main(argv: Iterable[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m benchmarks.rungs", description=__doc__.splitlines()[0])
-    p.add_argument("--label", default="fair-before", help="the grid row whose curves to replay")
+    p.add_argument("--label", action="append", default=None,
+                   help="the grid row whose curves to replay (repeat: the rows' curves of each cell pooled; "
+                        "default fair-before)")
     p.add_argument("--orders", type=int, default=200, help="random arrival orders per cell")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--write", action="store_true", help=f"add the result to {OUT.relative_to(ROOT)}")
     args = p.parse_args(list(argv) if argv is not None else None)
-    result = run(args.label, args.orders, args.seed)
+    result = run(args.label or ["fair-before"], args.orders, args.seed)
     print(table(result))
     if args.write:
         doc = json.loads(OUT.read_text()) if OUT.exists() else {"rows": {}}
-        doc["rows"][args.label] = result
+        doc["rows"][result["label"]] = result
         write_result(OUT, doc)
 
 

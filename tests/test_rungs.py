@@ -57,3 +57,20 @@ def test_a_cell_reports_each_schedule_against_the_pools_best():
     assert out["pool"] == 3 and out["pool_best"] == 0.9
     assert out["fifo"]["shortfall"] == pytest.approx(0.0) and out["fifo"]["pick_is_best"] == 1.0
     assert out["g1"]["shortfall"] >= 0.0
+
+
+def test_rows_pool_their_curves_cell_by_cell():
+    from benchmarks.rungs import pooled_cells
+
+    def cell(seed, value, horizon=16):
+        return {"task": "t", "seed": seed, "epochs_per_run": 2, "horizon": horizon,
+                "arms": {"random": {"curves": [[value, value]]}, "handpicked": {"curves": [[value, value]]}}}
+
+    rows = {"a": {"cells": [cell(0, 0.1), cell(1, 0.2)]}, "b": {"cells": [cell(1, 0.3)]}}
+    pooled = {c["seed"]: c for c in pooled_cells(rows, ["a", "b"])}
+    assert [len(pooled[s]["arms"]["random"]["curves"]) for s in (0, 1)] == [1, 2]
+    assert rows["a"]["cells"][1]["arms"]["random"]["curves"] == [[0.2, 0.2]]  # the rows are not changed
+    with pytest.raises(SystemExit, match="cap of 8"):
+        pooled_cells({"a": rows["a"], "c": {"cells": [cell(0, 0.5, horizon=8)]}}, ["a", "c"])
+    with pytest.raises(SystemExit, match="no row 'x'"):
+        pooled_cells(rows, ["x"])
