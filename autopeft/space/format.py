@@ -11,7 +11,7 @@ import dataclasses
 import math
 import re
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -25,7 +25,9 @@ FORMAT_VERSION = 1
 NONE = "none"
 MODES = ("block", "group", "depth")
 SIDES = ("first", "last")
-TOP_KEYS = ("version", "name", "description", "insertion", "slots", "global", "methods", "training", "mergeable_only")
+TOP_KEYS = ("version", "name", "description", "insertion", "slots", "global", "methods", "training", "mergeable_only",
+            "fill")
+FILL_PARAM = "budget.fill"  # the share of the budget a plan spends, asked before the plan's own decisions
 _IDENT = re.compile(r"^[a-z][a-z0-9_]*$")
 
 
@@ -77,6 +79,27 @@ class SearchSpace:
     # budget-share sizing (depth insertion only): each chosen sized component's share weight; its size follows
     # from its share of the budget (autopeft.space.shares); empty: sizes are drawn and repaired
     shares: tuple[int, ...] = ()
+    # the share of the budget a plan spends, one decision asked before the plan's (`FILL_PARAM`): a fixed value,
+    # choices or a range within (0, 1]; None: no fill, the budget is a cap only (autopeft.space.sampler)
+    fill: Domain | None = None
+
+    def lowest_fill(self) -> float:
+        """The smallest share of the budget a plan of this space may be fitted to (1 without `fill`)."""
+        if self.fill is None:
+            return 1.0
+        return float(self.fill.low if self.fill.kind == "float" else min(self.fill.values))
+
+    def fill_of(self, count: int, limit: int) -> float | None:
+        """The fill under which a plan of `count` parameters trains unshrunk: its share `count / limit` snapped to
+        the fill domain (choices: the smallest one at least the share, else the largest; a range: the share
+        clipped to it; fixed: its value); None without `fill`."""
+        if self.fill is None:
+            return None
+        share = count / limit
+        if self.fill.kind == "float":
+            return min(max(share, float(self.fill.low)), float(self.fill.high))
+        values = sorted(self.fill.values)
+        return next((v for v in values if v >= share), values[-1])
 
     def method(self, name: str) -> MethodSpace:
         for m in self.methods:
@@ -93,6 +116,12 @@ class SearchSpace:
         if self.mode != "depth":
             return []
         return [m.name for m in self.methods if m.cls.scope == "block"]
+
+
+def fill_target(fill: float, limit: int) -> int:
+    """The parameters a plan is fitted to under `fill` of a budget of `limit`: floor(fill × limit) (a count whose
+    share is `fill` gets itself back despite rounding)."""
+    return min(limit, math.floor(fill * limit + 1e-6))
 
 
 # -- loading -------------------------------------------------------------------------------------------------------
@@ -181,7 +210,7 @@ def parse_space(data: Any, source: str, default_name: str = "space") -> SearchSp
         name=name.strip(), source=source, description=" ".join(description.split()), mode=mode,
         group_size=group_size, depths=depths, sides=sides, slots=tuple(slots), global_choices=global_choices,
         methods=tuple(methods), training=_training(data.get("training") or {}, source, fail),
-        mergeable_only=mergeable_only, shares=shares,
+        mergeable_only=mergeable_only, shares=shares, fill=_fill(data["fill"], fail) if "fill" in data else None,
     )
     if not space.method_names():
         fail("methods" if mode == "depth" else "slots", "the space offers no method")
@@ -232,6 +261,28 @@ def _insertion(raw: Any, fail: Fail) -> tuple[str, int, tuple[int, ...], tuple[s
             if any(w < 1 for w in shares) or len(set(shares)) != len(shares):
                 fail("insertion.shares", f"share weights must be distinct whole numbers >= 1, got {list(shares)}")
     return mode, size, depths, sides, shares
+
+
+def _fill(raw: Any, fail: Fail) -> Domain:
+    """`fill`: a share of the budget in (0, 1], a list of such shares or a range {low, high, log?}."""
+
+    def share(value: Any, where: str) -> float:
+        value = float(number(value, where, False, fail))
+        if not 0 < value <= 1:
+            fail(where, f"a share of the budget must be in (0, 1], got {value:g}")
+        return value
+
+    if isinstance(raw, dict):
+        if "step" in raw:
+            fail("fill.step", "a fill range takes low, high and log; list the shares instead of a step")
+        domain = parse_range(raw, "fill", False, fail)
+        low, high = share(domain.low, "fill.low"), share(domain.high, "fill.high")
+        return replace(domain, low=low, high=high) if low < high else Domain("fixed", (low,))
+    if isinstance(raw, list):
+        return _choice_domain([share(v, "fill") for v in raw], "fill", fail)
+    if raw is None:
+        fail("fill", "must be a share of the budget in (0, 1], a list of shares or a range {low, high}")
+    return Domain("fixed", (share(raw, "fill"),))
 
 
 def _choices(raw: Any, key: str, scope: str, fail: Fail) -> tuple[str, ...]:

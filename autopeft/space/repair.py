@@ -1,4 +1,5 @@
-"""The budget repair: cut a drawn plan until it fits, deterministically (design in `autopeft.space.sampler`).
+"""The budget repair: cut a drawn plan until it fits, and, in a space with `fill`, grow it back up to its share of
+the budget; both deterministic (design in `autopeft.space.sampler`).
 
 The loop runs for every trial and, in the tests, thousands of times a second, so the cut of a given part is
 memoised per bound space and the plan's exact count is kept up to date part by part instead of recounted.
@@ -10,9 +11,10 @@ from collections import Counter
 from dataclasses import replace
 
 from autopeft.errors import AutopeftError
-from autopeft.methods import MethodSpec
+from autopeft.methods import MethodSpec, get_method
 from autopeft.space.bound import BoundSpace, Part
 from autopeft.space.format import NONE
+from autopeft.space.shares import size_values
 
 
 def shrink(bound: BoundSpace, part: Part) -> Part | None:
@@ -127,4 +129,52 @@ def repair(bound: BoundSpace, parts: list[Part], limit: int) -> list[Part]:
             assert smaller is not None
         parts[biggest], counts[biggest] = smaller, bound.count_part(smaller)
         tally.set(biggest, smaller)
+    return parts
+
+
+def grow(bound: BoundSpace, part: Part) -> Part | None:
+    """The smallest step that raises `part`'s own count, `shrink`'s inverse for sizes: its method's size option
+    (LoRA's rank, an adapter's dim, a prompt length; `MethodSpec.size_option`), when the space searches it, moved to
+    the value of its own domain with the next higher count (ties: the smaller value). None when the part is empty,
+    has no searched size or is at its largest: growth never switches a place on, never changes a method, its depth
+    or any other option."""
+    memo = bound.memo.setdefault("grow", {})
+    if part in memo:
+        return memo[part]
+    best: Part | None = None
+    best_count: int | None = None
+    option = None if part.empty else get_method(part.method).size_option
+    domain = dict(bound.methods[part.method].options).get(option) if option is not None else None
+    if option is not None and domain is not None and domain.kind in ("choice", "int"):
+        current, values = bound.count_part(part), dict(part.values)
+        for v in size_values(domain):
+            move = part.with_values(tuple({**values, option: v}.items()))
+            count = bound.count_part(move)
+            if current < count and (best_count is None or count < best_count):
+                best, best_count = move, count
+    memo[part] = best
+    return best
+
+
+def fill_up(bound: BoundSpace, parts: list[Part], target: int) -> list[Part]:
+    """Grow `parts` towards `target` (a plan at most `target`, as `repair` leaves it): each time the part with the
+    fewest parameters (ties: the earlier part) whose smallest step (`grow`) keeps the plan within `target` takes
+    it; stops when no part has a step that fits. Deterministic; every grown value is in its domain."""
+    parts = list(parts)
+    counts = [bound.count_part(p) for p in parts]
+    tally = Tally(bound, parts)
+    growable = [i for i, p in enumerate(parts) if grow(bound, p) is not None]
+    while growable:
+        for i in sorted(growable, key=lambda j: (counts[j], j)):
+            bigger = grow(bound, parts[i])
+            assert bigger is not None
+            tally.set(i, bigger)
+            if tally.total() <= target:
+                parts[i], counts[i] = bigger, bound.count_part(bigger)
+                if grow(bound, bigger) is None:
+                    growable.remove(i)
+                break
+            tally.set(i, parts[i])  # this step would pass the target: try the next part
+        else:
+            break
     return parts

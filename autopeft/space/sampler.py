@@ -18,6 +18,17 @@ under budget. Every repaired value is a value of the same domain, so it is a poi
 A share space (`insertion: shares`, `autopeft.space.shares`) draws no sizes: they follow from the budget, every
 draw fits, and nothing is repaired.
 
+Fill. Without `fill` the budget is a cap, and the share of it a plan spends is what ~40 per-place draws and the
+repair happen to leave. A space with `fill` (a share of the budget in (0, 1]: fixed, choices or a range) makes it one
+decision: `budget.fill` is asked before any of the plan's, and the plan is fitted to target = floor(fill × budget):
+repaired down to it as above, then grown up to it (`autopeft.space.repair.fill_up`): while a step fits, the part
+with the fewest parameters (ties: the earlier part) takes its smallest growth step, its size option (rank, dim,
+length) moved to the value of its domain with the next higher count; a step that would pass the target is skipped.
+Growth changes sizes only, never a method, a depth or a place switched off, so the plan's structure is the
+repaired draw's; it ends within the target and less than one step (of any part that can still grow) below it. A
+share space sizes its components to the target. A baseline (a trial enqueued with the `baseline` user attribute,
+and `budget.fill` from `fill_param`) is repaired to its target but never grown, so it trains the hand-picked plan.
+
 Learning. Optuna cannot change a value a trial has suggested, so the trial keeps the draw in `trial.params`, and the
 repaired plan is recorded in user attributes: `plan` (the PeftPlan dict that is trained), `peft_params`, and
 `repaired` (parameter -> repaired value, None for a parameter the repaired plan no longer uses; empty when the draw
@@ -36,10 +47,10 @@ from autopeft.backbones import BackboneSpec
 from autopeft.budget import Budget
 from autopeft.errors import AutopeftError
 from autopeft.plan import PeftPlan
-from autopeft.records import ATTR_PARAMS, ATTR_PLAN
+from autopeft.records import ATTR_BASELINE, ATTR_PARAMS, ATTR_PLAN
 from autopeft.space.bound import BoundSpace, Part, bind
-from autopeft.space.format import SearchSpace
-from autopeft.space.repair import repair
+from autopeft.space.format import FILL_PARAM, SearchSpace, fill_target
+from autopeft.space.repair import fill_up, repair
 from autopeft.space.shares import depth_caps, shares_of, suggest_share_parts
 
 
@@ -55,25 +66,59 @@ def check_feasible(space: SearchSpace, spec: BackboneSpec, budget: Budget | int 
     limit = _limit(budget)
     if limit is None:
         return bound
+    given = budget.text if isinstance(budget, Budget) else f"{limit:,}"
     need = bound.total(bound.smallest_parts())
     if need > limit:
         percent = math.ceil(100.0 * need / spec.backbone_params * 1000) / 1000
-        given = budget.text if isinstance(budget, Budget) else f"{limit:,}"
         raise AutopeftError(
             f"{space.source}: the smallest plan of space '{space.name}' needs {need:,} trainable parameters on "
             f"{spec.name}, but the budget {given} allows {limit:,}; use a budget of at least {need:,} "
             f"({percent:g}%) or a smaller space"
+        )
+    low = space.lowest_fill()
+    if need > fill_target(low, limit):
+        raise AutopeftError(
+            f"{space.source}: the smallest plan of space '{space.name}' needs {need:,} trainable parameters on "
+            f"{spec.name}, but its smallest fill {low:g} of the budget {given} allows {fill_target(low, limit):,}; "
+            f"use a budget of at least {math.ceil(need / low):,}, a fill of at least "
+            f"{math.ceil(need / limit * 1000) / 1000:g} or a smaller space"
         )
     if space.shares:
         depth_caps(bound, limit)  # raises when no depths let every draw fit
     return bound
 
 
+def suggest_fill(trial: Any, space: SearchSpace, limit: int | None) -> int | None:
+    """The count a plan is fitted to: with `fill` and a `limit`, floor(fill × limit), `budget.fill` asked when the
+    space searches it; else `limit` (None: no budget, nothing asked)."""
+    if limit is None or space.fill is None:
+        return limit
+    return fill_target(space.fill.suggest(trial, FILL_PARAM), limit)
+
+
+def fill_param(bound: BoundSpace, parts: list[Part], limit: int | None) -> dict[str, float]:
+    """`{"budget.fill": f}` for parts enqueued as a trial of a space that searches `fill` (`SearchSpace.fill_of`:
+    their share of `limit` snapped to the fill domain, so they are not shrunk unless their share is above every
+    fill); empty when the space asks no fill or there is no limit."""
+    if limit is None or bound.space.fill is None or not bound.space.fill.searched:
+        return {}
+    fill = bound.space.fill_of(bound.total(parts), limit)
+    assert fill is not None
+    return {FILL_PARAM: fill}
+
+
 def suggest_parts(trial: Any, bound: BoundSpace, limit: int | None = None) -> list[Part]:
-    """Ask `trial` for every decision of the space (conditionally), without looking at any budget; a share space
-    asks its share weights instead of sizes and derives the sizes from `limit` (`autopeft.space.shares`)."""
+    """Ask `trial` for every decision of the space (conditionally), without looking at any budget but for `fill`
+    (asked first, when the space has it and `limit` is given); a share space asks its share weights instead of sizes
+    and derives the sizes from `limit`, or its fill of it (`autopeft.space.shares`)."""
+    return _draw(trial, bound, limit)[0]
+
+
+def _draw(trial: Any, bound: BoundSpace, limit: int | None) -> tuple[list[Part], int | None]:
+    """The drawn parts and the count they are to be fitted to (`suggest_fill`)."""
+    target = suggest_fill(trial, bound.space, limit)
     if bound.space.shares:
-        return suggest_share_parts(trial, bound, limit)
+        return suggest_share_parts(trial, bound, limit, target), target
     parts = []
     for t in bound.templates:
         part = t
@@ -87,7 +132,7 @@ def suggest_parts(trial: Any, bound: BoundSpace, limit: int | None = None) -> li
             searched = bound.methods[part.method].searched()
             part = part.with_values(tuple((k, d.suggest(trial, part.option_param(k))) for k, d in searched))
         parts.append(part)
-    return parts
+    return parts, target
 
 
 def _ask(trial: Any, name: str | None, choices: tuple) -> Any:
@@ -96,7 +141,8 @@ def _ask(trial: Any, name: str | None, choices: tuple) -> Any:
 
 def expressed_parts(bound: BoundSpace, plan: PeftPlan, limit: int | None) -> list[Part] | None:
     """The parts whose parameters make the sampler draw exactly `plan` under `limit` (`BoundSpace.parts_of`, with a
-    share space's weights), or None when the space cannot draw it."""
+    share space's weights), or None when the space cannot draw it. With a searched `fill`, enqueue `fill_param` of
+    these parts with them."""
     parts = bound.parts_of(plan)
     if parts is None or not bound.space.shares:
         return parts
@@ -104,11 +150,13 @@ def expressed_parts(bound: BoundSpace, plan: PeftPlan, limit: int | None) -> lis
 
 
 def sample_parts(trial: Any, space: SearchSpace, spec: BackboneSpec, budget: Budget | int | None) -> list[Part]:
-    """Draw and repair; records `plan`, `peft_params` and `repaired` as user attributes of the trial."""
+    """Draw and repair (and, with `fill`, grow); records `plan`, `peft_params` and `repaired` as user attributes of
+    the trial."""
     bound = check_feasible(space, spec, budget)
-    limit = _limit(budget)
-    drawn = suggest_parts(trial, bound, limit)
-    parts = drawn if limit is None or space.shares else repair(bound, drawn, limit)
+    drawn, target = _draw(trial, bound, _limit(budget))
+    parts = drawn if target is None or space.shares else repair(bound, drawn, target)
+    if target is not None and space.fill is not None and not space.shares and not _baseline(trial):
+        parts = fill_up(bound, parts, target)
     before, after = bound.params(drawn), bound.params(parts)
     repaired = {k: v for k, v in after.items() if before.get(k) != v}
     repaired.update({k: None for k in before if k not in after})
@@ -117,6 +165,11 @@ def sample_parts(trial: Any, space: SearchSpace, spec: BackboneSpec, budget: Bud
         trial.set_user_attr(ATTR_PARAMS, bound.total(parts))
         trial.set_user_attr("repaired", repaired)
     return parts
+
+
+def _baseline(trial: Any) -> bool:
+    """Whether `trial` is an enqueued baseline, which trains its hand-picked plan: never grown."""
+    return bool((getattr(trial, "user_attrs", None) or {}).get(ATTR_BASELINE))
 
 
 def sample_plan(trial: Any, space: SearchSpace, spec: BackboneSpec, budget: Budget | int | None) -> PeftPlan:

@@ -22,6 +22,10 @@ block), no depth is taken out; at 1 % of the bundled 6-block backbone, VPT-deep'
 
 What the sampler learns from is what trained: the depths, sides, options and weights it drew are the plan's, and
 the sizes are a function of them.
+
+With `fill` (`autopeft.space.sampler`), the share of the budget is asked first and the allowances sum to
+floor(fill × budget) instead of the budget; the depths are capped once for the smallest fill, so a depth's choices
+are the same in every trial.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from typing import Any
 from autopeft.errors import AutopeftError
 from autopeft.space.bound import BoundSpace, Part, _extremes
 from autopeft.space.domain import Domain
+from autopeft.space.format import fill_target
 
 
 def size_values(domain: Domain) -> tuple[int, ...]:
@@ -92,11 +97,15 @@ def _worst_smallest(bound: BoundSpace, template: Part, depth: int | None) -> int
 
 
 def depth_caps(bound: BoundSpace, limit: int) -> dict[int, tuple[int, ...]]:
-    """Per depth component (index into `bound.templates`): the depths it may take under `limit`, such that the
-    components' smallest sizes fit whatever is drawn. Raises AutopeftError when no depths do."""
+    """Per depth component (index into `bound.templates`): the depths it may take under `limit` (at the space's
+    smallest fill of it), such that the components' smallest sizes fit whatever is drawn. Raises AutopeftError when
+    no depths do."""
     key = ("depth_caps", limit)
     if key in bound.memo:
         return bound.memo[key]
+    budget, limit = limit, fill_target(bound.space.lowest_fill(), limit)
+    within = f"{limit:,} parameters" if limit == budget else \
+        f"{limit:,} parameters (fill {bound.space.lowest_fill():g} of {budget:,})"
     templates = bound.templates
     deepest = {i: max(bound.depths) for i, t in enumerate(templates) if t.depth is not None}
     fixed = sum(_worst_smallest(bound, t, None) for t in templates if t.depth is None)
@@ -111,8 +120,8 @@ def depth_caps(bound: BoundSpace, limit: int) -> dict[int, tuple[int, ...]]:
         lowerable = [i for i in deepest if any(d < deepest[i] for d in bound.depths)]
         if not lowerable:
             raise AutopeftError(
-                f"{bound.space.source}: share space '{bound.space.name}' cannot size its plans within {limit:,} "
-                f"parameters on {bound.spec.name}: its components at their smallest depths and sizes need "
+                f"{bound.space.source}: share space '{bound.space.name}' cannot size its plans within {within} "
+                f"on {bound.spec.name}: its components at their smallest depths and sizes need "
                 f"{limit + excess:,}; give a larger budget or a space whose depths include 0")
         saving = {i: need(i) - need(i, lower(i)) for i in lowerable}
         enough = [i for i in lowerable if saving[i] >= excess]
@@ -148,9 +157,10 @@ def derive(bound: BoundSpace, parts: list[Part], limit: int | None) -> list[Part
     return out
 
 
-def suggest_share_parts(trial: Any, bound: BoundSpace, limit: int | None) -> list[Part]:
+def suggest_share_parts(trial: Any, bound: BoundSpace, limit: int | None, target: int | None = None) -> list[Part]:
     """Ask `trial` for a share space's decisions (depth, side, the options but the size, the share weights) and
-    derive the sizes: the parts fit `limit` by construction."""
+    derive the sizes: the parts fit `target` (a space with `fill`: floor(fill × limit); else `limit`) by
+    construction."""
     caps = depth_caps(bound, limit) if limit is not None else {}
     parts = []
     for idx, t in enumerate(bound.templates):
@@ -171,7 +181,7 @@ def suggest_share_parts(trial: Any, bound: BoundSpace, limit: int | None) -> lis
     if _asks_shares(bound, sized):
         for i in sized:
             parts[i] = replace(parts[i], share=_ask(trial, parts[i].option_param("share"), bound.space.shares, True))
-    return derive(bound, parts, limit)
+    return derive(bound, parts, limit if target is None else target)
 
 
 def _asks_shares(bound: BoundSpace, sized: list[int]) -> bool:
@@ -184,19 +194,22 @@ def _ask(trial: Any, name: str | None, choices: tuple, asked: bool) -> Any:
 
 def shares_of(bound: BoundSpace, parts: list[Part], limit: int | None) -> list[Part] | None:
     """The parts (with share weights) a share space derives to exactly these parts' plan, or None when no weights
-    do or a depth is outside `depth_caps` (what `autopeft.space.sampler.expressed_parts` returns for a share space)."""
+    do or a depth is outside `depth_caps` (what `autopeft.space.sampler.expressed_parts` returns for a share space).
+    With `fill`, the sizes are derived under the fill the plan is enqueued with (`SearchSpace.fill_of`)."""
     caps = depth_caps(bound, limit) if limit is not None else {}
     if any(p.depth is not None and p.depth not in caps.get(i, bound.depths) for i, p in enumerate(parts)):
         return None
     sized = [i for i, p in enumerate(parts) if _sized(bound, p)]
     target = bound.plan(parts)
+    fill = bound.space.fill_of(bound.total(parts), limit) if limit is not None else None
+    within = limit if fill is None or limit is None else fill_target(fill, limit)
     combos: Iterable[tuple[int | None, ...]] = itertools.product(bound.space.shares, repeat=len(sized)) \
         if _asks_shares(bound, sized) else [(None,) * len(sized)]
     for combo in combos:
         cand = list(parts)
         for i, w in zip(sized, combo, strict=True):
             cand[i] = replace(cand[i], share=w)
-        derived = derive(bound, cand, limit)
+        derived = derive(bound, cand, within)
         if bound.plan(derived) == target:
             return derived
     return None

@@ -14,7 +14,7 @@ from typing import Any
 from autopeft.backbones import BackboneSpec
 from autopeft.budget import Budget
 from autopeft.space.bound import BoundSpace, Part, bind
-from autopeft.space.format import NONE, SearchSpace
+from autopeft.space.format import FILL_PARAM, NONE, SearchSpace, fill_target
 
 
 def ranges(blocks: Iterable[int]) -> str:
@@ -30,13 +30,16 @@ def ranges(blocks: Iterable[int]) -> str:
 
 def insertion_text(space: SearchSpace) -> str:
     if space.mode == "block":
-        return "per block (each block decides independently)"
-    if space.mode == "group":
-        return f"per group of {space.group_size} consecutive blocks"
-    sides = " or ".join(space.sides)
-    text = f"NOAH-style: each method on its {sides} d blocks, d in {list(space.depths)}"
-    if space.shares:
-        text += f"; sizes from each method's share of the budget, weights {list(space.shares)}"
+        text = "per block (each block decides independently)"
+    elif space.mode == "group":
+        text = f"per group of {space.group_size} consecutive blocks"
+    else:
+        sides = " or ".join(space.sides)
+        text = f"NOAH-style: each method on its {sides} d blocks, d in {list(space.depths)}"
+        if space.shares:
+            text += f"; sizes from each method's share of the budget, weights {list(space.shares)}"
+    if space.fill is not None:
+        text += f"; each plan fitted to a fill {space.fill.describe()} of the budget ({FILL_PARAM})"
     return text
 
 
@@ -60,6 +63,7 @@ def describe(space: SearchSpace, spec: BackboneSpec, budget: Budget | None = Non
         "global": list(space.global_choices),
         "methods": {m: {k: d.describe() for k, d in bound.methods[m].options} for m in bound.methods},
         "training": {k: d.describe() for k, d in space.training},
+        "fill": None if space.fill is None else space.fill.describe(),
         "mergeable_only": space.mergeable_only,
         "notes": list(bound.notes),
         "backbone": {"name": spec.name, "family": spec.family, "blocks": spec.num_blocks,
@@ -72,7 +76,7 @@ def describe(space: SearchSpace, spec: BackboneSpec, budget: Budget | None = Non
     }
     if budget is not None:
         info["budget"] = {"text": budget.text, "limit": budget.limit, "percent": budget.percent}
-        info["feasible"] = info["smallest"]["params"] <= budget.limit
+        info["feasible"] = info["smallest"]["params"] <= fill_target(space.lowest_fill(), budget.limit)
         info["methods_at_budget"] = feasibility(bound, budget.limit)
         if space.shares and info["feasible"]:
             from autopeft.space.shares import depth_caps
