@@ -72,15 +72,25 @@ def test_baselines_take_the_centre_of_ranges_and_the_first_of_choices(tmp_path) 
     assert abs(params["lr"] - 1e-3) < 1e-12
 
 
-def test_baselines_are_enqueued_as_the_spaces_own_parameters(tmp_path) -> None:
+@pytest.mark.parametrize("fill", [None, [0.25, 0.5, 1.0]])
+def test_baselines_are_enqueued_as_the_spaces_own_parameters(tmp_path, fill) -> None:
     """A baseline the space can express is the sampler's own draw (TPE learns from its parameters); drawing it
-    gives back exactly the baseline's plan. One it cannot express (the linear probe) keeps its plan attribute."""
+    gives back exactly the baseline's plan, in a space that draws its share of the budget (`fill`) too. One it
+    cannot express (the linear probe) keeps its plan attribute."""
     from autopeft.search.baselines import baseline_plans
     from autopeft.search.engine import SamplePlan
     from autopeft.space.bound import bind
 
+    space = "unified"
+    if fill is not None:
+        from autopeft.space.format import shipped_dir
+
+        data = yaml.safe_load((shipped_dir() / "unified.yaml").read_text())
+        data["fill"] = fill
+        space = str(tmp_path / "filled.yaml")
+        (tmp_path / "filled.yaml").write_text(yaml.safe_dump(data))
     url = f"sqlite:///{tmp_path}/studies.db"
-    s = SearchSettings(study="p", dataset="digits", backbone=VIT, budget="2%", storage=url, trials=8)
+    s = SearchSettings(study="p", dataset="digits", backbone=VIT, budget="2%", storage=url, trials=8, space=space)
     prep = prepare(s)
     study, _ = create_or_resume(prep)
     expected = dict(baseline_plans(prep.spec, prep.budget.limit, bind(prep.space, prep.spec)))
@@ -94,6 +104,7 @@ def test_baselines_are_enqueued_as_the_spaces_own_parameters(tmp_path) -> None:
         if name == "linear":
             assert st.ATTR_PLAN in study._storage.get_trial(trial._trial_id).user_attrs
         else:
+            assert ("budget.fill" in trial.params) == (fill is not None), (name, trial.params)
             assert f"block0.{'tokens' if name == 'vpt_deep' else 'tune' if name in ('lora', 'bitfit') else 'module'}" \
                 in trial.params, (name, trial.params)
             as_params += 1

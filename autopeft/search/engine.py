@@ -52,7 +52,7 @@ from autopeft.search.study_settings import StudySettings
 from autopeft.search.trainable import TrialSettings, run_trial
 from autopeft.space import SearchSpace, plan_overhead, sample_hparams, sample_plan
 from autopeft.space.bound import bind, is_plan_param
-from autopeft.space.sampler import expressed_parts
+from autopeft.space.sampler import expressed_parts, fill_param
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 logger = logging.getLogger(__name__)
@@ -318,9 +318,10 @@ def create_or_resume(prep: Prepared) -> tuple[optuna.Study, int]:
         for name, plan, hp in queue[: s.trials]:  # a short study runs only the first baselines
             parts = expressed_parts(bound, plan, prep.budget.limit)
             if parts is not None:  # as the space's own parameters: the sampler learns from it like any draw
+                fill = fill_param(bound, parts, prep.budget.limit)  # a `fill` space: the whole plan's share
                 if s.baseline_mix:  # its own method's decisions only: the sampler draws the other places
                     parts = [p for p in parts if not p.empty]
-                study.enqueue_trial({**bound.params(parts), **hp}, user_attrs={st.ATTR_BASELINE: name})
+                study.enqueue_trial({**bound.params(parts), **fill, **hp}, user_attrs={st.ATTR_BASELINE: name})
             else:  # a plan the space cannot express (e.g. a linear probe): trained as it is
                 study.enqueue_trial(hp, user_attrs={st.ATTR_PLAN: plan.to_dict(), st.ATTR_BASELINE: name})
         if s.warm_start:
