@@ -14,7 +14,8 @@ changes to it carry over) and so the same learning-rate prior (the space's log-u
   own baselines, `baseline_plans`, whose powers-of-two sizes left much of the budget unspent), exactly N runs
   spread over methods in baseline order (see `allocate_handpicked`), each at 0.5 and 2 × its method's own rate
   (`hand_rate_range`: points of 0.25 … 4, whatever lr_scale range the space searches; an absolute lr: points of
-  the space's range), weight decay 1e-4 (TrainConfig's default, one of the space's choices: the fixed value a user would take);
+  the space's range), weight decay 1e-4 (TrainConfig's default, one of the space's choices: the fixed value a
+  user would take);
 - random: N plans and hyper-parameters from Optuna's RandomSampler over the space (`compare.random_jobs`);
 - search: autopeft's engine as shipped (`compare.search_arm`), its records cut to N × E epochs in trial order.
 

@@ -289,7 +289,52 @@ def render(path: str | None = None) -> str:
     return text
 
 
-if __name__ == "__main__":  # python -m benchmarks.standard_stats [results.json]: the table again, from the file
-    import sys
+def paired_rows(doc: dict[str, Any], a: str, b: str, arm_a: str = "search", arm_b: str | None = None,
+                resamples: int = 10_000) -> dict[str, Any]:
+    """Test of `arm_a` in row `a` minus test of `arm_b` (default: the same arm) in row `b`, paired by cell (task,
+    seed) over the cells both rows finished: what one change did to one arm, or one row's arm against another row's
+    yardstick (an arm whose runs do not depend on the change, such as hand-picked at fixed rates)."""
+    rows = doc["rows"]
+    for label in (a, b):
+        if label not in rows:
+            raise SystemExit(f"no row '{label}'; rows: {', '.join(rows)}")
 
-    print(render(sys.argv[1] if len(sys.argv) > 1 else None))
+    def tests(label: str, arm: str) -> dict[tuple[str, int], float]:
+        return {(c["task"], c["seed"]): c["arms"][arm]["test"] for c in rows[label]["cells"]
+                if c["arms"].get(arm, {}).get("test") is not None}
+
+    left, right = tests(a, arm_a), tests(b, arm_b or arm_a)
+    cells = sorted(set(left) & set(right))
+    if not cells:
+        raise SystemExit(f"rows '{a}' and '{b}' finished no cell in common")
+    diffs = [left[k] - right[k] for k in cells]
+    mean, low, high = bootstrap_ci(diffs, resamples)
+    return {"cells": len(cells), "mean": mean, "ci95": [low, high],
+            "per_cell": {f"{task} {seed}": d for (task, seed), d in zip(cells, diffs, strict=True)}}
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m benchmarks.standard_stats",
+                                description="the grid's table again, from its results file; or two rows paired")
+    p.add_argument("results", nargs="?", default=None, help="results JSON (default benchmarks/results/standard.json)")
+    p.add_argument("--paired", nargs=2, metavar=("A", "B"), help="test of an arm in row A minus row B, by cell")
+    p.add_argument("--arm", default="search", help="--paired: the arm of row A (search, random, handpicked)")
+    p.add_argument("--against", default=None, help="--paired: the arm of row B (default: --arm)")
+    args = p.parse_args(argv)
+    if not args.paired:
+        print(render(args.results))
+        return
+    from pathlib import Path
+
+    from benchmarks import RESULTS
+
+    doc = json.loads(Path(args.results or RESULTS / "standard.json").read_text())
+    r = paired_rows(doc, *args.paired, args.arm, args.against)
+    print(f"{args.arm} of {args.paired[0]} − {args.against or args.arm} of {args.paired[1]}, {r['cells']} cells: "
+          f"{100 * r['mean']:+.1f} [{100 * r['ci95'][0]:+.1f}, {100 * r['ci95'][1]:+.1f}] points of test")
+
+
+if __name__ == "__main__":  # python -m benchmarks.standard_stats [results.json] [--paired A B --arm ARM]
+    main()

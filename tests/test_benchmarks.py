@@ -497,3 +497,18 @@ def test_epoch_rank_correlation_reads_the_stored_curves():
     rho = epoch_rank_correlation([cell, small])
     assert rho == pytest.approx([-1.0, 1.0, 1.0])
     assert epoch_rank_correlation([small]) == []
+
+
+def test_two_rows_pair_by_cell() -> None:
+    from benchmarks.standard_stats import paired_rows
+
+    def row(values, arm="search"):
+        return {"cells": [{"task": "t", "seed": s, "arms": {arm: {"test": v}}} for s, v in values.items()]}
+
+    doc = {"rows": {"a": row({0: 0.70, 1: 0.80, 2: 0.90}), "b": row({1: 0.75, 2: 0.80, 3: 0.10}),
+                    "h": row({0: 0.5, 1: 0.5}, arm="handpicked")}}
+    r = paired_rows(doc, "a", "b")
+    assert r["cells"] == 2 and r["mean"] == pytest.approx(0.075)  # seeds 1 and 2 only: +0.05, +0.10
+    assert paired_rows(doc, "a", "h", "search", "handpicked")["mean"] == pytest.approx(0.25)
+    with pytest.raises(SystemExit, match="no row 'x'"):
+        paired_rows(doc, "a", "x")
