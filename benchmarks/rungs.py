@@ -60,8 +60,9 @@ def replay_asha(curves: Sequence[Sequence[float]], order: Sequence[int], grace: 
                 concurrency: int = 2) -> tuple[list[int], int, int]:
     """(runs that trained every epoch, epochs spent, runs started) of one order of the pool under ASHA or FIFO."""
     max_t = len(curves[0])
-    rungs = {m: [] for m in milestones(grace, rf, max_t)} if grace is not None else {}
-    queue, live, done, spent, started = list(order), {}, [], 0, 0  # live: run -> epochs trained
+    rungs: dict[int, list[float]] = {m: [] for m in milestones(grace, rf, max_t)} if grace is not None else {}
+    live: dict[int, int] = {}  # run -> epochs trained
+    queue, done, spent, started = list(order), [], 0, 0
     while queue or live:
         while len(live) < concurrency and queue and spent + len(live) + 1 <= cap:
             live[queue.pop(0)] = 0

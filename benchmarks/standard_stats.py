@@ -331,7 +331,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     from benchmarks import RESULTS
 
     doc = json.loads(Path(args.results or RESULTS / "standard.json").read_text())
-    r = paired_rows(doc, *args.paired, args.arm, args.against)
+    a, b = args.paired
+    r = paired_rows(doc, a, b, args.arm, args.against)
     print(f"{args.arm} of {args.paired[0]} − {args.against or args.arm} of {args.paired[1]}, {r['cells']} cells: "
           f"{100 * r['mean']:+.1f} [{100 * r['ci95'][0]:+.1f}, {100 * r['ci95'][1]:+.1f}] points of test")
 
