@@ -1,6 +1,7 @@
 """Replay samplers and the portfolio over a measured tuning table (no training: every evaluation is a table look-up).
 
-    python -m benchmarks.replay --table DIR [--seeds 10] [--k 5] [--normalise regret] [--write]
+    python -m benchmarks.replay --table DIR [--seeds 10] [--k 5] [--normalise regret] [--arms A,B,...]
+        [--write | --write-json]
 
 DIR holds `tuning.csv` (one row per task, method, configuration: `task`, `method`, `config` as JSON, `val_top1`)
 and optionally `final.csv` (per task and method: `inserted_parameters`, `best_tune`), the format of
@@ -24,6 +25,34 @@ to come within `--tol` (0.5) points of the task's best in-budget val, mean with 
 a seed that does not get there within `--max-evals` (TPE arms) or `--random-max` (random) counts as that cap + 1 (a
 lower bound, flagged). The portfolio's own leave-one-task-out regret is reported for each normalisation and k, the
 measurement behind `--normalise`; the portfolio built from every task (what would ship) is `portfolio_all_tasks`.
+
+`--arms` picks other arms (comma-separated; default random, tpe, baselines+tpe, portfolio+tpe, whose output it
+leaves as it was), to compare samplers after the same start: each arm is SAMPLER or START+SAMPLER, START `baselines`
+(`baseline_members`) or `portfolio` (the leave-one-task-out portfolio), enqueued first exactly as for baselines+tpe /
+portfolio+tpe; SAMPLER one of (built by `sampler`, here, not in autopeft/; every TPE and GP variant has 4 random
+trials of its own after the enqueued ones, as the engine's TPE):
+
+- `random`: optuna's RandomSampler (capped at `--random-max`; every other sampler at `--max-evals`);
+- `tpe`: the engine's TPE (`make_sampler("tpe")`);
+- `tpe-indep`: the engine's TPE with multivariate=False, group=False: a univariate Parzen estimator per parameter;
+- `tpe-nogroup`: multivariate=True, group=False: one joint estimator over the parameters every trial has (`method`,
+  `lr`, `wd` here) and, in optuna 5, a univariate TPE for each conditional knob (not random draws);
+- `tpe-gamma`: the engine's TPE with gamma(n) = ceil(0.25 n) (a quarter of the trials form the good density)
+  instead of optuna's default min(ceil(0.1 n), 25), which is already a fixed 10 % (its cap binds only past 250
+  trials, more than `--max-evals`' 200), so a "fixed 10 %" arm would repeat `tpe`;
+- `gp`: optuna's GPSampler (n_startup_trials = 4 + the enqueued trials). It models only the relative search space
+  optuna's IntersectionSearchSpace gives: the parameters present, with the same distribution, in every completed
+  trial (single-valued ones dropped). In this space that is `method`, `lr` and `wd` (shared by every method; on
+  PETL_Vision's table 15 methods in budget, or 10 of autopeft's, and 2 values each of lr and wd); each
+  method's own knobs (rank, scaler, prompt length, FacT dim, ...) go to its independent sampler, a RandomSampler
+  with the same seed, so GP never learns them. Every parameter here is categorical, which its Matern kernel treats
+  as a 0/1 (Hamming) distance per parameter with its own length scale: `lr` values are categories, not an ordered
+  scale; the acquisition is log expected improvement.
+
+With any set of arms but the default the summary has, per arm (`per_arm`), the total over tasks of the mean evaluations
+with a 95 % bootstrap interval (each arm's seeds resampled within each task), the censored seeds, and the ratio of
+totals to `random` and to `baselines+tpe` where those arms ran, with an interval from the same resamples.
+`--write-json` writes `--out` without touching BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -42,6 +71,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from autopeft.errors import AutopeftError
 from autopeft.search.portfolio import NORMALISATIONS, greedy, leave_one_out
 from benchmarks import write_result
 from benchmarks.defaults_on_val import interval
@@ -283,10 +313,10 @@ def baseline_members(space: Space) -> list[str]:
 
 
 def run_arm(space: Space, sampler: Any, max_evals: int, enqueue: Sequence[str] = (), target: float = math.inf,
-            horizon: int = 0) -> tuple[list[float], list[int]]:
+            horizon: int = 0, trace: list[str] | None = None) -> tuple[list[float], list[int]]:
     """One study over `space`, `enqueue`d configurations first, for `max_evals` trials or until it has run
     `horizon` trials and reached `target`: the best val after each trial, and the distinct configurations evaluated
-    by then."""
+    by then. `trace`, when given, gets each evaluated configuration's key in turn."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -305,6 +335,8 @@ def run_arm(space: Space, sampler: Any, max_evals: int, enqueue: Sequence[str] =
         value = space.values[key]
         study.tell(trial, value)
         seen.add(key)
+        if trace is not None:
+            trace.append(key)
         curve.append(max(curve[-1], value) if curve else value)
         distinct.append(len(seen))
     return curve, distinct
@@ -342,12 +374,60 @@ def make(name: str, seed: int, enqueued: int) -> Any:
     return make_sampler(name, seed, enqueued=enqueued)
 
 
+STARTS = ("baselines", "portfolio")
+SAMPLERS = ("random", "tpe", "tpe-indep", "tpe-nogroup", "tpe-gamma", "gp")
+
+
+def quarter_gamma(n: int) -> int:
+    """tpe-gamma's split: the best quarter of the trials form TPE's good density."""
+    return math.ceil(0.25 * n)
+
+
+def sampler(name: str, seed: int, enqueued: int) -> Any:
+    """The replay's sampler `name` (one of SAMPLERS); `enqueued` trials come first and are not part of its random
+    start. `random` and `tpe` are autopeft's own (`make`); the variants change one setting of the engine's TPE."""
+    import warnings
+
+    import optuna
+
+    from autopeft.search.samplers import TPE_STARTUP, RepairedTPE
+
+    if name in ("random", "tpe"):
+        return make(name, seed, enqueued)
+    engine = {"multivariate": True, "group": True, "constant_liar": True}
+    options: dict[str, dict[str, Any]] = {
+        "tpe-indep": {**engine, "multivariate": False, "group": False},
+        "tpe-nogroup": {**engine, "group": False},
+        "tpe-gamma": {**engine, "gamma": quarter_gamma},
+    }
+    with warnings.catch_warnings():  # gamma is deprecated (FutureWarning), GPSampler's options experimental
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        if name in options:
+            return RepairedTPE(seed=seed, n_startup_trials=TPE_STARTUP + enqueued, **options[name])
+        if name == "gp":
+            return optuna.samplers.GPSampler(seed=seed, n_startup_trials=TPE_STARTUP + enqueued,
+                                             warn_independent_sampling=False)
+    raise AutopeftError(f"unknown sampler '{name}'; choose one of: {', '.join(SAMPLERS)}")
+
+
+def parse_arm(arm: str) -> tuple[str | None, str]:
+    """'START+SAMPLER' or 'SAMPLER' as (START or None, SAMPLER); an unknown name is an AutopeftError."""
+    start, plus, name = arm.rpartition("+")
+    if (plus and start not in STARTS) or name not in SAMPLERS:
+        raise AutopeftError(f"unknown arm '{arm}': an arm is SAMPLER or START+SAMPLER, START one of "
+                            f"{', '.join(STARTS)}, SAMPLER one of {', '.join(SAMPLERS)}")
+    return start or None, name
+
+
 def replay(table: Path, seeds: int = 10, k: int = 5, normalise: str = "regret", tol: float = 0.5,
            budget_share: float | None = 0.005, max_evals: int = 200, random_max: int = 1000,
            ns: Sequence[int] = (1, 5, 10, 20, 40, 60),
            portfolio_ks: int = 10, log: Callable[[str], None] | None = None,
-           methods: Sequence[str] | None = None) -> dict[str, Any]:
+           methods: Sequence[str] | None = None, arms: Sequence[str] = ARMS) -> dict[str, Any]:
     start = time.perf_counter()
+    arms = tuple(dict.fromkeys(arms))  # each arm once, in the order given
+    parsed = {arm: parse_arm(arm) for arm in arms}
     tuning, meta = load(table, budget_share, methods)
     rows = tuning[tuning["in_budget"]]
     spaces = {task: Space.of(g) for task, g in rows.groupby("task", sort=True)}
@@ -371,17 +451,18 @@ def replay(table: Path, seeds: int = 10, k: int = 5, normalise: str = "regret", 
             "portfolio": members, "arms": {}}
         baselines = baseline_members(space)
         entry["baselines"] = baselines
-        arms = {"random": ("random", (), random_max), "tpe": ("tpe", (), max_evals),
-                "baselines+tpe": ("tpe", baselines, max_evals), "portfolio+tpe": ("tpe", members, max_evals)}
-        for arm, (sampler, enqueue, cap) in arms.items():
+        starts: dict[str | None, list[str]] = {None: [], "baselines": baselines, "portfolio": members}
+        for arm, (first, name) in parsed.items():
+            enqueue = starts[first]
+            cap = random_max if name == "random" else max_evals
             curves, needs, distinct = [], [], []
             for seed in range(seeds):
-                curve, seen = run_arm(space, make(sampler, seed, len(enqueue)), cap, enqueue, target, horizon)
+                curve, seen = run_arm(space, sampler(name, seed, len(enqueue)), cap, enqueue, target, horizon)
                 curves.append(curve)
                 need = evals_to(curve, target)
                 needs.append(need)
                 distinct.append(None if need is None else seen[need - 1])
-            filled = [n if n is not None else cap + 1 for n in needs]
+            filled: list[float] = [n if n is not None else cap + 1 for n in needs]
             mean, low, high = interval(filled)
             entry["arms"][arm] = {
                 "best_after": {str(n): float(np.mean([c[min(n, len(c)) - 1] for c in curves])) for n in ns},
@@ -392,32 +473,79 @@ def replay(table: Path, seeds: int = 10, k: int = 5, normalise: str = "regret", 
         if log:
             log(f"{task}: " + ", ".join(f"{a} {v['evals_to_tol']['mean']:.1f}" for a, v in entry["arms"].items())
                 + f" (uniform random {entry['uniform_random_expected']:.1f}; {time.perf_counter() - start:.0f} s)")
-    ratios = {t: e["arms"]["portfolio+tpe"]["evals_to_tol"]["mean"] / e["arms"]["random"]["evals_to_tol"]["mean"]
-              for t, e in tasks.items()}
-    totals = {arm: float(sum(e["arms"][arm]["evals_to_tol"]["mean"] for e in tasks.values()))
-              for arm in ARMS}
-    to_baselines = {t: e["arms"]["portfolio+tpe"]["evals_to_tol"]["mean"]
-                    / e["arms"]["baselines+tpe"]["evals_to_tol"]["mean"] for t, e in tasks.items()}
-    mean_ratio = float(np.mean(list(ratios.values())))
-    bound = {t: _bound(e).strip() for t, e in tasks.items() if _bound(e)}
-    summary = {"ratio_per_task": ratios, "mean_ratio": mean_ratio, "ratio_bound": bound,
-               "ratio_to_baselines_per_task": to_baselines,
-               "mean_ratio_to_baselines": float(np.mean(list(to_baselines.values()))),
-               "ratio_of_totals_to_baselines": totals["portfolio+tpe"] / totals["baselines+tpe"],
-               "tasks_within_target": int(sum(r <= TARGET_RATIO for r in ratios.values())),
-               "ratio_of_totals": totals["portfolio+tpe"] / totals["random"], "totals": totals,
-               "censored": {arm: int(sum(e["arms"][arm]["evals_to_tol"]["censored"] for e in tasks.values()))
-                            for arm in totals},
-               "target_ratio": TARGET_RATIO, "target_met": mean_ratio <= TARGET_RATIO}
+    totals = {arm: float(sum(e["arms"][arm]["evals_to_tol"]["mean"] for e in tasks.values())) for arm in arms}
+    summary: dict[str, Any] = {}
+    if set(ARMS) <= set(arms):  # the portfolio's measurement, as before
+        ratios = {t: e["arms"]["portfolio+tpe"]["evals_to_tol"]["mean"]
+                  / e["arms"]["random"]["evals_to_tol"]["mean"] for t, e in tasks.items()}
+        to_baselines = {t: e["arms"]["portfolio+tpe"]["evals_to_tol"]["mean"]
+                        / e["arms"]["baselines+tpe"]["evals_to_tol"]["mean"] for t, e in tasks.items()}
+        mean_ratio = float(np.mean(list(ratios.values())))
+        bound = {t: _bound(e).strip() for t, e in tasks.items() if _bound(e)}
+        summary = {"ratio_per_task": ratios, "mean_ratio": mean_ratio, "ratio_bound": bound,
+                   "ratio_to_baselines_per_task": to_baselines,
+                   "mean_ratio_to_baselines": float(np.mean(list(to_baselines.values()))),
+                   "ratio_of_totals_to_baselines": totals["portfolio+tpe"] / totals["baselines+tpe"],
+                   "tasks_within_target": int(sum(r <= TARGET_RATIO for r in ratios.values())),
+                   "ratio_of_totals": totals["portfolio+tpe"] / totals["random"], "totals": totals,
+                   "censored": {arm: int(sum(e["arms"][arm]["evals_to_tol"]["censored"] for e in tasks.values()))
+                                for arm in totals},
+                   "target_ratio": TARGET_RATIO, "target_met": mean_ratio <= TARGET_RATIO}
+    else:
+        summary = {"totals": totals,
+                   "censored": {arm: int(sum(e["arms"][arm]["evals_to_tol"]["censored"] for e in tasks.values()))
+                                for arm in totals}}
+    if tuple(arms) != ARMS:
+        summary["per_arm"] = per_arm(tasks, list(arms), ns)
     return {"command": "python -m benchmarks.replay " + " ".join(sys.argv[1:]), "table": str(table),
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "settings": {"seeds": seeds, "k": k, "normalise": normalise, "tol": tol, "budget_share": budget_share,
                          "max_evals": max_evals, "random_max": random_max, "ns": list(ns),
                          "methods": None if methods is None else list(methods),
-                         "evaluation": "a trial (a repeated configuration counts again)"},
+                         "evaluation": "a trial (a repeated configuration counts again)",
+                         **({} if tuple(arms) == ARMS else {"arms": list(arms)})},
             **meta, "portfolio_leave_one_out": portfolio_eval, "portfolios": {h: p for h, p in loo.items()},
             "portfolio_all_tasks": greedy(scores, k, normalise, candidates),
             "tasks": tasks, "summary": summary, "wall_s": time.perf_counter() - start}
+
+
+REFERENCES = ("random", "baselines+tpe")  # the arms per_arm's ratios of totals are taken to
+
+
+def per_arm(tasks: dict[str, Any], arms: list[str], ns: Sequence[int], resamples: int = 10000,
+            seed: int = 0) -> dict[str, Any]:
+    """Per arm, over the tasks: the total of the per-task mean evaluations to the tolerance (censored seeds at the
+    cap + 1) with a 95 % bootstrap interval (each arm's seeds resampled within each task, independently per arm),
+    the censored seeds, the ratio of totals to each of REFERENCES that ran (interval from the same resamples), and
+    the mean over tasks of the best val and of the regret (task's best in-budget val - best val) after n."""
+    rng = np.random.default_rng(seed)
+    boot: dict[str, np.ndarray] = {}
+    for arm in arms:
+        sums = np.zeros(resamples)
+        for e in tasks.values():
+            v = e["arms"][arm]["evals_to_tol"]
+            x = np.array([n if n is not None else v["cap"] + 1 for n in v["per_seed"]], dtype=float)
+            sums += x[rng.integers(0, len(x), (resamples, len(x)))].mean(axis=1)
+        boot[arm] = sums
+    out: dict[str, Any] = {}
+    for arm in arms:
+        total = float(sum(e["arms"][arm]["evals_to_tol"]["mean"] for e in tasks.values()))
+        entry: dict[str, Any] = {
+            "total": total, "total_ci95": [float(q) for q in np.quantile(boot[arm], [0.025, 0.975])],
+            "censored": int(sum(e["arms"][arm]["evals_to_tol"]["censored"] for e in tasks.values())),
+            "seeds": int(sum(len(e["arms"][arm]["evals_to_tol"]["per_seed"]) for e in tasks.values()))}
+        for ref in REFERENCES:
+            if ref in arms:
+                ref_total = sum(e["arms"][ref]["evals_to_tol"]["mean"] for e in tasks.values())
+                entry[f"ratio_of_totals_to_{ref}"] = total / ref_total
+                entry[f"ratio_of_totals_to_{ref}_ci95"] = [
+                    float(q) for q in np.quantile(boot[arm] / boot[ref], [0.025, 0.975])]
+        entry["best_after_mean"] = {str(n): float(np.mean([e["arms"][arm]["best_after"][str(n)]
+                                                           for e in tasks.values()])) for n in ns}
+        entry["regret_after_mean"] = {str(n): float(np.mean([e["best_val"] - e["arms"][arm]["best_after"][str(n)]
+                                                             for e in tasks.values()])) for n in ns}
+        out[arm] = entry
+    return out
 
 
 def _short(key: str) -> str:
@@ -428,6 +556,8 @@ def _short(key: str) -> str:
 
 
 def markdown(result: dict[str, Any]) -> str:
+    if "per_arm" in result["summary"]:
+        return markdown_arms(result)
     s, st = result["summary"], result["settings"]
     ns = st["ns"]
     budget = result["budget_params"]
@@ -503,6 +633,46 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def markdown_arms(result: dict[str, Any]) -> str:
+    """The comparison of any set of arms (`--arms`): per task each arm's evaluations to the tolerance, then per arm
+    the totals, their ratios and the mean best val after n."""
+    s, st = result["summary"], result["settings"]
+    arms = list(s["per_arm"])
+    ns = st["ns"]
+    lines = [
+        f"Command: `{result['command']}` ({result['date']}, {result['wall_s'] / 60:.1f} min). Table: "
+        f"`{result['table']}`" + (f", methods {', '.join(st['methods'])}" if st["methods"] else "")
+        + (f"; budget {100 * st['budget_share']:g} % of the backbone's parameters" if st["budget_share"] else "")
+        + f". {st['seeds']} seeds per task and arm; caps: random {st['random_max']}, other samplers "
+        f"{st['max_evals']} (a seed that never got there counts as its cap + 1). Evals = evaluations until the best "
+        f"val is within {st['tol']} points of the task's best in-budget val: mean [95 % bootstrap interval over "
+        "seeds].",
+        "",
+        "| task | configs | best val | " + " | ".join(arms) + " |",
+        "|---|---:|---:|" + "---:|" * len(arms),
+    ]
+    for task, e in result["tasks"].items():
+        cells = []
+        for arm in arms:
+            v = e["arms"][arm]["evals_to_tol"]
+            cells.append(f"{v['mean']:.1f} [{v['ci95'][0]:.1f}, {v['ci95'][1]:.1f}]"
+                         + (f" ({v['censored']} cens.)" if v["censored"] else ""))
+        lines.append(f"| {task} | {e['configs']} | {e['best_val']:.1f} | " + " | ".join(cells) + " |")
+    refs = [r for r in REFERENCES if r in arms]
+    lines += ["", "| arm | total evals [95 %] | censored seeds | "
+              + "".join(f"ratio to {r} [95 %] | " for r in refs)
+              + " | ".join(f"best val after {n} (regret)" for n in ns) + " |",
+              "|---|---:|---:|" + "---:|" * (len(refs) + len(ns))]
+    for arm, a in s["per_arm"].items():
+        ratios = "".join(f"{a[f'ratio_of_totals_to_{r}']:.2f} [{a[f'ratio_of_totals_to_{r}_ci95'][0]:.2f}, "
+                         f"{a[f'ratio_of_totals_to_{r}_ci95'][1]:.2f}] | " for r in refs)
+        lines.append(f"| {arm} | {a['total']:.0f} [{a['total_ci95'][0]:.0f}, {a['total_ci95'][1]:.0f}] | "
+                     f"{a['censored']}/{a['seeds']} | " + ratios
+                     + " | ".join(f"{a['best_after_mean'][str(n)]:.2f} ({a['regret_after_mean'][str(n)]:.2f})"
+                                  for n in ns) + " |")
+    return "\n".join(lines)
+
+
 def _bound(entry: dict[str, Any]) -> str:
     """'≥ ' where censored portfolio+TPE seeds make the ratio a lower bound, '≤ ' where censored random seeds make
     it an upper bound, '~ ' where both."""
@@ -540,23 +710,33 @@ def main(argv: Iterable[str] | None = None) -> None:
     p.add_argument("--out", default="replay.json", help="results file (a bare name goes to benchmarks/results/)")
     p.add_argument("--methods", default=None,
                    help="comma-separated methods of the table to replay (space and portfolio); default: all")
+    p.add_argument("--arms", default=",".join(ARMS),
+                   help="comma-separated arms, each SAMPLER or START+SAMPLER (START: " + ", ".join(STARTS)
+                   + "; SAMPLER: " + ", ".join(SAMPLERS) + "); default: %(default)s")
     p.add_argument("--section", default=SECTION, help="the BENCHMARKS.md section --write replaces")
     p.add_argument("--write", action="store_true", help=f"write --out and BENCHMARKS.md's section (--section, "
                    f"default '{SECTION}')")
+    p.add_argument("--write-json", action="store_true", help="write --out only (BENCHMARKS.md untouched)")
     args = p.parse_args(None if argv is None else list(argv))
     if not (args.table / "tuning.csv").is_file():
         p.error(f"{args.table / 'tuning.csv'} not found")
     methods = None if args.methods is None else [m.strip() for m in args.methods.split(",") if m.strip()]
+    arms = list(dict.fromkeys(a.strip() for a in args.arms.split(",") if a.strip()))
     try:
+        for arm in arms:
+            parse_arm(arm)
+        if not arms:
+            raise AutopeftError("--arms names no arm")
         result = replay(args.table, args.seeds, args.k, args.normalise, args.tol, args.budget or None,
                         args.max_evals, args.random_max, args.ns, log=lambda m: print(m, file=sys.stderr),
-                        methods=methods)
-    except ValueError as exc:
+                        methods=methods, arms=tuple(arms))
+    except (ValueError, AutopeftError) as exc:
         p.error(str(exc))
     text = markdown(result)
     print(text)
-    if args.write:
+    if args.write or args.write_json:
         write_result(args.out, result)
+    if args.write:
         write_section(text, title=args.section)
 
 

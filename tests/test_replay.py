@@ -133,3 +133,80 @@ def test_baseline_members_are_autopeft_baselines_as_the_tables_configurations(tm
     assert set(only["method"]) == {"bitfit", "lora"}
     with pytest.raises(ValueError, match="nope"):
         rp.load(tmp_path, 0.005, ["nope"])
+
+
+SAMPLER_ARMS = ("baselines+random", "baselines+tpe", "baselines+tpe-indep", "baselines+tpe-nogroup",
+                "baselines+tpe-gamma", "baselines+gp", "portfolio+tpe", "portfolio+gp", "portfolio+random", "tpe-gamma")
+
+
+def test_arms_compare_samplers_after_the_same_start(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--arms: every sampler runs after either start; each START+SAMPLER arm enqueues the same start as
+    START+tpe (its first evaluations are the start's members), and the summary gives totals and ratios per arm."""
+    table = write_table(tmp_path)
+    calls: list[tuple[str, list[str], list[str]]] = []
+    run_arm = rp.run_arm
+
+    def traced(space: rp.Space, sampler: object, max_evals: int, enqueue: list[str] = (), *args: object,
+               **kwargs: object) -> tuple[list[float], list[int]]:
+        trace: list[str] = []
+        out = run_arm(space, sampler, max_evals, enqueue, *args, trace=trace, **kwargs)  # type: ignore[arg-type]
+        calls.append((type(sampler).__name__, list(enqueue), trace))
+        return out
+
+    monkeypatch.setattr(rp, "run_arm", traced)
+    arms = ("random", *SAMPLER_ARMS, "baselines+tpe")
+    result = rp.replay(table, seeds=1, k=2, max_evals=12, random_max=12, ns=(1, 5), portfolio_ks=2, arms=arms)
+    arms = ("random", *SAMPLER_ARMS)  # baselines+tpe named twice runs once
+    assert result["settings"]["arms"] == list(arms)
+    assert len(calls) == 3 * len(arms)  # 3 tasks, 1 seed
+    for i, task in enumerate(result["tasks"]):
+        e = result["tasks"][task]
+        by_arm = dict(zip(arms, calls[i * len(arms):(i + 1) * len(arms)], strict=True))
+        assert set(e["arms"]) == set(arms)
+        for arm, (_, enqueue, trace) in by_arm.items():
+            start = arm.split("+")[0] if "+" in arm else None
+            assert enqueue == {"baselines": e["baselines"], "portfolio": e["portfolio"], None: []}[start], arm
+            assert enqueue == by_arm[f"{start}+tpe"][1] if start else not enqueue
+            assert trace[:len(enqueue)] == enqueue and len(trace) >= 5  # the start first, then the sampler
+        assert {kind for kind, _, _ in by_arm.values()} == {"RandomSampler", "RepairedTPE", "GPSampler"}
+    per_arm = result["summary"]["per_arm"]
+    assert list(per_arm) == list(arms) and set(result["summary"]["totals"]) == set(arms)
+    for arm, a in per_arm.items():
+        assert a["total"] == pytest.approx(sum(e["arms"][arm]["evals_to_tol"]["mean"]
+                                               for e in result["tasks"].values()))
+        assert a["total_ci95"][0] <= a["total"] <= a["total_ci95"][1] and a["seeds"] == 3
+        assert a["ratio_of_totals_to_random"] == pytest.approx(a["total"] / per_arm["random"]["total"])
+        assert a["ratio_of_totals_to_baselines+tpe"] == pytest.approx(a["total"] / per_arm["baselines+tpe"]["total"])
+        assert a["best_after_mean"]["1"] <= a["best_after_mean"]["5"] <= 90.0
+    assert per_arm["random"]["ratio_of_totals_to_random"] == 1.0
+    assert "ratio_per_task" not in result["summary"]  # the portfolio's measurement needs the four default arms
+    text = rp.markdown(result)
+    assert "baselines+gp" in text and "| t0 |" in text and "Target" not in text
+
+
+def test_samplers_and_default_arms(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The variants differ from the engine's TPE in the one setting each names; GP's random start is 4 trials after
+    the enqueued ones; the default --arms leave the summary as before; an unknown arm is one clear error."""
+    tpe = rp.sampler("tpe", 0, 3)
+    assert (tpe._multivariate, tpe._group, tpe._n_startup_trials) == (True, True, 7)
+    indep, nogroup, gamma = (rp.sampler(n, 0, 3) for n in ("tpe-indep", "tpe-nogroup", "tpe-gamma"))
+    assert (indep._multivariate, indep._group, indep._n_startup_trials) == (False, False, 7)
+    assert (nogroup._multivariate, nogroup._group) == (True, False)
+    assert gamma._gamma is rp.quarter_gamma and rp.quarter_gamma(10) == 3 and tpe._gamma is None
+    assert rp.sampler("gp", 0, 3)._n_startup_trials == 7
+    assert rp.parse_arm("baselines+tpe-gamma") == ("baselines", "tpe-gamma") and rp.parse_arm("gp") == (None, "gp")
+    for bad in ("nope", "baselines+nope", "scratch+tpe", "+tpe", "baselines+"):
+        with pytest.raises(rp.AutopeftError, match="unknown arm"):
+            rp.parse_arm(bad)
+    table = write_table(tmp_path)
+    with pytest.raises(SystemExit):
+        rp.main(["--table", str(table), "--arms", "random,baselines+bogus"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "unknown arm 'baselines+bogus'" in err[-1] and len([line for line in err if "unknown" in line]) == 1
+    out = tmp_path / "arms.json"
+    rp.main(["--table", str(table), "--seeds", "1", "--k", "1", "--max-evals", "8", "--random-max", "8", "--ns", "1",
+             "--arms", "random,portfolio+tpe-indep", "--out", str(out), "--write-json"])
+    assert set(json.loads(out.read_text())["summary"]["per_arm"]) == {"random", "portfolio+tpe-indep"}
+    default = rp.replay(table, seeds=1, k=1, max_evals=8, random_max=8, ns=(1,), portfolio_ks=1)
+    assert "per_arm" not in default["summary"] and "arms" not in default["settings"]
+    assert set(default["summary"]["totals"]) == set(rp.ARMS) and "ratio_of_totals_to_baselines" in default["summary"]
