@@ -431,6 +431,24 @@ def test_progress_prints_one_unwrapped_line_per_trial(capsys) -> None:
     assert "best under budget 0.5000 (trial 0, 1,234 params)" in lines[2] and "3/12 finished" in lines[2]
 
 
+def test_a_diverged_trial_is_shown_stopped_as_the_study_records_it(capsys) -> None:
+    from types import SimpleNamespace
+
+    from autopeft.search.progress import SearchProgress
+
+    progress = SearchProgress(total=4, max_epochs=6, budget_limit=10_000)
+    reason = "diverged: val accuracy 0.100, 0.100 in epochs 1-2 is at chance"
+    for number, result in enumerate([{"epoch": 2, "val_acc": 0.1, "fail_reason": reason},
+                                     {"epoch": 2, "fail_reason": "CUDA out of memory"}]):
+        trial = SimpleNamespace(trial_id=f"t{number}", last_result=result,
+                                config={"autopeft": {"peft_params": 99, "number": number}})
+        progress.on_trial_start(0, [], trial)
+        progress.on_trial_complete(0, [], trial)
+    lines = capsys.readouterr().err.splitlines()
+    assert "stopped at epoch 2, diverged: val accuracy" in lines[0] and "FAIL" not in lines[0], lines
+    assert "FAIL CUDA out of memory" in lines[1] and "1 stopped early · 1 failed" in lines[1], lines
+
+
 def test_epoch_count_adds_each_trials_last_epoch_to_the_finished_ones() -> None:
     from autopeft.search.epoch_cap import EpochCount
 

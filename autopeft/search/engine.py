@@ -49,7 +49,7 @@ from autopeft.search.recovery import (
 from autopeft.search.samplers import make_sampler
 from autopeft.search.settings import SearchSettings
 from autopeft.search.study_settings import StudySettings
-from autopeft.search.trainable import TrialSettings, run_trial
+from autopeft.search.trainable import DIVERGED, TrialSettings, run_trial
 from autopeft.space import SearchSpace, plan_overhead, sample_hparams, sample_plan
 from autopeft.space.bound import bind, is_plan_param
 from autopeft.space.sampler import expressed_parts, fill_param
@@ -89,7 +89,6 @@ class SamplePlan:
                              "hparams": hparams, "number": trial.number}}
 
 
-DIVERGED = "diverged"  # the start of the reason a trial that collapsed reports (autopeft.search.trainable)
 
 
 def _searcher_class() -> type:

@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from autopeft.search.epoch_cap import EpochCount
+from autopeft.search.trainable import DIVERGED
 
 
 class SearchProgress(Callback):
@@ -69,9 +70,13 @@ class SearchProgress(Callback):
         params, number = int(meta.get("peft_params", 0)), meta.get("number", "?")
         epochs = int(r.get("epoch", 0) or 0)
         self.count.see(trial.trial_id, r)
-        if error or r.get("fail_reason"):
+        reason = str(r.get("fail_reason") or "")
+        if reason.startswith(DIVERGED) and not error:  # stopped, as the study records it (PRUNED), not failed
+            self.counts["pruned"] += 1
+            status = f"[yellow]stopped at epoch {epochs}[/], {escape(reason)}"
+        elif error or reason:
             self.counts["failed"] += 1
-            status = f"[red]FAIL[/] {escape(str(r.get('fail_reason', 'worker failed')))}"  # text, not markup
+            status = f"[red]FAIL[/] {escape(reason or 'worker failed')}"  # text, not markup
         elif epochs < self.max_epochs:
             self.counts["pruned"] += 1
             status = f"[yellow]stopped at epoch {epochs}[/] val_acc {r.get('val_acc', float('nan')):.4f}"

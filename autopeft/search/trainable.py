@@ -67,6 +67,9 @@ def chance_level(classes: int, val_size: int) -> float:
     return p + CHANCE_Z * math.sqrt(p * (1 - p) / max(val_size, 1))
 
 
+DIVERGED = "diverged"  # the start of the reason a trial that collapsed reports (`diverged`)
+
+
 def diverged(curve: list[float], train_loss: float, classes: int, val_size: int) -> str | None:
     """Why a trial whose val accuracy after each epoch so far is `curve`, and whose last epoch's mean train loss is
     `train_loss`, has diverged, or None: its last two epochs are at chance (`chance_level`) and its train loss has
@@ -79,7 +82,7 @@ def diverged(curve: list[float], train_loss: float, classes: int, val_size: int)
         return None
     level = chance_level(classes, val_size)
     if max(curve[-2:]) <= level and not train_loss < FALLEN * math.log(classes):
-        return (f"diverged: val accuracy {curve[-2]:.3f}, {curve[-1]:.3f} in epochs {len(curve) - 1}-{len(curve)} is "
+        return (f"{DIVERGED}: val accuracy {curve[-2]:.3f}, {curve[-1]:.3f} in epochs {len(curve) - 1}-{len(curve)} is "
                 f"at chance (≤ {level:.3f} for {classes} classes and {val_size} val images) and the mean train loss "
                 f"{train_loss:.3f} has not fallen below {FALLEN:g} × ln {classes}; lower lr_scale")
     return None
