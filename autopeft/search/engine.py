@@ -37,7 +37,7 @@ from autopeft.search import storage as st
 from autopeft.search.baselines import baseline_hparams
 from autopeft.search.cluster import check_resources, ray_log_path, ray_session  # noqa: F401  (check_resources: also here)
 from autopeft.search.epoch_cap import EpochCount, capped, spent_epochs
-from autopeft.search.liveness import ATTR_DRIVER, Heartbeat, interrupted, process_age_s, this_driver
+from autopeft.search.liveness import ATTR_DRIVER, SETTLE_S, Heartbeat, interrupted, this_driver
 from autopeft.search.recovery import (
     ATTR_INTERRUPTED,
     close_abandoned,
@@ -300,9 +300,9 @@ def create_or_resume(prep: Prepared) -> tuple[optuna.Study, int]:
         study = optuna.load_study(study_name=s.study, storage=store)
         if study.directions != [optuna.study.StudyDirection[d.upper()] for d in directions]:  # same objectives
             raise AutopeftError(f"study '{s.study}' was created with other objectives; resume with the same ones")
-        # an unstamped trial asked after this process started is another live driver's, an instant before it
-        # stamps it (two drivers resuming at once); one asked before is a dead driver's
-        requeue_interrupted(study, unstamped_after_s=process_age_s())
+        # an unstamped trial that gets its stamp within SETTLE_S is another live driver's, caught an instant before
+        # it stamped it (two drivers resuming at once); one still unstamped is a dead driver's
+        requeue_interrupted(study, settle_s=SETTLE_S)
         if prep.changes:  # they hold from the next trial on; a later --resume keeps them
             st.record_changes(study, prep.study_settings, prep.changes)
     else:
@@ -329,16 +329,17 @@ def create_or_resume(prep: Prepared) -> tuple[optuna.Study, int]:
     return study, max(0, s.trials - finished - running)
 
 
-def requeue_interrupted(study: optuna.Study, unstamped_after_s: float = 0.0) -> list[int]:
+def requeue_interrupted(study: optuna.Study, unstamped_after_s: float = 0.0, settle_s: float = 0.0) -> list[int]:
     """Mark the trials whose driver died (see `liveness`) FAIL and enqueue the same trials again.
 
     Trials of drivers that still run are left alone. Marking is one state change per trial, so two drivers
     re-queueing at once re-run each trial once: the second one's change fails and it enqueues nothing. A running
-    driver passes `unstamped_after_s` so that a trial asked an instant ago, not yet stamped (its own), is spared.
+    driver passes `unstamped_after_s` so that a trial asked an instant ago, not yet stamped (its own), is spared;
+    a driver that resumes passes `settle_s` so that another driver's trial caught in that instant is spared too.
     """
     redo = []
     storage = study._storage
-    for t in interrupted(study, unstamped_after_s=unstamped_after_s):
+    for t in interrupted(study, unstamped_after_s=unstamped_after_s, settle_s=settle_s):
         if not close_uncounted(storage, t._trial_id, "interrupted (its driver stopped); re-run"):
             continue  # it finished, or another driver re-queued it, since we looked
         attrs = {k: t.user_attrs[k] for k in (st.ATTR_BASELINE, st.ATTR_WARM_START) if k in t.user_attrs}

@@ -15,6 +15,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterable
 from datetime import datetime
 from pathlib import Path
@@ -30,6 +31,9 @@ ATTR_DRIVER = "driver"
 HEARTBEAT_S = 15.0
 # longer than SQLite's busy timeout: a driver that waits for a lock misses beats without being dead
 GRACE_S = 150.0
+# how long a resuming driver waits before it takes an unstamped trial for a dead driver's (a live one stamps its
+# trials an instant after asking them, seconds on a loaded machine)
+SETTLE_S = 5.0
 
 
 @functools.lru_cache(maxsize=1)
@@ -49,17 +53,6 @@ def _start_time(pid: int) -> str | None:
     except OSError:
         return None
     return stat.rsplit(")", 1)[1].split()[19]  # field 22; the command name before ")" may hold spaces
-
-
-def process_age_s() -> float:
-    """Seconds since this process started (from /proc; 0.0 where that cannot be read)."""
-    try:
-        ticks = int(_start_time(os.getpid()) or "")
-        boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
-                    if line.startswith("btime "))
-    except (OSError, ValueError, StopIteration):
-        return 0.0
-    return max(0.0, datetime.now().timestamp() - (boot + ticks / os.sysconf("SC_CLK_TCK")))
 
 
 def this_driver() -> dict[str, Any]:
@@ -108,12 +101,15 @@ def _naive(value: datetime | str) -> datetime:
     return stamp.replace(tzinfo=None)
 
 
-def interrupted(study: optuna.Study, grace_s: float = GRACE_S, unstamped_after_s: float = 0.0) -> list[FrozenTrial]:
+def interrupted(study: optuna.Study, grace_s: float = GRACE_S, unstamped_after_s: float = 0.0,
+                settle_s: float = 0.0) -> list[FrozenTrial]:
     """The RUNNING trials of `study` whose driver is gone (see the module's docstring).
 
     A trial without a driver stamp was asked outside autopeft's engine, or by a driver killed between asking and
     stamping it: nobody will finish it, so it counts as interrupted once it is `unstamped_after_s` old (a driver
-    stamps its trials an instant after asking them).
+    stamps its trials an instant after asking them). With `settle_s`, unstamped trials are looked at again after
+    that many seconds, and those stamped (or ended) meanwhile are another live driver's, caught in that instant:
+    what a driver resuming beside another one must not take (both resuming at once).
     """
     running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
     if not running:
@@ -136,6 +132,12 @@ def interrupted(study: optuna.Study, grace_s: float = GRACE_S, unstamped_after_s
             alive = ages.get(t._trial_id, float("inf")) <= grace_s
         if not alive:
             out.append(t)
+    unstamped = {t.number for t in out if not isinstance(t.user_attrs.get(ATTR_DRIVER), dict)}
+    if settle_s > 0 and unstamped:
+        time.sleep(settle_s)
+        still = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+                 if not isinstance(t.user_attrs.get(ATTR_DRIVER), dict)}
+        out = [t for t in out if t.number not in unstamped or t.number in still]
     return out
 
 
