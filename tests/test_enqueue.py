@@ -79,7 +79,6 @@ def test_baselines_are_enqueued_as_the_spaces_own_parameters(tmp_path, fill) -> 
     cannot express (the linear probe) keeps its plan attribute."""
     from autopeft.search.baselines import baseline_plans
     from autopeft.search.engine import SamplePlan
-    from autopeft.space.bound import bind
 
     space = "unified"
     if fill is not None:
@@ -93,7 +92,7 @@ def test_baselines_are_enqueued_as_the_spaces_own_parameters(tmp_path, fill) -> 
     s = SearchSettings(study="p", dataset="digits", backbone=VIT, budget="2%", storage=url, trials=8, space=space)
     prep = prepare(s)
     study, _ = create_or_resume(prep)
-    expected = dict(baseline_plans(prep.spec, prep.budget.limit, bind(prep.space, prep.spec)))
+    expected = dict(baseline_plans(prep.spec, prep.budget.limit))
     sample = SamplePlan(prep.space, prep.spec, prep.budget, s.epochs)
     as_params = 0
     for _ in expected:
@@ -177,8 +176,7 @@ def test_an_enqueued_baseline_fixes_every_decision_of_its_plan(space: str) -> No
     spec = backbone_spec(VIT)
     bound = bind(load_space(space), spec)
     expressed = 0
-    limit = parse_budget("1%", spec).limit
-    for name, plan in baseline_plans(spec, limit) + baseline_plans(spec, limit, bound):  # ladder, space-filled
+    for name, plan in baseline_plans(spec, parse_budget("1%", spec).limit):
         parts = bound.parts_of(plan)
         if parts is None:
             continue
@@ -189,34 +187,6 @@ def test_an_enqueued_baseline_fixes_every_decision_of_its_plan(space: str) -> No
             drawn = bound.plan(suggest_parts(study.ask(), bound))
             assert drawn == plan, (space, name, drawn.short(), plan.short())
     assert expressed >= (3 if space in ("compact", "unified") else 1)
-
-
-def test_the_searchs_baselines_fill_the_budget_with_what_the_space_can_draw() -> None:
-    """With the search's space, each baseline takes the largest configuration under the budget that the space can
-    express (its sizes, in each of LoRA's targets and the adapter's positions); the rest keep the ladder."""
-    from autopeft.search.baselines import PLACEMENTS, baseline_plans
-    from autopeft.space import load_space
-    from autopeft.space.bound import bind
-
-    spec = backbone_spec(VIT)
-    limit = parse_budget("1%", spec).limit  # 4,599
-    bound = bind(load_space("unified"), spec)
-    ladder, filled = dict(baseline_plans(spec, limit)), dict(baseline_plans(spec, limit, bound))
-    counts = {name: plan.count(spec) for name, plan in filled.items()}
-    assert counts["lora"] == 3456 and filled["lora"] == PeftPlan.single(
-        make_spec("lora", {"rank": 1, "targets": "q,k,v"}), range(6))  # ladder: rank 1 on q,v, 2,304
-    assert counts["adapter"] == 3468 and filled["adapter"] == PeftPlan.single(
-        make_spec("adapter", {"dim": 1, "position": "both"}), range(6))  # ladder: dim 2 after the MLP, 2,892
-    assert filled["linear"] == ladder["linear"]  # unified cannot express the linear probe: the ladder's plan
-    for name, plan in filled.items():
-        assert counts[name] <= limit and counts[name] >= ladder[name].count(spec), name
-        if name != "linear":
-            assert bound.parts_of(plan) is not None, name
-    # nothing the space can draw of LoRA on every block, in any of its placements, is larger and fits
-    for where in PLACEMENTS["lora"]:
-        for rank in (1, 2, 4, 8, 16):
-            plan = PeftPlan.single(make_spec("lora", {"rank": rank, **where}), range(6))
-            assert plan.count(spec) > limit or plan.count(spec) <= counts["lora"], (rank, where)
 
 
 def test_the_sampler_models_each_trial_by_the_plan_it_trained() -> None:

@@ -68,7 +68,7 @@ def prepare(s: SearchSettings) -> Prepared:
     spec = backbone_spec(s.backbone, s.img_size)
     budget = parse_budget(s.budget, spec)
     space = load_space(s.space)
-    bound = check_feasible(space, spec, budget)
+    check_feasible(space, spec, budget)
     check_local_gpus(s)
     if s.warm_start:
         st.load_study(s.warm_start, s.warm_storage or url)
@@ -80,7 +80,7 @@ def prepare(s: SearchSettings) -> Prepared:
 
         check_folds(s.cv_folds, len(data.train_full))  # type: ignore[arg-type]  # every split has a length
     trial_search = s.strategy == "trials"  # a one-shot search's trials are its finalists: no baselines
-    baselines = baseline_plans(spec, budget.limit, bound) if s.baselines and trial_search and not s.resume else []
+    baselines = baseline_plans(spec, budget.limit) if s.baselines and trial_search and not s.resume else []
     prep = Prepared(settings=s, spec=spec, budget=budget, space=space, storage_url=url,
                     num_classes=data.num_classes, baselines=baselines, train_size=len(data.train),  # type: ignore[arg-type]
                     val_size=len(data.val), changes=changes)  # type: ignore[arg-type]

@@ -18,7 +18,6 @@ from autopeft.plan import PeftPlan
 
 if TYPE_CHECKING:
     from autopeft.space import SearchSpace
-    from autopeft.space.bound import BoundSpace
 
 
 @dataclass(frozen=True)
@@ -60,50 +59,14 @@ def _fit(b: Baseline, spec: BackboneSpec, limit: int) -> PeftPlan | None:
     return None
 
 
-def baseline_plans(spec: BackboneSpec, limit: int, bound: BoundSpace | None = None) -> list[tuple[str, PeftPlan]]:
-    """(name, plan) of every baseline that fits `limit` trainable parameters on this backbone.
-
-    With the search's `bound` space, a baseline the space can express takes the largest configuration that fits
-    among the space's own sizes for the method and the placements of `PLACEMENTS` (`_space_filled`): the search
-    starts from each method at the budget, as a hand-picked method that fills it (at 1 % of the bundled backbone in
-    `unified`: LoRA rank 1 on q,k,v, 3,456 parameters, instead of the ladder's rank 1 on q,v, 2,304). Without it,
-    or where the space cannot express the method, the ladder's largest size that fits."""
+def baseline_plans(spec: BackboneSpec, limit: int) -> list[tuple[str, PeftPlan]]:
+    """(name, plan) of every baseline that fits `limit` trainable parameters on this backbone."""
     out = []
     for b in BASELINES:
-        plan = (_space_filled(b, bound, limit) if bound is not None else None) or _fit(b, spec, limit)
+        plan = _fit(b, spec, limit)
         if plan is not None:
             out.append((b.name, plan))
     return out
-
-
-def _space_filled(b: Baseline, bound: BoundSpace, limit: int) -> PeftPlan | None:
-    """`b` on every block at the configuration with the most parameters under `limit` that `bound` can draw: each
-    size of the space's domain for the method's size option (the ladder where the space fixes none) in each of
-    `PLACEMENTS` (ties: the earlier placement, then the smaller size); None when the space expresses none."""
-    from autopeft.space.sampler import expressed_parts
-    from autopeft.space.shares import size_values
-
-    method_space = bound.methods.get(b.method)
-    if method_space is None:
-        return None
-    size_option = get_method(b.method).size_option
-    options = dict(method_space.options)
-    sizes: tuple[int | None, ...] = (size_values(options[size_option]) if size_option in options
-                                     else (b.sizes or (None,)))
-    best: tuple[int, PeftPlan] | None = None
-    for where in PLACEMENTS.get(b.method, ({},)):
-        for size in sorted(sizes, key=lambda v: -1 if v is None else v):
-            chosen = {**b.options, **where}
-            if size is not None and size_option is not None:
-                chosen[size_option] = size
-            try:
-                plan = PeftPlan.single(make_spec(b.method, chosen), range(bound.spec.num_blocks))
-                count = plan.count(bound.spec)
-            except (UnsupportedBackbone, AutopeftError, ValueError):  # a size or placement this backbone refuses
-                continue
-            if count <= limit and (best is None or count > best[0]) and expressed_parts(bound, plan, limit):
-                best = (count, plan)
-    return None if best is None else best[1]
 
 
 # Where a baseline method may go besides its default (the fair hand-picked arm of the benchmark grid tries each):
