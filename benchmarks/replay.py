@@ -548,6 +548,12 @@ def per_arm(tasks: dict[str, Any], arms: list[str], ns: Sequence[int], resamples
     return out
 
 
+def _evals_cell(v: dict[str, Any]) -> str:
+    """A table cell of an arm's evaluations to the tolerance: mean [interval] (censored seeds)."""
+    return (f"{v['mean']:.1f} [{v['ci95'][0]:.1f}, {v['ci95'][1]:.1f}]"
+            + (f" ({v['censored']} cens.)" if v["censored"] else ""))
+
+
 def _short(key: str) -> str:
     c = json.loads(key)
     method = c.pop("method")
@@ -591,9 +597,7 @@ def markdown(result: dict[str, Any]) -> str:
     for task, e in result["tasks"].items():
         cells = []
         for arm in ARMS:
-            v = e["arms"][arm]["evals_to_tol"]
-            cells.append(f"{v['mean']:.1f} [{v['ci95'][0]:.1f}, {v['ci95'][1]:.1f}]"
-                         + (f" ({v['censored']} cens.)" if v["censored"] else ""))
+            cells.append(_evals_cell(e["arms"][arm]["evals_to_tol"]))
         after = [" / ".join(f"{e['arms'][a]['best_after'][str(n)]:.1f}" for a in ARMS)
                  for n in ns if n in (1, 10, 40)]
         lines.append(f"| {task} | {e['configs']} | {e['best_val']:.1f} | {e['configs_within_tol']} | "
@@ -654,9 +658,7 @@ def markdown_arms(result: dict[str, Any]) -> str:
     for task, e in result["tasks"].items():
         cells = []
         for arm in arms:
-            v = e["arms"][arm]["evals_to_tol"]
-            cells.append(f"{v['mean']:.1f} [{v['ci95'][0]:.1f}, {v['ci95'][1]:.1f}]"
-                         + (f" ({v['censored']} cens.)" if v["censored"] else ""))
+            cells.append(_evals_cell(e["arms"][arm]["evals_to_tol"]))
         lines.append(f"| {task} | {e['configs']} | {e['best_val']:.1f} | " + " | ".join(cells) + " |")
     refs = [r for r in REFERENCES if r in arms]
     lines += ["", "| arm | total evals [95 %] | censored seeds | "
