@@ -390,11 +390,11 @@ def sampler(name: str, seed: int, enqueued: int) -> Any:
 
     import optuna
 
-    from autopeft.search.samplers import TPE_STARTUP, RepairedTPE
+    from autopeft.search.samplers import TPE_OPTIONS, TPE_STARTUP, RepairedTPE
 
     if name in ("random", "tpe"):
         return make(name, seed, enqueued)
-    engine = {"multivariate": True, "group": True, "constant_liar": True}
+    engine = TPE_OPTIONS
     options: dict[str, dict[str, Any]] = {
         "tpe-indep": {**engine, "multivariate": False, "group": False},
         "tpe-nogroup": {**engine, "group": False},

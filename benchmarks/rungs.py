@@ -87,8 +87,6 @@ def replay_asha(curves: Sequence[Sequence[float]], order: Sequence[int], grace: 
                 stop = True
             if stop:
                 del live[run]
-        if not queue and not live:
-            break
     return done, spent, started
 
 

@@ -24,6 +24,8 @@ def _quiet(factory: Callable[..., T], **kwargs: Any) -> T:
 
 # TPE's random start: this many trials of its own before it models the space (enqueued trials do not count)
 TPE_STARTUP = 4
+# the engine's TPE; group=True: TPE models each conditional sub-space (a method's options) on the trials that used it
+TPE_OPTIONS: dict[str, Any] = {"multivariate": True, "group": True, "constant_liar": True}
 
 
 class RepairedTPE(optuna.samplers.TPESampler):
@@ -42,9 +44,7 @@ def make_sampler(name: str, seed: int, enqueued: int = 0) -> optuna.samplers.Bas
     """The sampler `name`; `enqueued` trials (baselines, warm start) come first and are not part of TPE's random
     start, which Optuna would otherwise count them in."""
     factories = {
-        # group=True: TPE models each conditional sub-space (a method's options) on the trials that used it
-        "tpe": lambda: _quiet(RepairedTPE, seed=seed, multivariate=True, group=True,
-                              constant_liar=True, n_startup_trials=TPE_STARTUP + enqueued),
+        "tpe": lambda: _quiet(RepairedTPE, seed=seed, n_startup_trials=TPE_STARTUP + enqueued, **TPE_OPTIONS),
         "nsga2": lambda: optuna.samplers.NSGAIISampler(seed=seed),
         "gp": lambda: optuna.samplers.GPSampler(seed=seed),
         "random": lambda: optuna.samplers.RandomSampler(seed=seed),
