@@ -222,6 +222,33 @@ def test_the_sampler_models_each_trial_by_the_plan_it_trained() -> None:
     assert bind(space, spec).params(parts) == repaired_params(draw)
 
 
+def test_the_ungrouped_tpe_models_the_shared_parameters_jointly_and_every_draw_fits() -> None:
+    """`--sampler tpe-nogroup`: the engine's TPE (repaired values, multivariate) without grouping: one joint model
+    over the parameters every trial has, so its relative space is what all trials share, not a method's options;
+    the grouped default models each conditional sub-space too. Draws in the unified space fit the budget."""
+    from autopeft.search.samplers import RepairedTPE, make_sampler
+    from autopeft.space import load_space, sample_parts
+
+    spec = backbone_spec(VIT)
+    space = load_space("unified")
+    budget = parse_budget("0.5%", spec)
+    relative = {}
+    for name in ("tpe", "tpe-nogroup"):
+        sampler = make_sampler(name, seed=0)
+        assert isinstance(sampler, RepairedTPE) and sampler._multivariate
+        study = optuna.create_study(sampler=sampler, directions=["maximize"])
+        for i in range(8):
+            trial = study.ask()
+            sample_parts(trial, space, spec, budget)
+            assert trial.user_attrs["peft_params"] <= budget.limit
+            study.tell(trial, i / 10)
+        shared = set.intersection(*(set(t.params) for t in study.trials))
+        relative[name] = set(sampler.infer_relative_search_space(study, study.trials[-1]))
+        if name == "tpe-nogroup":
+            assert not sampler._group and relative[name] == shared, (relative[name] ^ shared)
+    assert relative["tpe"] > relative["tpe-nogroup"]  # the grouped one also models the conditional sub-spaces
+
+
 def test_a_mixed_baseline_keeps_its_method_and_the_sampler_draws_the_rest(tmp_path) -> None:
     """`--baseline-mix`: an enqueued baseline fixes only its own method's decisions (LoRA's rank on every block in
     `compact`: its depth, side and rank), the other places are drawn, and the whole fits the budget."""

@@ -33,7 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--grace-epochs", type=int, help="epochs before ASHA may stop a trial")
     p.add_argument("--no-early-stopping", dest="early_stopping", action="store_false", default=None,
                    help="train every trial for all --epochs (no ASHA), e.g. for a plain random search")
-    p.add_argument("--sampler", help="tpe (default), nsga2, gp or random")
+    p.add_argument("--sampler", help="tpe (default), tpe-nogroup, nsga2, gp or random")
     p.add_argument("--objectives", help="acc,params (default) or acc,params,overhead")
     p.add_argument("--gpus-per-trial", type=float,
                    help="GPUs per trial (fractions share a GPU; default: --trials-per-gpu trials on every GPU Ray "

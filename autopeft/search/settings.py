@@ -14,7 +14,7 @@ from autopeft.objectives import OBJECTIVES
 from autopeft.train_config import PRECISIONS
 from autopeft.yamlfile import read_yaml
 
-SAMPLERS = ("tpe", "nsga2", "gp", "random")
+SAMPLERS = ("tpe", "tpe-nogroup", "nsga2", "gp", "random")
 DEFAULT_CONCURRENCY = 2  # trials at once where Ray has no GPU and --concurrency is not given
 
 
