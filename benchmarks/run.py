@@ -47,6 +47,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                    help="--standard: the search arm as rows before --max-epochs (trials estimated, records cut)")
     p.add_argument("--search-space", default=None, metavar="SPACE",
                    help="--standard: the search arm's space (the other arms stay in the grid's unified space)")
+    p.add_argument("--search-space-set", action="append", default=[], metavar="KEY=YAML",
+                   help="--standard: a change to the search arm's space (repeatable): a dotted key of the space file "
+                        "and its YAML value, e.g. fill='[0.5, 1.0]'")
     p.add_argument("--select", default=None, metavar="val|cv:K",
                    help="--standard: how every arm picks its final (val, or cv:K over its --select-top best); the "
                         "row also keeps each arm's val pick")
@@ -69,10 +72,10 @@ def resolve(args: argparse.Namespace):
     from benchmarks.suite import check_data, get_mode
 
     mode = get_mode(args.suite, args.quick)
-    if (args.label or args.no_cache or args.search_set or args.no_search_cap or args.search_space or args.select
-            or args.select_top is not None):
-        raise AutopeftError("--label, --no-cache, --search-set, --search-space, --no-search-cap, --select and "
-                            "--select-top belong to --standard")
+    if (args.label or args.no_cache or args.search_set or args.no_search_cap or args.search_space
+            or args.search_space_set or args.select or args.select_top is not None):
+        raise AutopeftError("--label, --no-cache, --search-set, --search-space, --search-space-set, --no-search-cap, "
+                            "--select and --select-top belong to --standard")
     if args.workers < 1:
         raise AutopeftError(f"--workers must be >= 1, got {args.workers}")
     if args.tasks:

@@ -83,6 +83,10 @@ class StandardConfig:
     search_cap: bool = True
     # the search arm's own space (`--search-space compact`); None: the grid's `space`, which the other arms train in
     search_space: str | None = None
+    # changes to the search arm's space, each a dotted key of the space file and a YAML value
+    # (`--search-space-set training.lr_scale='{low: 0.25, high: 4.0, log: true}'`, `--search-space-set fill=[0.5, 1]`):
+    # a row that measures one change of a shipped space, without a copy of it
+    search_space_set: tuple[tuple[str, str], ...] = ()
     # how every arm picks its final: `val`, or `cv:K`: its `select_top` best by val are trained in K folds of
     # train+val (as `autopeft search --select cv:K` does) and the best mean fold accuracy is the pick; the row
     # keeps each arm's val pick and its test too (`val_pick`), so one row compares the two ways of picking
@@ -150,19 +154,47 @@ def hand_rate_range(c: StandardConfig, key: str, domain: Any) -> tuple[float, fl
     return float(domain.low), float(domain.high)
 
 
-def derived_space(c: StandardConfig, folder: Path, name: str | None = None) -> Path:
-    """The shipped space with the grid's batch size, written to `folder` (named by its content). The unified
-    space fixes batch 64 (4 steps per epoch on 200 images); the grid needs ≥ 6, and every arm must train alike."""
+def set_key(data: dict[str, Any], dotted: str, text: str) -> None:
+    """`data` with the value at the dotted key (`training.lr_scale`) set to `text` read as YAML; AutopeftError
+    for an empty key or a path through something that is not a mapping."""
     import yaml
 
-    from autopeft.space import load_space
+    from autopeft.errors import AutopeftError
+
+    keys = dotted.split(".")
+    if not all(keys):
+        raise AutopeftError(f"--search-space-set '{dotted}={text}': give KEY=VALUE with a dotted KEY of the space file")
+    node = data
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise AutopeftError(f"--search-space-set '{dotted}': '{key}' is not a section of the space file")
+    try:
+        node[keys[-1]] = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise AutopeftError(f"--search-space-set '{dotted}={text}': not YAML ({str(exc).splitlines()[0]})") from None
+
+
+def derived_space(c: StandardConfig, folder: Path, name: str | None = None,
+                  changes: Sequence[tuple[str, str]] = ()) -> Path:
+    """The shipped space with the grid's batch size and `changes` (dotted key, YAML value), written to `folder`
+    (named by its content). The unified space fixes batch 64 (4 steps per epoch on 200 images); the grid needs ≥ 6,
+    and every arm must train alike. Raises AutopeftError when the changed space is not a valid space."""
+    import yaml
+
+    from autopeft.space import load_space, parse_space
     from autopeft.yamlfile import read_yaml
 
     name = name or c.space
     source = Path(load_space(name).source)
     data = read_yaml(source, "search space file")
+    for key, text in changes:
+        set_key(data, key, text)
     data.setdefault("training", {})["batch_size"] = c.batch_size
     data["name"] = f"{data.get('name', name)}-b{c.batch_size}"
+    if changes:
+        data["name"] += "-" + hashlib.sha256(repr(tuple(changes)).encode()).hexdigest()[:6]
+        parse_space(data, f"{name} with --search-space-set")  # one line for a change the space refuses
     text = yaml.safe_dump(data, sort_keys=True)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"space-{data['name']}-{hashlib.sha256(text.encode()).hexdigest()[:10]}.yaml"
@@ -457,7 +489,8 @@ def run_grid(c: StandardConfig, label: str, out: Path, cache_dir: Path | None, m
         os.environ.setdefault("AUTOPEFT_CACHE", str(Path(tmp) / "features"))
         space_path = derived_space(c, (cache_dir or Path(tmp)) / "spaces")
         row["meta"]["space_file"] = space_path.name
-        search_path = derived_space(c, (cache_dir or Path(tmp)) / "spaces", c.search_space) if c.search_space else None
+        search_path = (derived_space(c, (cache_dir or Path(tmp)) / "spaces", c.search_space or c.space,
+                                     c.search_space_set) if c.search_space or c.search_space_set else None)
         row["meta"]["search_space_file"] = search_path.name if search_path else space_path.name
         with compute_session(c.workers) as pool:
             for seed in c.seeds:

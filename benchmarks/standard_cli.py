@@ -54,6 +54,20 @@ def search_settings(pairs: list[str]) -> tuple[tuple[str, Any], ...]:
     return tuple(out)
 
 
+def space_changes(pairs: list[str]) -> tuple[tuple[str, str], ...]:
+    """`KEY=YAML` strings of --search-space-set as (dotted key, YAML text) pairs; AutopeftError without a `=`."""
+    from autopeft.errors import AutopeftError
+
+    out = []
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or not key.strip():
+            raise AutopeftError(f"--search-space-set '{pair}': give KEY=VALUE, a dotted key of the space file and a "
+                                "YAML value (training.lr_scale='{low: 0.25, high: 4.0, log: true}')")
+        out.append((key.strip(), text.strip()))
+    return tuple(out)
+
+
 def resolve_standard(args: argparse.Namespace) -> tuple[StandardConfig, Path]:
     """The grid to run and the results file; raises AutopeftError on bad input."""
     from autopeft.data import data_config, load_dataset
@@ -69,17 +83,21 @@ def resolve_standard(args: argparse.Namespace) -> tuple[StandardConfig, Path]:
     if args.workers < 1:
         raise AutopeftError(f"--workers must be >= 1, got {args.workers}")
     c = replace(STANDARD, workers=args.workers, search_settings=search_settings(args.search_set),
-                search_cap=not args.no_search_cap, search_space=args.search_space)
+                search_cap=not args.no_search_cap, search_space=args.search_space,
+                search_space_set=space_changes(args.search_space_set))
     if args.select is not None or args.select_top is not None:
         from autopeft.search.settings import SearchSettings
 
         c = replace(c, select=args.select or c.select, select_top=c.select_top if args.select_top is None
                     else args.select_top)
         SearchSettings(select=c.select, select_top=c.select_top)  # one line for a bad value
-    if args.search_space:
-        from autopeft.space import load_space
+    if args.search_space or c.search_space_set:
+        import tempfile
 
-        load_space(args.search_space)  # one line now for a space that does not exist, not after the other arms
+        from benchmarks.standard import derived_space
+
+        with tempfile.TemporaryDirectory() as tmp:  # one line now for a space that is not there or not valid
+            derived_space(c, Path(tmp), c.search_space or c.space, c.search_space_set)
     if args.tasks:
         chosen = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
         unknown = [t for t in chosen if t not in MINI_TASKS]

@@ -403,6 +403,35 @@ def test_derived_space_changes_only_the_batch_size(tmp_path):
     assert load_space(str(other)).mode == "depth" and dict(load_space(str(other)).training)["batch_size"].value == 32
 
 
+def test_derived_space_takes_changes_of_the_search_arms_space(tmp_path):
+    """`--search-space-set`: a dotted key of the space file and a YAML value change the search arm's copy of a
+    shipped space, and nothing else of it."""
+    from autopeft.space import load_space
+
+    plain = load_space(str(std.derived_space(std.STANDARD, tmp_path)))
+    changes = (("training.lr_scale", "{low: 0.25, high: 4.0, log: true}"), ("fill", "[0.5, 1.0]"))
+    path = std.derived_space(std.STANDARD, tmp_path, "unified", changes)
+    changed = load_space(str(path))
+    ours, shipped = dict(changed.training), dict(plain.training)
+    assert (ours["lr_scale"].low, ours["lr_scale"].high) == (0.25, 4.0) and changed.fill.values == (0.5, 1.0)
+    assert plain.fill is None and all(repr(ours[k]) == repr(shipped[k]) for k in shipped if k != "lr_scale")
+    assert changed.slots == plain.slots and changed.methods == plain.methods and path.name != "unified"
+
+
+@pytest.mark.parametrize("change, says", [
+    ("fill=[1.5]", "fill"),                           # the space's own check, before any arm runs
+    ("training.lr_scale", "give KEY=VALUE"),          # no value
+    ("name.x=1", "is not a section"),                 # a path through a value
+    ("fill=[0.5, 1", "not YAML"),
+])
+def test_bad_search_space_changes_exit_2_before_anything_runs(change, says, tmp_path, capsys) -> None:
+    argv = ["--standard", "--label", "x", "--search-space-set", change, "--out", str(tmp_path / "r.json")]
+    assert bench_run.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and says in err[0], err
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("pair, says", [
     ("objectivs=acc", "KEY one of"),            # a typo names the valid keys
     ("epochs=3", "KEY one of"),                 # the grid's own settings are not the search arm's to change
