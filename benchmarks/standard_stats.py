@@ -293,15 +293,22 @@ def paired_rows(doc: dict[str, Any], a: str, b: str, arm_a: str = "search", arm_
                 resamples: int = 10_000) -> dict[str, Any]:
     """Test of `arm_a` in row `a` minus test of `arm_b` (default: the same arm) in row `b`, paired by cell (task,
     seed) over the cells both rows finished: what one change did to one arm, or one row's arm against another row's
-    yardstick (an arm whose runs do not depend on the change, such as hand-picked at fixed rates)."""
+    yardstick (an arm whose runs do not depend on the change, such as hand-picked at fixed rates). A side may name
+    several rows joined by commas (`rates,shipped-rerun`: the same engine run twice): its test is their mean per
+    cell, over the cells all of them finished, so that one run's luck is not the baseline."""
     rows = doc["rows"]
-    for label in (a, b):
+    for label in (*a.split(","), *b.split(",")):
         if label not in rows:
             raise SystemExit(f"no row '{label}'; rows: {', '.join(rows)}")
 
-    def tests(label: str, arm: str) -> dict[tuple[str, int], float]:
+    def one(label: str, arm: str) -> dict[tuple[str, int], float]:
         return {(c["task"], c["seed"]): c["arms"][arm]["test"] for c in rows[label]["cells"]
                 if c["arms"].get(arm, {}).get("test") is not None}
+
+    def tests(labels: str, arm: str) -> dict[tuple[str, int], float]:
+        each = [one(label, arm) for label in labels.split(",")]
+        common = set.intersection(*(set(t) for t in each))
+        return {k: sum(t[k] for t in each) / len(each) for k in common}
 
     left, right = tests(a, arm_a), tests(b, arm_b or arm_a)
     cells = sorted(set(left) & set(right))
@@ -319,7 +326,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m benchmarks.standard_stats",
                                 description="the grid's table again, from its results file; or two rows paired")
     p.add_argument("results", nargs="?", default=None, help="results JSON (default benchmarks/results/standard.json)")
-    p.add_argument("--paired", nargs=2, metavar=("A", "B"), help="test of an arm in row A minus row B, by cell")
+    p.add_argument("--paired", nargs=2, metavar=("A", "B"),
+                   help="test of an arm in row A minus row B, by cell (a side of rows L1,L2: their mean by cell)")
     p.add_argument("--arm", default="search", help="--paired: the arm of row A (search, random, handpicked)")
     p.add_argument("--against", default=None, help="--paired: the arm of row B (default: --arm)")
     args = p.parse_args(argv)

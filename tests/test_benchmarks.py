@@ -541,3 +541,8 @@ def test_two_rows_pair_by_cell() -> None:
     assert paired_rows(doc, "a", "h", "search", "handpicked")["mean"] == pytest.approx(0.25)
     with pytest.raises(SystemExit, match="no row 'x'"):
         paired_rows(doc, "a", "x")
+    # a side of two rows (one engine run twice) is their mean by cell, over the cells both finished
+    r = paired_rows(doc, "a", "a,b")
+    assert r["cells"] == 2 and r["mean"] == pytest.approx(0.0375)  # seeds 1, 2: (0.80 − 0.775) and (0.90 − 0.85)
+    with pytest.raises(SystemExit, match="no row 'x'"):
+        paired_rows(doc, "a", "b,x")
