@@ -46,8 +46,8 @@ def make_sampler(name: str, seed: int, enqueued: int = 0) -> optuna.samplers.Bas
     factories = {
         "tpe": lambda: _quiet(RepairedTPE, seed=seed, n_startup_trials=TPE_STARTUP + enqueued, **TPE_OPTIONS),
         # one joint estimator over the parameters every trial has (method, rates, weight decay), the conditional
-        # ones (a method's sizes and places) each on its own: PETL_Vision's table needs 0.65 of the evaluations the
-        # grouped default does (BENCHMARKS "Samplers after the same start"); the grid's row `sampler-tpe-nogroup`
+        # ones (a method's sizes and places) each on its own: on PETL_Vision's table it needs 0.65 of the
+        # evaluations the grouped default does, on the standard grid it tests 0.6 points below it (BENCHMARKS.md)
         "tpe-nogroup": lambda: _quiet(RepairedTPE, seed=seed, n_startup_trials=TPE_STARTUP + enqueued,
                                       **{**TPE_OPTIONS, "group": False}),
         "nsga2": lambda: optuna.samplers.NSGAIISampler(seed=seed),
