@@ -385,19 +385,19 @@ def quarter_gamma(n: int) -> int:
 
 def sampler(name: str, seed: int, enqueued: int) -> Any:
     """The replay's sampler `name` (one of SAMPLERS); `enqueued` trials come first and are not part of its random
-    start. `random` and `tpe` are autopeft's own (`make`); the variants change one setting of the engine's TPE."""
+    start. `random`, `tpe` and `tpe-nogroup` are autopeft's own (`make`); the other variants change one setting of
+    the engine's TPE."""
     import warnings
 
     import optuna
 
     from autopeft.search.samplers import TPE_OPTIONS, TPE_STARTUP, RepairedTPE
 
-    if name in ("random", "tpe"):
+    if name in ("random", "tpe", "tpe-nogroup"):
         return make(name, seed, enqueued)
     engine = TPE_OPTIONS
     options: dict[str, dict[str, Any]] = {
         "tpe-indep": {**engine, "multivariate": False, "group": False},
-        "tpe-nogroup": {**engine, "group": False},
         "tpe-gamma": {**engine, "gamma": quarter_gamma},
     }
     with warnings.catch_warnings():  # gamma is deprecated (FutureWarning), GPSampler's options experimental

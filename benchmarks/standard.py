@@ -489,8 +489,8 @@ def run_grid(c: StandardConfig, label: str, out: Path, cache_dir: Path | None, m
         os.environ.setdefault("AUTOPEFT_CACHE", str(Path(tmp) / "features"))
         space_path = derived_space(c, (cache_dir or Path(tmp)) / "spaces")
         row["meta"]["space_file"] = space_path.name
-        search_path = (derived_space(c, (cache_dir or Path(tmp)) / "spaces", c.search_space or c.space,
-                                     c.search_space_set) if c.search_space or c.search_space_set else None)
+        search_path = (derived_space(c, (cache_dir or Path(tmp)) / "spaces", c.search_space, c.search_space_set)
+                       if c.search_space or c.search_space_set else None)
         row["meta"]["search_space_file"] = search_path.name if search_path else space_path.name
         with compute_session(c.workers) as pool:
             for seed in c.seeds:

@@ -97,7 +97,7 @@ def resolve_standard(args: argparse.Namespace) -> tuple[StandardConfig, Path]:
         from benchmarks.standard import derived_space
 
         with tempfile.TemporaryDirectory() as tmp:  # one line now for a space that is not there or not valid
-            derived_space(c, Path(tmp), c.search_space or c.space, c.search_space_set)
+            derived_space(c, Path(tmp), c.search_space, c.search_space_set)
     if args.tasks:
         chosen = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
         unknown = [t for t in chosen if t not in MINI_TASKS]
